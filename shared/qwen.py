@@ -1,0 +1,111 @@
+"""The one module that imports `qwen_tts`: loading the codec and the TTS model from a directory.
+
+Everything else in the project goes through these functions, so a change of upstream API is a
+change here only. The same code loads the released checkpoints and the tiny ones `shared.tiny` writes.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qwen_tts import Qwen3TTSModel, Qwen3TTSTokenizer
+from qwen_tts.core.models.configuration_qwen3_tts import (
+    Qwen3TTSConfig,
+    Qwen3TTSSpeakerEncoderConfig,
+    Qwen3TTSTalkerCodePredictorConfig,
+    Qwen3TTSTalkerConfig,
+)
+from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSForConditionalGeneration, mel_spectrogram
+from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import (
+    Qwen3TTSTokenizerV2Config,
+    Qwen3TTSTokenizerV2DecoderConfig,
+)
+from qwen_tts.core.tokenizer_12hz.modeling_qwen3_tts_tokenizer_v2 import Qwen3TTSTokenizerV2Model
+
+from shared.audio import CODEC_SAMPLE_RATE, SAMPLES_PER_FRAME, pad_to_frame
+
+__all__ = [
+    "Qwen3TTSConfig", "Qwen3TTSTalkerConfig", "Qwen3TTSTalkerCodePredictorConfig", "Qwen3TTSSpeakerEncoderConfig",
+    "Qwen3TTSForConditionalGeneration", "Qwen3TTSModel", "Qwen3TTSTokenizer", "Qwen3TTSTokenizerV2Config",
+    "Qwen3TTSTokenizerV2DecoderConfig", "Qwen3TTSTokenizerV2Model", "mel_spectrogram",
+    "load_codec", "encode_clips", "reference_encode", "load_tts_model", "load_inference_model",
+]
+
+
+def _check_dir(path: str | Path, what: str) -> str:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise FileNotFoundError(f"{what} directory {p} has no config.json; point it at a downloaded checkpoint "
+                                f"(or one written by `python -m shared.tiny --output DIR`)")
+    return str(p)
+
+
+def load_codec(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> Qwen3TTSTokenizer:
+    """Load Qwen3-TTS-Tokenizer-12Hz (released or tiny) in eval mode on `device`."""
+    codec = Qwen3TTSTokenizer.from_pretrained(_check_dir(path, "codec"), device_map=str(device), dtype=dtype)
+    codec.model.eval()
+    if codec.get_input_sample_rate() != CODEC_SAMPLE_RATE or codec.get_encode_downsample_rate() != SAMPLES_PER_FRAME:
+        raise ValueError(f"{path} is not a 12 Hz codec (input rate {codec.get_input_sample_rate()}, "
+                         f"downsample {codec.get_encode_downsample_rate()}); use Qwen3-TTS-Tokenizer-12Hz")
+    return codec
+
+
+@torch.inference_mode()
+def encode_clips(codec: Qwen3TTSTokenizer, clips: list[np.ndarray], exact_tail: bool = False) -> list[np.ndarray]:
+    """Encode 24 kHz mono clips; returns (frames, 16) int16 codes per clip.
+
+    Default: each clip is zero-padded to a whole number of frames and the clips are encoded in one
+    batch, so a clip's codes never depend on what it is batched with. Those codes equal
+    `Qwen3TTSTokenizer.encode` of the frame-padded clip exactly, and of the unpadded clip on every
+    frame but a partial last one. `exact_tail=True` encodes each clip whose length is not a whole
+    number of frames on its own, unpadded, reproducing one-at-a-time upstream codes bit for bit at
+    the cost of batching (see README, "Last partial frame").
+    """
+    results: list[np.ndarray | None] = [None] * len(clips)
+    batched = []
+    for i, clip in enumerate(clips):
+        if exact_tail and len(clip) % SAMPLES_PER_FRAME:
+            results[i] = _encode_padded(codec.model, [clip], [len(clip)])[0]
+        else:
+            batched.append(i)
+    if batched:
+        padded = [pad_to_frame(clips[i]) for i in batched]
+        for i, codes in zip(batched, _encode_padded(codec.model, padded, [len(clips[i]) for i in batched])):
+            results[i] = codes
+    return results
+
+
+def _encode_padded(model: Qwen3TTSTokenizerV2Model, clips: list[np.ndarray], lengths: list[int]) -> list[np.ndarray]:
+    longest = max(len(c) for c in clips)
+    batch = np.zeros((len(clips), longest), dtype=np.float32)
+    for i, c in enumerate(clips):
+        batch[i, : len(c)] = c
+    param = next(model.parameters())
+    values = torch.from_numpy(batch).to(param.device, non_blocking=True).to(param.dtype)
+    encoded = model.encoder.encode(input_values=values.unsqueeze(1), return_dict=True)
+    codes = encoded.audio_codes[:, : model.encoder_valid_num_quantizers]  # (B, Q, T)
+    codes = codes.transpose(1, 2).to(torch.int16).cpu().numpy()
+    return [codes[i, : -(-n // SAMPLES_PER_FRAME)] for i, n in enumerate(lengths)]
+
+
+def reference_encode(codec: Qwen3TTSTokenizer, audios: list, sr: int | None = None) -> list[np.ndarray]:
+    """The upstream path: `Qwen3TTSTokenizer.encode` as the reference flow calls it. (frames, 16) int64 each."""
+    out = codec.encode(audios, sr=sr)
+    return [c.cpu().numpy().astype(np.int64) for c in out.audio_codes]
+
+
+def load_tts_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   attn_implementation: str = "eager") -> Qwen3TTSForConditionalGeneration:
+    """The bare `Qwen3TTSForConditionalGeneration` (what training wraps with FSDP2)."""
+    model = Qwen3TTSForConditionalGeneration.from_pretrained(
+        _check_dir(path, "model"), dtype=dtype, attn_implementation=attn_implementation)
+    return model.to(device)
+
+
+def load_inference_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                         attn_implementation: str = "eager") -> Qwen3TTSModel:
+    """The user-facing wrapper with generate_voice_clone / generate_custom_voice."""
+    return Qwen3TTSModel.from_pretrained(_check_dir(path, "model"), device_map=str(device), dtype=dtype,
+                                         attn_implementation=attn_implementation)
