@@ -1,0 +1,217 @@
+"""Progress of an encode job, computed only from its output directory (see docs/design.md).
+
+The directory is read while encoders and the driver write to it, so every file may be missing,
+half-written or stale: nothing here raises on such a directory, it reports what it can.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.schema import (
+    COMPLETE_MARKER,
+    PLAN_FILE,
+    WORKERS_DIR,
+    ShardStats,
+    published_shards,
+    read_stats,
+)
+
+DRIVER_FILE = "driver.json"
+HEARTBEAT_ALIVE_SECONDS = 30.0  # docs/design.md: an older heartbeat counts as not alive
+
+
+class ShardStatsCache:
+    """Footer stats per published shard, re-read only when the file's mtime or size changes.
+
+    A status page polls every few seconds over thousands of shards; a stat() per shard is cheap,
+    opening every Parquet footer each time is not. Keyed by path so the cache never outgrows the
+    directory; thread-safe because the status server answers from a thread pool.
+    """
+
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[int, int, ShardStats | None]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> ShardStats | None:
+        """None when the file vanished or its footer cannot be read."""
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        key = str(path)
+        with self._lock:
+            cached = self._entries.get(key)
+        if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
+            return cached[2]
+        try:
+            stats = read_stats(path)
+        except Exception:  # corrupt or foreign file under a shard name: count it, but without numbers
+            stats = None
+        with self._lock:
+            self._entries[key] = (st.st_mtime_ns, st.st_size, stats)
+        return stats
+
+
+SHARD_STATS_CACHE = ShardStatsCache()
+
+
+def read_json_object(path: Path) -> dict | None:
+    """The JSON object in `path`, or None when it is absent, half-written or not an object."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def as_number(value: Any, default: float = 0.0) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        return default
+    return float(value)
+
+
+def as_int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def as_text_or_none(value: Any) -> str | None:
+    return value if isinstance(value, str) else None
+
+
+def planned_shard_ids(plan: dict | None) -> set[int] | None:
+    if plan is None or not isinstance(plan.get("shards"), list):
+        return None
+    return {s["id"] for s in plan["shards"] if isinstance(s, dict) and as_int_or_none(s.get("id")) is not None}
+
+
+def read_encoders(output: Path, now: float) -> list[dict]:
+    workers_dir = output / WORKERS_DIR
+    try:
+        paths = sorted(workers_dir.glob("*.json"))
+    except OSError:
+        return []
+    encoders = []
+    for path in paths:
+        beat = read_json_object(path)
+        if beat is None:
+            continue
+        updated = as_number(beat.get("updated"), default=float("nan"))
+        encoders.append({
+            "name": as_text_or_none(beat.get("name")) or path.stem,
+            "node": as_text_or_none(beat.get("node")),
+            "hostname": as_text_or_none(beat.get("hostname")),
+            "device": as_text_or_none(beat.get("device")),
+            "shard": as_int_or_none(beat.get("shard")),
+            "rows": int(as_number(beat.get("rows"))),
+            "rows_error": int(as_number(beat.get("rows_error"))),
+            "rows_per_s": as_number(beat.get("rows_per_s")),
+            "audio_seconds_per_s": as_number(beat.get("audio_seconds_per_s")),
+            "alive": math.isfinite(updated) and now - updated <= HEARTBEAT_ALIVE_SECONDS,
+            "updated": updated if math.isfinite(updated) else None,
+        })
+    return encoders
+
+
+def driver_is_running(driver: dict | None, now: float) -> bool:
+    if driver is None or driver.get("state") != "running":
+        return False
+    return now - as_number(driver.get("updated"), default=-math.inf) <= HEARTBEAT_ALIVE_SECONDS
+
+
+def failed_shard_ids(driver: dict | None) -> set[int]:
+    failed = driver.get("failed_shards") if driver else None
+    if not isinstance(failed, dict):
+        return set()
+    return {int(k) for k in failed if str(k).isdigit()}
+
+
+def job_state(output: Path, plan: dict | None, has_shards: bool, running: bool, driver: dict | None) -> str:
+    if (output / COMPLETE_MARKER).exists():
+        return "complete"
+    if running:
+        return "running"
+    if has_shards or driver is not None:
+        return "stopped"
+    return "planned" if plan is not None else "empty"
+
+
+def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
+    """A JSON-able snapshot of the job in `output_dir`; see the module docstring for its tolerance."""
+    output = Path(output_dir)
+    now = time.time() if now is None else now
+    plan = read_json_object(output / PLAN_FILE)
+    driver = read_json_object(output / DRIVER_FILE)
+    planned_ids = planned_shard_ids(plan)
+    try:
+        shards = published_shards(output)
+    except OSError:
+        shards = {}
+    if planned_ids is not None:
+        shards = {sid: path for sid, path in shards.items() if sid in planned_ids}
+    stats = [s for s in (SHARD_STATS_CACHE.get(p) for p in shards.values()) if s is not None]
+
+    encoders = read_encoders(output, now)
+    alive = [e for e in encoders if e["alive"]]
+    running_ids = {e["shard"] for e in alive if e["shard"] is not None} - set(shards)
+    failed_ids = failed_shard_ids(driver) - set(shards) - running_ids
+    total = len(planned_ids) if planned_ids is not None else len(shards)
+    if plan is not None and planned_ids is None:
+        total = int(as_number(plan.get("num_shards"), default=len(shards)))
+
+    rows_ok = sum(s.rows_ok for s in stats)
+    rows_error = sum(s.rows_error for s in stats)
+    audio_seconds = sum(s.audio_seconds for s in stats)
+    if alive:
+        rows_per_s = sum(e["rows_per_s"] for e in alive)
+        audio_per_s = sum(e["audio_seconds_per_s"] for e in alive)
+    else:  # nothing encoding now: report the throughput the finished shards were encoded at
+        encode_seconds = sum(s.encode_seconds for s in stats)
+        rows_per_s = sum(s.rows for s in stats) / encode_seconds if encode_seconds > 0 else 0.0
+        audio_per_s = audio_seconds / encode_seconds if encode_seconds > 0 else 0.0
+
+    state = job_state(output, plan, bool(shards), bool(alive) or driver_is_running(driver, now), driver)
+    rows_planned = as_int_or_none(plan.get("num_rows")) if plan else None
+    eta = None
+    if state == "complete":
+        eta = 0.0
+    elif state == "running" and rows_planned is not None and rows_per_s > 0:
+        eta = max(0, rows_planned - rows_ok - rows_error) / rows_per_s
+
+    nodes: dict[str, int] = {}
+    for e in encoders:
+        node = e["node"] or e["hostname"] or "unknown"
+        nodes[node] = nodes.get(node, 0) + int(e["alive"])
+    done = len(shards)
+    return {
+        "state": state,
+        "shards": {"total": total, "done": done, "running": len(running_ids), "failed": len(failed_ids),
+                   "pending": max(0, total - done - len(running_ids) - len(failed_ids))},
+        "rows": {"planned": rows_planned, "ok": rows_ok, "error": rows_error},
+        "audio_hours": audio_seconds / 3600.0,
+        "rate": {"rows_per_s": rows_per_s, "audio_seconds_per_s": audio_per_s},
+        "eta_seconds": eta,
+        "encoders": encoders,
+        "nodes": nodes,
+        "updated": now,
+    }
+
+
+def format_duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}:{seconds % 3600 // 60:02d}:{seconds % 60:02d}"
+
+
+def format_progress_line(progress: dict) -> str:
+    shards, rows, rate = progress["shards"], progress["rows"], progress["rate"]
+    return (f"[{progress['state']}] shards {shards['done']}/{shards['total']} "
+            f"({shards['running']} running, {shards['failed']} failed) "
+            f"rows {rows['ok']} ok / {rows['error']} err, {progress['audio_hours']:.2f} h audio, "
+            f"{rate['rows_per_s']:.1f} rows/s, {rate['audio_seconds_per_s']:.0f} audio-s/s, "
+            f"ETA {format_duration(progress['eta_seconds'])}")

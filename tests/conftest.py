@@ -1,0 +1,98 @@
+# ---------------------------------------------------------------------------------------------
+# Encode output directories for the status/progress tests (services.progress, services.status).
+# ---------------------------------------------------------------------------------------------
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from shared import schema
+
+
+class EncodeOutputBuilder:
+    """Writes the files of docs/design.md into one output directory, the way the encode job does."""
+
+    def __init__(self, root: Path, shard_size: int = 4):
+        self.root = root
+        self.shard_size = shard_size
+
+    def write_json(self, relative: str, value) -> Path:
+        path = self.root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(value))
+        return path
+
+    def plan(self, num_shards: int) -> dict:
+        shards = [{"id": i, "start": i * self.shard_size, "end": (i + 1) * self.shard_size,
+                   "byte_start": 0, "byte_end": 0} for i in range(num_shards)]
+        plan = {"version": 1, "config_hash": "0" * 64, "created": 0.0, "inputs": {},
+                "num_rows": num_shards * self.shard_size, "num_shards": num_shards, "shards": shards}
+        self.write_json(schema.PLAN_FILE, plan)
+        return plan
+
+    def shard(self, shard_id: int, errors: int = 0, seconds_per_row: float = 2.0,
+              encode_seconds: float = 1.0) -> Path:
+        """A real published shard: `errors` error rows, the rest good rows with random codes."""
+        rng = np.random.default_rng(shard_id)
+        rows = []
+        for k in range(self.shard_size):
+            index = shard_id * self.shard_size + k
+            row = {"index": index, "id": f"utt{index}", "audio": f"/data/{index}.wav", "text": "t",
+                   "ref_audio": "/data/ref.wav", "sample_rate": 24000}
+            if k < errors:
+                row["error"] = "decode: unreadable"
+            else:
+                frames = int(seconds_per_row * 12.5)
+                row.update(audio_codes=rng.integers(0, 2048, size=(frames, 16), dtype=np.int16),
+                           num_frames=frames, duration=seconds_per_row)
+            rows.append(row)
+        good = self.shard_size - errors
+        stats = schema.ShardStats(rows=self.shard_size, rows_ok=good, rows_error=errors,
+                                   audio_seconds=good * seconds_per_row, frames=good * int(seconds_per_row * 12.5),
+                                   encode_seconds=encode_seconds, worker="encoder-0")
+        path = self.root / schema.SHARDS_DIR / schema.shard_name(shard_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(schema.build_table(rows, stats), path)
+        return path
+
+    def temporary_shard(self, shard_id: int) -> Path:
+        """What an encoder leaves while writing: a full Parquet file under a name readers must ignore."""
+        published = self.shard(shard_id)
+        temporary = published.with_name(f".{published.name}.tmp-1234")
+        published.rename(temporary)
+        return temporary
+
+    def heartbeat(self, name: str, age: float = 1.0, shard: int | None = None, rows_per_s: float = 10.0,
+                  audio_seconds_per_s: float = 20.0, node: str = "10.0.0.5") -> Path:
+        now = time.time()
+        return self.write_json(f"{schema.WORKERS_DIR}/{name}.json", {
+            "name": name, "node": node, "hostname": f"host-{node}", "pid": 1234, "device": "cpu",
+            "shard": shard, "rows": 100, "rows_error": 1, "audio_seconds": 200.0, "rows_per_s": rows_per_s,
+            "audio_seconds_per_s": audio_seconds_per_s, "started": now - 100, "updated": now - age})
+
+    def garbage_heartbeat(self, name: str) -> Path:
+        path = self.root / schema.WORKERS_DIR / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text('{"name": "half-writ')
+        return path
+
+    def driver(self, state: str = "running", age: float = 1.0, failed_shards: dict | None = None) -> Path:
+        now = time.time()
+        return self.write_json("driver.json", {
+            "pid": 99, "host": "node-a", "state": state, "started": now - 100, "updated": now - age,
+            "num_encoders": 2, "failed_shards": failed_shards or {}, "message": ""})
+
+    def complete(self) -> None:
+        self.write_json(schema.SUMMARY_FILE, {"rows": 0})
+        (self.root / schema.COMPLETE_MARKER).write_text("")
+
+
+@pytest.fixture
+def encode_output(tmp_path) -> EncodeOutputBuilder:
+    root = tmp_path / "encoded"
+    root.mkdir()
+    return EncodeOutputBuilder(root)
+# ---------------------------------------------------------------------------------------------
