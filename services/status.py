@@ -1,0 +1,192 @@
+"""HTTP status of an encode job: JSON at /status, a self-refreshing page at /, liveness at /healthz.
+
+    python -m services.status --output DIR --port P [--host 127.0.0.1] [--token-file F]
+
+Everything served is computed by services.progress from the output directory named at start-up;
+no request can name a path or read a file. With a token (--token-file, else $QWEN3TTS_STATUS_TOKEN)
+every route but /healthz needs `Authorization: Bearer <token>`.
+"""
+from __future__ import annotations
+
+import argparse
+import hmac
+import html
+import ipaddress
+import os
+import signal
+import sys
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse
+
+from services.progress import collect_progress, format_duration, format_progress_line
+
+TOKEN_ENV = "QWEN3TTS_STATUS_TOKEN"
+OPEN_PATHS = {"/healthz"}  # liveness probes (load balancers, k8s) carry no credentials
+PAGE_REFRESH_SECONDS = 5
+
+
+def create_app(output_dir: str | Path, token: str | None = None) -> FastAPI:
+    if token is not None and not token:
+        raise ValueError("an empty status token would let anyone in; pass None to disable authentication")
+    output = Path(output_dir)
+    # No /docs, /redoc or /openapi.json: nothing here needs them, and they widen what is exposed.
+    app = FastAPI(title="qwen3tts encode status", docs_url=None, redoc_url=None, openapi_url=None)
+
+    if token is not None:
+        expected = f"Bearer {token}".encode()
+
+        @app.middleware("http")
+        async def require_bearer_token(request: Request, call_next):
+            if request.url.path in OPEN_PATHS:
+                return await call_next(request)
+            given = request.headers.get("authorization", "").encode()
+            if not hmac.compare_digest(given, expected):
+                return JSONResponse({"detail": "missing or wrong bearer token"}, status_code=401,
+                                    headers={"WWW-Authenticate": "Bearer"})
+            return await call_next(request)
+
+    @app.get("/healthz")
+    def healthz() -> dict:
+        return {"ok": True}
+
+    @app.get("/status")
+    def status() -> dict:
+        return collect_progress(output)
+
+    @app.get("/", response_class=HTMLResponse)
+    def page() -> HTMLResponse:
+        return HTMLResponse(render_page(collect_progress(output)))
+
+    return app
+
+
+def render_page(progress: dict) -> str:
+    """Rendered on the server with a meta refresh, so a proxy that adds the bearer header serves it as is."""
+    esc = lambda value: html.escape("" if value is None else str(value))  # noqa: E731
+    rows = "".join(
+        f"<tr><td>{esc(e['name'])}</td><td>{esc(e['node'])}</td><td>{esc(e['hostname'])}</td>"
+        f"<td>{esc(e['device'])}</td><td>{esc(e['shard'])}</td><td>{esc(e['rows'])}</td>"
+        f"<td>{e['rows_per_s']:.1f}</td><td>{e['audio_seconds_per_s']:.0f}</td>"
+        f"<td>{'yes' if e['alive'] else 'no'}</td><td>{esc(format_timestamp(e['updated']))}</td></tr>"
+        for e in progress["encoders"])
+    return f"""<!doctype html>
+<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{PAGE_REFRESH_SECONDS}">
+<title>encode: {esc(progress['state'])}</title>
+<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}</style></head>
+<body><h1>Encode job: {esc(progress['state'])}</h1>
+<p>{esc(format_progress_line(progress))}</p>
+<p>ETA {esc(format_duration(progress['eta_seconds']))}, updated {esc(format_timestamp(progress['updated']))}</p>
+<table><tr><th>encoder</th><th>node</th><th>host</th><th>device</th><th>shard</th><th>rows</th>
+<th>rows/s</th><th>audio-s/s</th><th>alive</th><th>updated</th></tr>{rows}</table>
+</body></html>"""
+
+
+def format_timestamp(seconds: float | None) -> str:
+    return "-" if seconds is None else datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
+
+
+class StatusServer:
+    """A uvicorn server answering from a background thread; `stop()` asks it to exit and joins it."""
+
+    def __init__(self, server: uvicorn.Server, thread: threading.Thread):
+        self._server = server
+        self._thread = thread
+        host, port = server.servers[0].sockets[0].getsockname()[:2]
+        self.host, self.port = host, port
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self._server.should_exit = True
+        self._thread.join(timeout)
+
+    def __enter__(self) -> "StatusServer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def start_status_server(output_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
+                        token: str | None = None, startup_timeout: float = 30.0) -> StatusServer:
+    """Serve status for `output_dir` in a daemon thread; port 0 picks a free port (see `.port`, `.url`)."""
+    config = uvicorn.Config(create_app(output_dir, token), host=host, port=port, log_level="warning",
+                            access_log=False, lifespan="off")
+    server = uvicorn.Server(config)
+
+    def serve() -> None:
+        try:
+            server.run()
+        except SystemExit:  # uvicorn exits on a bind failure; it has logged why, and we raise below
+            pass
+
+    thread = threading.Thread(target=serve, name=f"status-server-{port}", daemon=True)
+    thread.start()
+    deadline = time.monotonic() + startup_timeout
+    while not server.started:
+        if not thread.is_alive():
+            raise RuntimeError(f"status server could not start on {host}:{port} (see the log above)")
+        if time.monotonic() > deadline:
+            server.should_exit = True
+            raise RuntimeError(f"status server did not start on {host}:{port} within {startup_timeout} s")
+        time.sleep(0.02)
+    return StatusServer(server, thread)
+
+
+def load_token(token_file: Path | None) -> str | None:
+    if token_file is not None:
+        token = token_file.read_text(encoding="utf-8").strip()
+        if not token:
+            raise ValueError(f"token file {token_file} is empty")
+        return token
+    return os.environ.get(TOKEN_ENV, "").strip() or None
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--output", required=True, type=Path, help="encode output directory to report on")
+    parser.add_argument("--port", type=int, default=8787, help="0 picks a free port")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    parser.add_argument("--token-file", type=Path, help=f"file holding the bearer token (else ${TOKEN_ENV})")
+    args = parser.parse_args(argv)
+    try:
+        token = load_token(args.token_file)
+    except (OSError, ValueError) as e:
+        print(f"status: error: {e}", file=sys.stderr)
+        return 2
+    if token is None and not is_loopback(args.host):
+        print(f"status: warning: serving on {args.host} without a token; anyone who can reach it can read "
+              "the job's status", file=sys.stderr)
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    try:
+        server = start_status_server(args.output, args.host, args.port, token)
+    except RuntimeError as e:
+        print(f"status: error: {e}", file=sys.stderr)
+        return 1
+    print(f"status: serving {args.output} at {server.url}", flush=True)
+    while not stop.wait(0.5):  # a timed wait lets the signal handlers run promptly
+        pass
+    server.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
