@@ -118,7 +118,9 @@ class StatusServer:
 
 def start_status_server(output_dir: str | Path, host: str = "127.0.0.1", port: int = 0,
                         token: str | None = None, startup_timeout: float = 30.0) -> StatusServer:
-    """Serve status for `output_dir` in a daemon thread; port 0 picks a free port (see `.port`, `.url`)."""
+    """Serve status for `output_dir` in a daemon thread; port 0 picks a free port (see `.port`, `.url`).
+
+    Raises OSError when it cannot serve (port taken, address not local), like a failed bind would."""
     config = uvicorn.Config(create_app(output_dir, token), host=host, port=port, log_level="warning",
                             access_log=False, lifespan="off")
     server = uvicorn.Server(config)
@@ -134,17 +136,18 @@ def start_status_server(output_dir: str | Path, host: str = "127.0.0.1", port: i
     deadline = time.monotonic() + startup_timeout
     while not server.started:
         if not thread.is_alive():
-            raise RuntimeError(f"status server could not start on {host}:{port} (see the log above)")
+            raise OSError(f"status server could not start on {host}:{port} (see the log above)")
         if time.monotonic() > deadline:
             server.should_exit = True
-            raise RuntimeError(f"status server did not start on {host}:{port} within {startup_timeout} s")
+            raise OSError(f"status server did not start on {host}:{port} within {startup_timeout} s")
         time.sleep(0.02)
     return StatusServer(server, thread)
 
 
-def load_token(token_file: Path | None) -> str | None:
+def token_from(token_file: str | Path | None) -> str | None:
+    """The token in `token_file` when given, else $QWEN3TTS_STATUS_TOKEN, else None (no authentication)."""
     if token_file is not None:
-        token = token_file.read_text(encoding="utf-8").strip()
+        token = Path(token_file).read_text(encoding="utf-8").strip()
         if not token:
             raise ValueError(f"token file {token_file} is empty")
         return token
@@ -166,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--token-file", type=Path, help=f"file holding the bearer token (else ${TOKEN_ENV})")
     args = parser.parse_args(argv)
     try:
-        token = load_token(args.token_file)
+        token = token_from(args.token_file)
     except (OSError, ValueError) as e:
         print(f"status: error: {e}", file=sys.stderr)
         return 2
@@ -178,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signum, lambda *_: stop.set())
     try:
         server = start_status_server(args.output, args.host, args.port, token)
-    except RuntimeError as e:
+    except OSError as e:
         print(f"status: error: {e}", file=sys.stderr)
         return 1
     print(f"status: serving {args.output} at {server.url}", flush=True)

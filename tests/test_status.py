@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.status import create_app, start_status_server
+from services.status import create_app, start_status_server, token_from
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"
@@ -134,13 +134,25 @@ def test_in_process_helper_with_token(running_job):
 
 def test_helper_reports_a_port_in_use(running_job):
     with start_status_server(running_job.root, "127.0.0.1", 0) as first:
-        with pytest.raises(RuntimeError, match="could not start"):
+        with pytest.raises(OSError, match="could not start"):
             start_status_server(running_job.root, "127.0.0.1", first.port)
 
 
 def test_empty_token_is_refused(tmp_path):
     with pytest.raises(ValueError):
         create_app(tmp_path, token="")
+    (tmp_path / "token").write_text("\n")
+    with pytest.raises(ValueError):
+        token_from(tmp_path / "token")
+
+
+def test_token_from_file_then_environment(tmp_path, monkeypatch):
+    monkeypatch.delenv("QWEN3TTS_STATUS_TOKEN", raising=False)
+    assert token_from(None) is None
+    monkeypatch.setenv("QWEN3TTS_STATUS_TOKEN", " from-env ")
+    assert token_from(None) == "from-env"
+    (tmp_path / "token").write_text("from-file\n")
+    assert token_from(str(tmp_path / "token")) == "from-file"
 
 
 def test_page_escapes_heartbeat_text(running_job):
