@@ -110,9 +110,11 @@ def codes_to_arrow(codes: list[np.ndarray | None]) -> pa.Array:
     return pa.ListArray.from_arrays(pa.array(offsets), inner, mask=mask)
 
 
-def codes_of(column: pa.ChunkedArray | pa.Array, i: int) -> np.ndarray:
-    """Row i of an audio_codes column as a (frames, 16) int64 array."""
+def codes_of(column: pa.ChunkedArray | pa.Array, i: int) -> np.ndarray | None:
+    """Row i of an audio_codes column as a (frames, 16) int64 array (None for an error row)."""
     value = column[i]
+    if not value.is_valid:
+        return None
     flat = value.values.flatten().to_numpy(zero_copy_only=False)
     return flat.reshape(-1, NUM_CODEBOOKS).astype(np.int64)
 

@@ -1,0 +1,185 @@
+"""`python -m services.encode`: plan a manifest into shards and encode them with Ray actors.
+
+Under `ray job submit` it joins that cluster; run by hand with no RAY_ADDRESS it starts a private
+local Ray. Re-running with the same arguments finishes only the shards that are missing.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+import time
+from pathlib import Path
+
+from services.encoder import EncoderOptions
+from services.lock import OutputLock, OutputLocked
+from services.manifest import ManifestError
+from services.plan import PlanMismatch, prepare_plan, write_json_atomic
+from shared.device import DEVICE_CHOICES
+from shared.schema import published_shards
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m services.encode", description=__doc__)
+    p.add_argument("--manifest", required=True, type=Path, help="raw JSONL (audio, text, ref_audio) or a directory "
+                   "of audio files with same-stem .txt transcripts")
+    p.add_argument("--codec", required=True, type=Path, help="Qwen3-TTS-Tokenizer-12Hz directory")
+    p.add_argument("--output", required=True, type=Path, help="output directory (shared by every node)")
+    p.add_argument("--shard-size", type=int, default=256, help="manifest rows per shard")
+    p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
+    p.add_argument("--num-encoders", type=int, default=0, help="0: one per accelerator in the cluster (1 on CPU)")
+    p.add_argument("--cpus-per-encoder", type=float, default=1.0, help="Ray CPUs reserved by each encoder actor")
+    p.add_argument("--decode-threads", type=int, default=0, help="decode/resample threads per encoder "
+                   "(0: the node's cores shared among its encoders)")
+    p.add_argument("--max-batch-seconds", type=float, default=240.0, help="padded audio seconds per codec call")
+    p.add_argument("--max-batch-items", type=int, default=64)
+    p.add_argument("--exact-tail", action="store_true", help="reproduce upstream's one-at-a-time codes for the "
+                   "last partial frame too (slower; see README)")
+    p.add_argument("--min-seconds", type=float, default=0.1)
+    p.add_argument("--max-seconds", type=float, default=60.0)
+    p.add_argument("--ref-audio", default=None, help="reference wav for entries that have none")
+    p.add_argument("--replan", action="store_true", help="inputs changed: move old results aside and start over")
+    p.add_argument("--status-host", default="127.0.0.1")
+    p.add_argument("--status-port", type=int, default=8000, help="serve GET /status while running; -1 disables")
+    p.add_argument("--status-token-file", default=None, help="require this bearer token on /status")
+    p.add_argument("--export-jsonl", type=Path, default=None, help="also write upstream train_with_codes.jsonl")
+    p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
+    p.add_argument("--progress-seconds", type=float, default=10.0)
+    return p.parse_args(argv)
+
+
+def connect_ray(address: str | None) -> None:
+    import ray
+
+    address = address or os.environ.get("RAY_ADDRESS")
+    # "local" starts a private cluster instead of joining whatever runs on this machine.
+    ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True)
+
+
+def decode_threads_for(args: argparse.Namespace, kind: str, encoders: int) -> int:
+    if args.decode_threads:
+        return args.decode_threads
+    if kind == "cpu":
+        return 2  # the encoder itself needs the cores
+    return max(2, (os.cpu_count() or 2) // max(1, encoders))
+
+
+class Driver:
+    def __init__(self, args: argparse.Namespace):
+        self.args, self.output = args, args.output.resolve()
+        self.started = time.time()
+        self.failed: dict[int, str] = {}
+
+    def log(self, message: str) -> None:
+        print(f"[encode {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def heartbeat(self, state: str, encoders: int = 0, message: str = "") -> None:
+        write_json_atomic(self.output / "driver.json", {
+            "pid": os.getpid(), "host": socket.gethostname(), "state": state, "started": self.started,
+            "updated": time.time(), "num_encoders": encoders, "failed_shards": {str(k): v for k, v in self.failed.items()},
+            "message": message})
+
+    def start_status(self):
+        if self.args.status_port < 0:
+            return None
+        from services.status import start_status_server, token_from
+
+        try:
+            server = start_status_server(self.output, self.args.status_host, self.args.status_port,
+                                         token_from(self.args.status_token_file))
+        except OSError as exc:
+            self.log(f"status server not started ({exc}); the job goes on. Serve it with "
+                     f"`python -m services.status --output {self.output} --port P`")
+            return None
+        self.log(f"status: {server.url}/status")
+        return server
+
+    def run(self) -> int:
+        from services.finalize import export_jsonl, write_summary
+        from services.progress import collect_progress, format_progress_line
+
+        args = self.args
+        plan = prepare_plan(self.output, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
+                            min_seconds=args.min_seconds, max_seconds=args.max_seconds, ref_audio=args.ref_audio,
+                            replan=args.replan, log=self.log)
+        done = published_shards(self.output)
+        pending = [s for s in plan.shards if s.id not in done]
+        self.log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; {len(done)} already published, "
+                 f"{len(pending)} to encode")
+        status = self.start_status()
+        try:
+            if pending:
+                self.encode(pending)
+            summary = write_summary(self.output, plan, time.time() - self.started)
+            self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
+                           f"{len(self.failed)} shards failed; re-run the same command to retry them")
+            self.log(format_progress_line(collect_progress(self.output)))
+            self.log(f"summary: {summary['rows_ok']} rows ok, {summary['rows_error']} errors "
+                     f"{summary['errors_by_reason']}, {summary['audio_hours']:.4f} h audio; "
+                     f"{'complete' if summary['complete'] else 'INCOMPLETE'} -> {self.output}")
+            if args.export_jsonl and summary["complete"]:
+                self.log(f"exported {export_jsonl(self.output, args.export_jsonl)} rows to {args.export_jsonl}")
+            return 0 if summary["complete"] else 1
+        finally:
+            if status is not None:
+                status.stop()
+
+    def encode(self, pending) -> None:
+        from services.dispatch import EncoderPool, cluster_kind, encoder_count
+        from services.progress import collect_progress, format_progress_line
+
+        args = self.args
+        connect_ray(args.address)
+        kind = cluster_kind(args.device)
+        fixed = args.num_encoders or None
+        options = EncoderOptions(
+            codec=str(args.codec.resolve()), output=str(self.output), device=args.device,
+            max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
+            decode_threads=decode_threads_for(args, kind, encoder_count(kind, fixed)), exact_tail=args.exact_tail,
+            min_seconds=args.min_seconds, max_seconds=args.max_seconds,
+            torch_threads=max(1, int(args.cpus_per_encoder)) if kind == "cpu" else 0)
+        pool = EncoderPool(options, kind, fixed, args.cpus_per_encoder, log=self.log)
+        pool.scale()
+        self.heartbeat("running", len(pool.encoders))
+        for info in pool.describe():
+            if "error" in info:
+                raise RuntimeError(f"{info['name']} could not start: {info['error']}")
+            self.log(f"{info['name']} on {info['hostname']} ({info['node']}) device {info['device']} "
+                     f"{info.get('visible_devices') or ''}")
+
+        def beat(*_):
+            self.heartbeat("running", len(pool.encoders))
+
+        def on_tick():
+            beat()
+            self.log(format_progress_line(collect_progress(self.output)))
+
+        try:
+            self.failed = pool.run(pending, beat, on_tick, args.progress_seconds)
+        except BaseException as exc:
+            self.heartbeat("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", message=str(exc))
+            raise
+        finally:
+            pool.shutdown()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    lock = OutputLock(args.output.resolve())
+    try:
+        lock.acquire()
+    except OutputLocked as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 3
+    try:
+        return Driver(args).run()
+    except (PlanMismatch, ManifestError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        lock.release()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""EncoderActor: one per accelerator; loads the codec once and turns a planned shard into a published
+Parquet file. Bad input becomes an error row; only a failure of the encoder itself fails the shard."""
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+from pathlib import Path
+
+from services.batching import Prefetcher, form_batches, probe_duration
+from services.manifest import LINE_ERROR, read_range
+from services.plan import ShardSpec, write_json_atomic
+from services.writer import ShardWriter
+from shared.audio import AudioError, AudioLimits, Clip, load_audio
+from shared.device import VISIBLE_DEVICES_VAR, select_device
+from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardStats
+
+HEARTBEAT_SECONDS = 2.0
+RATE_WINDOW_SECONDS = 30.0
+
+
+@dataclass(frozen=True)
+class EncoderOptions:
+    codec: str
+    output: str
+    device: str = "auto"
+    max_batch_seconds: float = 240.0  # padded audio seconds per codec call
+    max_batch_items: int = 64
+    decode_threads: int = 2
+    prefetch_batches: int = 2
+    exact_tail: bool = False
+    min_seconds: float = 0.1
+    max_seconds: float = 60.0
+    torch_threads: int = 0  # 0: leave torch's default
+
+
+def _error_row(index: int, entry: dict, message: str) -> dict:
+    return {"index": index, "id": str(entry.get("id") or index), "audio": entry.get("audio"),
+            "text": entry.get("text"), "ref_audio": entry.get("ref_audio"), "audio_codes": None,
+            "num_frames": None, "duration": None, "sample_rate": None, "error": message}
+
+
+def check_entry(entry: dict) -> str | None:
+    """Reasons a manifest entry cannot be encoded before any audio is read."""
+    if LINE_ERROR in entry:
+        return f"bad_line: {entry[LINE_ERROR]}"
+    audio = entry.get("audio")
+    if not isinstance(audio, str) or not audio:
+        return "no_audio: the entry has no 'audio' path; add one"
+    text = entry.get("text")
+    if not isinstance(text, str) or not text.strip():
+        return f"empty_text: {audio} has no transcript text; add 'text' to its manifest line"
+    ref = entry.get("ref_audio")
+    if ref is not None and (not isinstance(ref, str) or not os.path.isfile(ref)):
+        return f"missing_ref_audio: reference {ref} does not exist; fix 'ref_audio' in the manifest"
+    return None
+
+
+class RateMeter:
+    """Rows and audio seconds per second over a sliding window."""
+
+    def __init__(self):
+        self.samples: deque[tuple[float, int, float]] = deque()
+
+    def add(self, rows: int, audio_seconds: float, now: float | None = None) -> None:
+        self.samples.append((now or time.time(), rows, audio_seconds))
+
+    def rates(self, now: float | None = None) -> tuple[float, float]:
+        now = now or time.time()
+        while self.samples and now - self.samples[0][0] > RATE_WINDOW_SECONDS:
+            self.samples.popleft()
+        if not self.samples:
+            return 0.0, 0.0
+        span = max(now - self.samples[0][0], 1.0)
+        return sum(s[1] for s in self.samples) / span, sum(s[2] for s in self.samples) / span
+
+
+class ShardEncoder:
+    """The work of one encoder, independent of Ray so it can be driven directly too."""
+
+    def __init__(self, options: EncoderOptions, name: str = "encoder-0"):
+        import torch
+
+        from shared.qwen import load_codec
+
+        self.options, self.name = options, name
+        if options.torch_threads:
+            torch.set_num_threads(options.torch_threads)
+        self.device = select_device(options.device)
+        self.codec = load_codec(options.codec, self.device.torch_device)
+        self.limits = AudioLimits(options.min_seconds, options.max_seconds)
+        self.writer = ShardWriter(options.output)
+        self.prefetcher = Prefetcher(options.decode_threads, options.prefetch_batches)
+        self.manifest = Path(options.output) / MANIFEST_FILE
+        self.totals = {"rows": 0, "rows_error": 0, "audio_seconds": 0.0}
+        self.meter = RateMeter()
+        self.current_shard: int | None = None
+
+    def _decode(self, entry: dict) -> Clip | AudioError:
+        try:
+            return load_audio(entry["audio"], self.limits)
+        except AudioError as exc:
+            return exc
+        except Exception as exc:  # a decoder bug must cost one row, not the shard
+            return AudioError(entry["audio"], "decode_failed", f"{type(exc).__name__}: {exc}")
+
+    def encode_shard(self, spec: ShardSpec) -> ShardStats:
+        from shared.qwen import encode_clips
+
+        started = time.time()
+        self.current_shard = spec.id
+        entries = read_range(self.manifest, spec.byte_start, spec.byte_end)
+        if len(entries) != spec.rows:
+            raise RuntimeError(f"shard {spec.id}: manifest range holds {len(entries)} lines, plan says {spec.rows}; "
+                               "manifest.jsonl changed after planning, re-run with --replan")
+        rows, todo = [], []
+        for offset, entry in enumerate(entries):
+            problem = check_entry(entry)
+            if problem:
+                rows.append(_error_row(spec.start + offset, entry, problem))
+            else:
+                todo.append(offset)
+        durations = self.prefetcher.map(lambda o: probe_duration(entries[o]["audio"]), todo)
+        batches = form_batches(durations, self.options.max_batch_seconds, self.options.max_batch_items)
+        for batch, futures in self.prefetcher.run(batches, lambda j: self._decode(entries[todo[j]])):
+            good: list[tuple[int, Clip]] = []
+            for j, future in zip(batch, futures):
+                offset = todo[j]
+                result = future.result()
+                if isinstance(result, AudioError):
+                    rows.append(_error_row(spec.start + offset, entries[offset], f"{result.reason}: {result}"))
+                else:
+                    good.append((offset, result))
+            if not good:
+                continue
+            codes = encode_clips(self.codec, [clip.samples for _, clip in good], exact_tail=self.options.exact_tail)
+            audio_seconds = 0.0
+            for (offset, clip), c in zip(good, codes):
+                entry = entries[offset]
+                rows.append({"index": spec.start + offset, "id": str(entry.get("id") or Path(entry["audio"]).stem),
+                             "audio": entry["audio"], "text": entry["text"], "ref_audio": entry.get("ref_audio"),
+                             "audio_codes": c, "num_frames": len(c), "duration": clip.duration,
+                             "sample_rate": clip.source_sample_rate, "error": None})
+                audio_seconds += clip.duration
+            self.meter.add(len(good), audio_seconds)
+            self.totals["rows"] += len(good)
+            self.totals["audio_seconds"] += audio_seconds
+        errors = sum(1 for r in rows if r["error"] is not None)
+        self.totals["rows_error"] += errors
+        stats = ShardStats(rows=len(rows), rows_ok=len(rows) - errors, rows_error=errors,
+                           audio_seconds=sum(r["duration"] or 0.0 for r in rows if r["error"] is None),
+                           frames=sum(r["num_frames"] or 0 for r in rows), encode_seconds=time.time() - started,
+                           worker=self.name)
+        self.writer.publish(spec.id, rows, stats)
+        self.current_shard = None
+        return stats
+
+
+class EncoderActor:
+    """Ray actor wrapper: a ShardEncoder plus a heartbeat file for /status."""
+
+    def __init__(self, options: EncoderOptions, name: str):
+        self.encoder = ShardEncoder(options, name)
+        self.started = time.time()
+        self.heartbeat_path = Path(options.output) / WORKERS_DIR / f"{name}.json"
+        self.heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat, daemon=True, name="heartbeat").start()
+
+    def info(self) -> dict:
+        import ray
+
+        dev = self.encoder.device
+        visible = {var: os.environ.get(var) for var in VISIBLE_DEVICES_VAR.values() if os.environ.get(var) is not None}
+        return {"name": self.encoder.name, "node": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
+                "pid": os.getpid(), "device": dev.describe(), "visible_devices": visible,
+                "node_id": ray.get_runtime_context().get_node_id()}
+
+    def encode_shard(self, spec: ShardSpec) -> ShardStats:
+        return self.encoder.encode_shard(spec)
+
+    def _beat(self) -> None:
+        info = None
+        while not self._stop.is_set():
+            try:
+                info = info or self.info()
+                rows_per_s, audio_per_s = self.encoder.meter.rates()
+                write_json_atomic(self.heartbeat_path, {
+                    **info, "shard": self.encoder.current_shard, **self.encoder.totals,
+                    "rows_per_s": rows_per_s, "audio_seconds_per_s": audio_per_s,
+                    "started": self.started, "updated": time.time()})
+            except Exception:
+                pass  # status is best effort; the shard files are the truth
+            self._stop.wait(HEARTBEAT_SECONDS)

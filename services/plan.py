@@ -1,0 +1,153 @@
+"""The shard plan: deterministic contiguous ranges of the normalised manifest, written once.
+
+A resubmit with the same inputs reuses the plan (and so skips finished shards); a resubmit whose
+inputs or codec differ is refused unless `replan=True`, which moves the old results aside rather
+than deleting them.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from services.manifest import input_fingerprint, write_normalised
+from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR, SUMMARY_FILE,
+                           WORKERS_DIR)
+
+PLAN_VERSION = 1
+
+
+class PlanMismatch(RuntimeError):
+    pass
+
+
+@dataclass(frozen=True)
+class PlanInputs:
+    """Everything that decides the codes in the shards; its hash is the plan's identity."""
+    manifest: str
+    manifest_sha256: str
+    codec: str
+    codec_sha256: str
+    shard_size: int
+    exact_tail: bool = False
+    min_seconds: float = 0.1
+    max_seconds: float = 60.0
+    ref_audio: str | None = None
+
+    def config_hash(self) -> str:
+        # Paths are left out: moving the same manifest or codec elsewhere must not force a re-encode.
+        identity = {k: v for k, v in asdict(self).items() if k not in ("manifest", "codec")}
+        return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    id: int
+    start: int  # first manifest line (0-based)
+    end: int  # one past the last line
+    byte_start: int
+    byte_end: int
+
+    @property
+    def rows(self) -> int:
+        return self.end - self.start
+
+
+@dataclass
+class Plan:
+    config_hash: str
+    inputs: PlanInputs
+    num_rows: int
+    shards: list[ShardSpec]
+    created: float = field(default_factory=time.time)
+    version: int = PLAN_VERSION
+
+    def to_json(self) -> dict:
+        return {"version": self.version, "config_hash": self.config_hash, "created": self.created,
+                "inputs": asdict(self.inputs), "num_rows": self.num_rows, "num_shards": len(self.shards),
+                "shards": [asdict(s) for s in self.shards]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Plan":
+        return cls(config_hash=data["config_hash"], inputs=PlanInputs(**data["inputs"]), num_rows=data["num_rows"],
+                   shards=[ShardSpec(**s) for s in data["shards"]], created=data["created"], version=data["version"])
+
+
+def hash_directory(path: Path) -> str:
+    """Content hash of a model directory (config and weights), streamed."""
+    h = hashlib.sha256()
+    for p in sorted(path.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(path)).encode() + b"\0")
+            with open(p, "rb") as f:
+                for block in iter(lambda: f.read(1 << 22), b""):
+                    h.update(block)
+    return h.hexdigest()
+
+
+def plan_shards(manifest: Path, shard_size: int) -> tuple[int, list[ShardSpec]]:
+    """One streaming pass over the normalised manifest recording byte offsets every `shard_size` lines."""
+    if shard_size < 1:
+        raise ValueError("--shard-size must be at least 1")
+    shards, line, offset, start_line, start_byte = [], 0, 0, 0, 0
+    with open(manifest, "rb") as f:
+        for raw in f:
+            line += 1
+            offset += len(raw)
+            if line - start_line == shard_size:
+                shards.append(ShardSpec(len(shards), start_line, line, start_byte, offset))
+                start_line, start_byte = line, offset
+    if line > start_line:
+        shards.append(ShardSpec(len(shards), start_line, line, start_byte, offset))
+    return line, shards
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
+    os.replace(tmp, path)
+
+
+def load_plan(output: Path) -> Plan | None:
+    path = output / PLAN_FILE
+    if not path.is_file():
+        return None
+    return Plan.from_json(json.loads(path.read_text()))
+
+
+def _move_aside(output: Path) -> Path:
+    aside = output / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
+    aside.mkdir()
+    for name in (PLAN_FILE, MANIFEST_FILE, SHARDS_DIR, WORKERS_DIR, SUMMARY_FILE, ERRORS_FILE, COMPLETE_MARKER,
+                 "driver.json"):
+        if (output / name).exists():
+            os.replace(output / name, aside / name)
+    return aside
+
+
+def prepare_plan(output: Path, inputs_source: Path, codec: Path, shard_size: int, *, exact_tail: bool = False,
+                 min_seconds: float = 0.1, max_seconds: float = 60.0, ref_audio: str | None = None,
+                 replan: bool = False, log=print) -> Plan:
+    """Reuse the plan in `output` if it matches these inputs; write a new one if there is none."""
+    inputs = PlanInputs(manifest=str(inputs_source.resolve()), manifest_sha256=input_fingerprint(inputs_source, ref_audio),
+                        codec=str(codec.resolve()), codec_sha256=hash_directory(codec), shard_size=shard_size,
+                        exact_tail=exact_tail, min_seconds=min_seconds, max_seconds=max_seconds, ref_audio=ref_audio)
+    existing = load_plan(output)
+    if existing is not None:
+        if existing.config_hash == inputs.config_hash():
+            return existing
+        changed = [k for k, v in asdict(inputs).items()
+                   if k not in ("manifest", "codec") and asdict(existing.inputs).get(k) != v]
+        if not replan:
+            raise PlanMismatch(f"{output} already holds a plan for different inputs (changed: {', '.join(changed)}). "
+                               "Use a new --output, or pass --replan to move the old results aside and start over.")
+        log(f"--replan: moved the previous plan and shards to {_move_aside(output)}")
+    output.mkdir(parents=True, exist_ok=True)
+    write_normalised(inputs_source, output / MANIFEST_FILE, ref_audio)
+    num_rows, shards = plan_shards(output / MANIFEST_FILE, shard_size)
+    plan = Plan(inputs.config_hash(), inputs, num_rows, shards)
+    write_json_atomic(output / PLAN_FILE, plan.to_json())
+    return plan
