@@ -15,6 +15,7 @@ from typing import Any
 from shared.schema import (
     COMPLETE_MARKER,
     PLAN_FILE,
+    SUMMARY_FILE,
     WORKERS_DIR,
     ShardStats,
     published_shards,
@@ -130,6 +131,17 @@ def failed_shard_ids(driver: dict | None) -> set[int]:
     return {int(k) for k in failed if str(k).isdigit()}
 
 
+def idle_rate(stats: list[ShardStats], summary: dict | None) -> tuple[float, float]:
+    """(rows/s, audio-s/s) when no encoder is alive: over the job's wall time once the summary gives it,
+    else the speed the published shards were encoded at (encoder time, so one encoder's speed)."""
+    seconds = as_number(summary.get("elapsed_seconds")) if summary else 0.0
+    if seconds <= 0:
+        seconds = sum(s.encode_seconds for s in stats)
+    if seconds <= 0:
+        return 0.0, 0.0
+    return sum(s.rows for s in stats) / seconds, sum(s.audio_seconds for s in stats) / seconds
+
+
 def job_state(output: Path, plan: dict | None, has_shards: bool, running: bool, driver: dict | None) -> str:
     if (output / COMPLETE_MARKER).exists():
         return "complete"
@@ -169,10 +181,8 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
     if alive:
         rows_per_s = sum(e["rows_per_s"] for e in alive)
         audio_per_s = sum(e["audio_seconds_per_s"] for e in alive)
-    else:  # nothing encoding now: report the throughput the finished shards were encoded at
-        encode_seconds = sum(s.encode_seconds for s in stats)
-        rows_per_s = sum(s.rows for s in stats) / encode_seconds if encode_seconds > 0 else 0.0
-        audio_per_s = audio_seconds / encode_seconds if encode_seconds > 0 else 0.0
+    else:
+        rows_per_s, audio_per_s = idle_rate(stats, read_json_object(output / SUMMARY_FILE))
 
     state = job_state(output, plan, bool(shards), bool(alive) or driver_is_running(driver, now), driver)
     rows_planned = as_int_or_none(plan.get("num_rows")) if plan else None

@@ -85,8 +85,8 @@ class EncodeOutputBuilder:
             "pid": 99, "host": "node-a", "state": state, "started": now - 100, "updated": now - age,
             "num_encoders": 2, "failed_shards": failed_shards or {}, "message": ""})
 
-    def complete(self) -> None:
-        self.write_json(schema.SUMMARY_FILE, {"rows": 0})
+    def complete(self, elapsed_seconds: float) -> None:
+        self.write_json(schema.SUMMARY_FILE, {"complete": True, "elapsed_seconds": elapsed_seconds})
         (self.root / schema.COMPLETE_MARKER).write_text("")
 
 

@@ -28,14 +28,18 @@ def test_complete_directory(encode_output):
     encode_output.shard(1, encode_seconds=2.0)
     encode_output.heartbeat("encoder-0", age=3600)  # left over from the run, long dead
     encode_output.driver(state="finished")
-    encode_output.complete()
+    before_summary = collect_progress(encode_output.root)
+    # no encoder alive and no summary yet: the speed shards were encoded at (8 rows, 14 audio-s in 4 s)
+    assert before_summary["state"] == "stopped"
+    assert before_summary["rate"] == {"rows_per_s": pytest.approx(2.0), "audio_seconds_per_s": pytest.approx(3.5)}
+    encode_output.complete(elapsed_seconds=16.0)
     p = collect_progress(encode_output.root)
     assert p["state"] == "complete"
     assert p["shards"] == {"total": 2, "done": 2, "running": 0, "failed": 0, "pending": 0}
     assert p["rows"] == {"planned": 8, "ok": 7, "error": 1}
     assert p["audio_hours"] == pytest.approx(7 * 2.0 / 3600)
-    # no encoder alive: throughput of the finished shards (8 rows and 14 audio-s in 4 s of encoding)
-    assert p["rate"] == {"rows_per_s": pytest.approx(2.0), "audio_seconds_per_s": pytest.approx(3.5)}
+    # complete: over the job's wall time from summary.json
+    assert p["rate"] == {"rows_per_s": pytest.approx(0.5), "audio_seconds_per_s": pytest.approx(14 / 16)}
     assert p["eta_seconds"] == 0
     assert p["encoders"][0]["alive"] is False and p["nodes"] == {"10.0.0.5": 0}
 
