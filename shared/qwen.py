@@ -31,6 +31,7 @@ __all__ = [
     "Qwen3TTSForConditionalGeneration", "Qwen3TTSModel", "Qwen3TTSTokenizer", "Qwen3TTSTokenizerV2Config",
     "Qwen3TTSTokenizerV2DecoderConfig", "Qwen3TTSTokenizerV2Model", "mel_spectrogram",
     "load_codec", "encode_clips", "reference_encode", "load_tts_model", "load_inference_model",
+    "speaker_mel", "SPEAKER_MEL",
 ]
 
 
@@ -109,3 +110,14 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu", d
     """The user-facing wrapper with generate_voice_clone / generate_custom_voice."""
     return Qwen3TTSModel.from_pretrained(_check_dir(path, "model"), device_map=str(device), dtype=dtype,
                                          attn_implementation=attn_implementation)
+
+
+# The log-mel the speaker encoder reads (the settings of Qwen3TTSForConditionalGeneration.extract_speaker_embedding).
+SPEAKER_MEL = dict(n_fft=1024, num_mels=128, sampling_rate=CODEC_SAMPLE_RATE, hop_size=256, win_size=1024, fmin=0,
+                   fmax=12000)
+
+
+def speaker_mel(samples_24k: np.ndarray) -> torch.Tensor:
+    """(frames, 128) float32 log-mel of 24 kHz mono audio, as the speaker encoder expects it."""
+    wav = torch.from_numpy(np.ascontiguousarray(samples_24k, dtype=np.float32)).unsqueeze(0)
+    return mel_spectrogram(wav, **SPEAKER_MEL)[0].transpose(0, 1).contiguous()
