@@ -96,3 +96,73 @@ def encode_output(tmp_path) -> EncodeOutputBuilder:
     root.mkdir()
     return EncodeOutputBuilder(root)
 # ---------------------------------------------------------------------------------------------
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode service: a tiny codec, generated corpora and a way to run the real job (services.encode).
+# ---------------------------------------------------------------------------------------------
+import os
+import subprocess
+import sys
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def tiny_codec_dir(tmp_path_factory) -> Path:
+    from shared.tiny_codec import write_codec
+
+    return write_codec(tmp_path_factory.mktemp("codec") / "codec")
+
+
+def write_manifest(path: Path, entries: list) -> Path:
+    """Entries are dicts (written as JSON) or raw bytes (written as they are, for broken lines)."""
+    with open(path, "wb") as f:
+        for entry in entries:
+            f.write(entry if isinstance(entry, bytes) else json.dumps(entry, ensure_ascii=False).encode())
+            f.write(b"\n")
+    return path
+
+
+def synth_corpus(root: Path, specs: list[tuple[float, int]], seed: int = 0) -> list[dict]:
+    """Write one wav per (seconds, sample_rate) and return manifest entries for them (ref = the first)."""
+    import soundfile as sf
+
+    from shared.synth import synth_text, synth_utterance
+
+    root.mkdir(parents=True, exist_ok=True)
+    entries = []
+    for i, (seconds, rate) in enumerate(specs):
+        path = root / f"utt{i:04d}.wav"
+        sf.write(path, synth_utterance(seconds, rate, seed * 1000 + i), rate)
+        entries.append({"id": f"utt{i:04d}", "audio": str(path), "text": synth_text(i)})
+    for entry in entries:
+        entry["ref_audio"] = entries[0]["audio"]
+    return entries
+
+
+def run_encode(*args: str, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The real CLI in a fresh process (its own private local Ray), status on a free port."""
+    cmd = [sys.executable, "-m", "services.encode", "--status-port", "0", "--device", "cpu", *args]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ADDRESS": "", **(env or {})}
+    return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
+
+
+# ---------------------------------------------------------------------------------------------
+# Training (issue 3): one tiny random codec + Base model per session, and synthetic encoded shards.
+# ---------------------------------------------------------------------------------------------
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory) -> Path:
+    """DIR/codec and DIR/model written by shared.tiny (the same writer the demo uses)."""
+    from shared.tiny import write_tiny
+
+    return write_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def synthetic_encoded(tiny_dir, tmp_path_factory) -> Path:
+    """A complete encode output directory (shards + _COMPLETE) built from generated audio by the tiny codec."""
+    from training.synthetic import write_encoded
+
+    return write_encoded(tmp_path_factory.mktemp("encoded"), tiny_dir / "codec", num_shards=2, rows_per_shard=6)
+# ---------------------------------------------------------------------------------------------

@@ -1,0 +1,87 @@
+"""Training matches inference: greedy generation's codes, replayed through the training forward, are the
+argmax of both heads at every frame (the proof that the four upstream bugs are absent)."""
+import numpy as np
+import pytest
+import torch
+
+from shared.qwen import load_inference_model, speaker_mel
+from training.layout import IGNORE, SpecialIds, build_sample, collate, text_token_ids
+from training.model import TalkerForTraining, speaker_embedding
+from training.synthetic import tone
+
+TEXT = "hello world the quick brown fox"
+MAX_NEW_TOKENS = 24
+
+
+@pytest.fixture(scope="module")
+def replay(tiny_dir):
+    """Greedy non-streaming generation with an x-vector prompt, then our training forward on its codes."""
+    torch.manual_seed(0)
+    inference = load_inference_model(tiny_dir / "model")
+    model = inference.model
+    ref = tone(1.3, seed=5)
+    items = inference.create_voice_clone_prompt(ref_audio=(ref, 24000), x_vector_only_mode=True)
+    prompt = inference._prompt_items_to_voice_clone_prompt(items)
+    input_ids = inference._tokenize_texts([f"<|im_start|>assistant\n{TEXT}<|im_end|>\n<|im_start|>assistant\n"])
+    codes, _ = model.generate(input_ids=input_ids, voice_clone_prompt=prompt, languages=["auto"],
+                              non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
+                              repetition_penalty=1.0, max_new_tokens=MAX_NEW_TOKENS)
+    codes = codes[0]
+    ids = SpecialIds.from_config(model.config)
+    role, text_ids = text_token_ids(inference.processor.tokenizer, TEXT)
+    xvector = speaker_embedding(model.speaker_encoder, speaker_mel(ref))
+    torch.testing.assert_close(xvector, items[0].ref_spk_embedding.float(), rtol=0, atol=1e-6)
+    batch = collate([build_sample(role, text_ids, codes.numpy(), ids)], xvector.unsqueeze(0), ids.tts_pad)
+    trainer = TalkerForTraining(model.talker).eval()
+    with torch.no_grad():
+        out = trainer(batch, return_logits=True)
+    return codes, batch, out, trainer, ids, model
+
+
+def test_generation_is_not_degenerate(replay):
+    codes = replay[0]
+    assert len(codes) >= 8
+    assert len(torch.unique(codes[:, 0])) > 3 and len(torch.unique(codes[:, 1:])) > 20
+
+
+def test_talker_argmax_reproduces_codebook_0_and_eos(replay):
+    codes, batch, out, _, ids, model = replay
+    logits = out.talker_logits[0].clone()
+    # Generation never emits special ids other than eos (suppress_tokens), nor eos in its first 2 steps.
+    logits[:, 2048:] = float("-inf")
+    logits[:, ids.codec_eos] = out.talker_logits[0][:, ids.codec_eos]
+    labels = batch.labels[0]
+    positions = torch.nonzero(labels != IGNORE).squeeze(1)
+    logits[positions[:2], ids.codec_eos] = float("-inf")
+    predicted = logits[positions].argmax(-1)
+    frame_targets = labels[positions][: len(codes)]
+    assert torch.equal(frame_targets, codes[:, 0])  # labels are c0 of the next frame, shifted once
+    assert torch.equal(predicted[: len(codes)], codes[:, 0])  # 100 % of codebook 0
+    # The last token generate() samples is never fed back, so without eos it returns MAX_NEW_TOKENS - 1 frames.
+    if len(codes) < MAX_NEW_TOKENS - 1:  # stopped on eos: the position after the last frame predicts it
+        assert predicted[len(codes)].item() == ids.codec_eos
+
+
+def test_sub_talker_argmax_reproduces_codebooks_1_to_15(replay):
+    codes, batch, out, *_ = replay
+    assert torch.equal(out.sub_logits.argmax(-1), codes[:, 1:])  # 100 % of codebooks 1..15, head k vs codebook k
+
+
+def test_upstream_hidden_state_bug_would_be_caught(replay):
+    """Feeding the hidden state of the frame's own position (upstream bug 4) does not reproduce generation,
+    so the exact-match test above distinguishes the right input from the wrong one."""
+    codes, batch, _, trainer, *_ = replay
+    with torch.no_grad():
+        hidden = trainer.talker.model(inputs_embeds=trainer.input_embeddings(batch),
+                                      attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+        own = hidden[0, batch.predictor_index[:, 1] + 1]
+        logits = trainer.talker.code_predictor.forward_finetune(
+            inputs_embeds=trainer.sub_talker_inputs(own, batch.frames)).logits
+    assert (logits.argmax(-1) == codes[:, 1:]).float().mean() < 1.0
+
+
+def test_losses_are_token_sums(replay):
+    codes, batch, out, *_ = replay
+    assert out.talker_targets == len(codes) + 1  # every frame's c0 plus eos
+    assert out.sub_targets == len(codes) * 15
+    assert torch.isfinite(out.talker_loss_sum) and torch.isfinite(out.sub_loss_sum)

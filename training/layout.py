@@ -1,0 +1,148 @@
+"""The dual-channel talker input, built exactly as non-streaming inference builds it (notes §4).
+
+Per utterance with n text tokens and T frames (L = n + T + 11 positions):
+
+    pos        text channel                 codec channel
+    0..2       <|im_start|> assistant \\n     off
+    3..6       tts_pad x4                   nothink, think_bos, think_eos, speaker x-vector (pos 6)
+    7          tts_bos                      codec pad
+    8..8+n-1   text tokens                  codec pad
+    8+n        tts_eos                      codec pad
+    8+n+1      tts_pad                      codec bos
+    next T     tts_pad                      frame j: c0 embedding + code-predictor embeddings of c1..c15
+    last       tts_pad                      codec eos
+
+Labels are stored already shifted: the label at position p is what the talker's output at p must predict
+(c0 of the frame at p+1, or eos after the last frame). Nothing downstream shifts again.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+IGNORE = -100
+ROLE_LEN = 3  # <|im_start|>assistant\n
+SPEAKER_POS = 6
+NUM_CODEBOOKS = 16
+
+
+@dataclass(frozen=True)
+class SpecialIds:
+    tts_pad: int
+    tts_bos: int
+    tts_eos: int
+    codec_pad: int
+    codec_bos: int
+    codec_eos: int
+    codec_nothink: int
+    codec_think_bos: int
+    codec_think_eos: int
+
+    @classmethod
+    def from_config(cls, config) -> "SpecialIds":
+        """From a Qwen3TTSConfig (top level holds the text ids, talker_config the codec ids)."""
+        t = config.talker_config
+        return cls(config.tts_pad_token_id, config.tts_bos_token_id, config.tts_eos_token_id, t.codec_pad_id,
+                   t.codec_bos_id, t.codec_eos_token_id, t.codec_nothink_id, t.codec_think_bos_id,
+                   t.codec_think_eos_id)
+
+
+def assistant_prompt(text: str) -> str:
+    """The prompt inference tokenizes; its tokens [3:-5] are the text tokens."""
+    return f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
+
+
+def text_token_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
+    """(role ids, text ids) exactly as Qwen3TTSModel slices its tokenized prompt."""
+    ids = tokenizer(assistant_prompt(text))["input_ids"]
+    return ids[:ROLE_LEN], ids[ROLE_LEN:-5]
+
+
+def sequence_length(num_text: int, num_frames: int) -> int:
+    return num_text + num_frames + 11
+
+
+@dataclass
+class Sample:
+    text_ids: np.ndarray  # (L,) text-channel token at every position
+    codec_ids: np.ndarray  # (L, 16) codec-channel ids; columns 1..15 used on frame positions only
+    codec_on: np.ndarray  # (L,) bool: codec channel present (off on the role positions)
+    frame_on: np.ndarray  # (L,) bool: position carries a full 16-code frame
+    labels: np.ndarray  # (L,) talker target at each position (IGNORE where none), already shifted
+    predictor_pos: np.ndarray  # (T,) position whose hidden state predicted frame j (its sub-talker input)
+    frames: np.ndarray  # (T, 16) the codes
+
+
+def build_sample(role_ids: list[int], text_ids: list[int], codes: np.ndarray, ids: SpecialIds) -> Sample:
+    n, t = len(text_ids), len(codes)
+    length = sequence_length(n, t)
+    first_frame = 8 + n + 2
+    text = np.full(length, ids.tts_pad, dtype=np.int64)
+    text[:ROLE_LEN] = role_ids
+    text[7] = ids.tts_bos
+    text[8:8 + n] = text_ids
+    text[8 + n] = ids.tts_eos
+
+    codec = np.zeros((length, NUM_CODEBOOKS), dtype=np.int64)
+    codec[3:6, 0] = (ids.codec_nothink, ids.codec_think_bos, ids.codec_think_eos)
+    codec[SPEAKER_POS, 0] = ids.codec_pad  # placeholder id; the x-vector replaces this embedding
+    codec[7:first_frame - 1, 0] = ids.codec_pad
+    codec[first_frame - 1, 0] = ids.codec_bos
+    codec[first_frame:first_frame + t] = codes
+    codec[-1, 0] = ids.codec_eos
+
+    codec_on = np.ones(length, dtype=bool)
+    codec_on[:ROLE_LEN] = False
+    frame_on = np.zeros(length, dtype=bool)
+    frame_on[first_frame:first_frame + t] = True
+
+    labels = np.full(length, IGNORE, dtype=np.int64)
+    # The position before frame j predicts frame j's c0; the last frame's position predicts eos.
+    labels[first_frame - 1:first_frame - 1 + t] = codes[:, 0]
+    labels[first_frame - 1 + t] = ids.codec_eos
+    predictor_pos = np.arange(first_frame - 1, first_frame - 1 + t)
+    return Sample(text, codec, codec_on, frame_on, labels, predictor_pos, np.asarray(codes, dtype=np.int64))
+
+
+@dataclass
+class TalkerBatch:
+    text_ids: torch.Tensor  # (B, L)
+    codec_ids: torch.Tensor  # (B, L, 16)
+    codec_on: torch.Tensor  # (B, L) bool
+    frame_on: torch.Tensor  # (B, L) bool
+    attention_mask: torch.Tensor  # (B, L) long, right padding
+    labels: torch.Tensor  # (B, L)
+    speaker: torch.Tensor  # (B, D) x-vector per sample
+    predictor_index: torch.Tensor  # (N, 2) (batch row, position) of each frame's predicting position
+    frames: torch.Tensor  # (N, 16) codes of every frame in the batch, same order as predictor_index
+
+    def to(self, device: torch.device) -> "TalkerBatch":
+        return TalkerBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+
+    @property
+    def num_frames(self) -> int:
+        return int(self.frames.shape[0])
+
+
+def collate(samples: list[Sample], speaker: torch.Tensor, pad_text_id: int) -> TalkerBatch:
+    """Right-pad to the longest sample. Padding is masked out of attention and carries no labels."""
+    b, longest = len(samples), max(len(s.text_ids) for s in samples)
+    text = np.full((b, longest), pad_text_id, dtype=np.int64)
+    codec = np.zeros((b, longest, NUM_CODEBOOKS), dtype=np.int64)
+    codec_on = np.zeros((b, longest), dtype=bool)
+    frame_on = np.zeros((b, longest), dtype=bool)
+    mask = np.zeros((b, longest), dtype=np.int64)
+    labels = np.full((b, longest), IGNORE, dtype=np.int64)
+    for i, s in enumerate(samples):
+        n = len(s.text_ids)
+        text[i, :n], codec[i, :n], codec_on[i, :n], frame_on[i, :n] = s.text_ids, s.codec_ids, s.codec_on, s.frame_on
+        mask[i, :n] = 1
+        labels[i, :n] = s.labels
+    index = np.concatenate([np.stack([np.full(len(s.predictor_pos), i), s.predictor_pos], axis=1)
+                            for i, s in enumerate(samples)])
+    frames = np.concatenate([s.frames for s in samples])
+    return TalkerBatch(torch.from_numpy(text), torch.from_numpy(codec), torch.from_numpy(codec_on),
+                       torch.from_numpy(frame_on), torch.from_numpy(mask), torch.from_numpy(labels), speaker,
+                       torch.from_numpy(index), torch.from_numpy(frames))
