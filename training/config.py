@@ -1,0 +1,184 @@
+"""Typed training configuration: a YAML file, validated against dataclasses, with dotted key=value overrides.
+
+    torchrun ... -m training.train --config training/configs/qwen3tts_1.7b.yaml data.shards=/data/out train.lr=1e-5
+
+Unknown keys and wrongly typed values are errors (a typo must not silently train with a default).
+"""
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+DTYPES = ("float32", "bfloat16", "float16")
+SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class ModelConfig:
+    path: str = ""  # a Base model directory (config.json, model.safetensors, tokenizer, speech_tokenizer/)
+    attn_implementation: str = "sdpa"
+
+
+@dataclass
+class DataConfig:
+    shards: str = ""  # the encode output directory, or its shards/ subdirectory
+    follow: bool = False  # train while the encode service publishes; stop when its plan is complete
+    frame_budget: int = 8192  # max padded positions (text + frames) per micro-batch
+    max_batch_size: int = 64  # rows per micro-batch at most, whatever the budget
+    shards_per_round: int = 8  # shards shuffled and batched together (bounds memory; the unit of follow mode)
+    bucket_size: int = 512  # rows sorted by length together before packing (length bucketing)
+    poll_seconds: float = 10.0  # follow mode: wait between looks for new shards
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 0  # optimizer steps; 0 = run `epochs` epochs
+    epochs: int = 1  # used when steps is 0; follow mode always stops at the end of the data
+    lr: float = 1e-5
+    warmup_steps: int = 0
+    lr_schedule: str = "cosine"  # cosine (to min_lr_ratio x lr) or constant, after linear warmup
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.999)
+    grad_clip: float = 1.0  # max global grad norm; 0 disables clipping
+    grad_accum: int = 1
+    seed: int = 0
+    sub_talker_weight: float = 0.3  # loss = talker + weight x sub-talker
+    device: str = "auto"  # auto | npu | cuda | cpu
+    log_interval: int = 1
+
+
+@dataclass
+class FsdpConfig:
+    param_dtype: str = "bfloat16"  # compute dtype; master weights and optimizer state stay fp32
+    reduce_dtype: str = "float32"
+    reshard_after_forward: bool = True
+    activation_checkpointing: bool = False
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/qwen3tts"  # the run directory: step-NNNNNN/ folders, metrics.jsonl, config.yaml
+    interval: int = 500  # steps between checkpoints (a final one is always written)
+    keep: int = 3  # most recent complete checkpoints kept
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def validate(self) -> "Config":
+        problems = []
+        if not self.model.path:
+            problems.append("model.path is required")
+        if not self.data.shards:
+            problems.append("data.shards is required")
+        if self.train.steps < 0 or self.train.epochs < 0 or (self.train.steps == 0 and self.train.epochs == 0):
+            problems.append("set train.steps > 0 or train.epochs > 0")
+        if self.train.lr_schedule not in SCHEDULES:
+            problems.append(f"train.lr_schedule must be one of {SCHEDULES}")
+        for name in ("param_dtype", "reduce_dtype"):
+            if getattr(self.fsdp, name) not in DTYPES:
+                problems.append(f"fsdp.{name} must be one of {DTYPES}")
+        for name, value in (("train.grad_accum", self.train.grad_accum), ("data.frame_budget", self.data.frame_budget),
+                            ("checkpoint.interval", self.checkpoint.interval), ("checkpoint.keep", self.checkpoint.keep),
+                            ("data.max_batch_size", self.data.max_batch_size),
+                            ("data.shards_per_round", self.data.shards_per_round)):
+            if value < 1:
+                problems.append(f"{name} must be >= 1")
+        if problems:
+            raise ValueError("invalid training config: " + "; ".join(problems))
+        return self
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _coerce(value, annotation, key: str):
+    """Check/convert one value against a dataclass field type (bool, int, float, str, tuple of floats)."""
+    origin = typing.get_origin(annotation)
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        args = typing.get_args(annotation)
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected true/false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ValueError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ValueError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        return str(value)
+    raise TypeError(f"{key}: unsupported field type {annotation}")
+
+
+def _apply(section, values: dict, prefix: str) -> None:
+    hints = typing.get_type_hints(type(section))
+    for key, value in values.items():
+        if key not in hints:
+            raise ValueError(f"unknown config key {prefix}{key}; known: {', '.join(sorted(hints))}")
+        current = getattr(section, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise ValueError(f"{prefix}{key} is a section; give it a mapping")
+            _apply(current, value, f"{prefix}{key}.")
+        else:
+            setattr(section, key, _coerce(value, hints[key], f"{prefix}{key}"))
+
+
+def parse_override(text: str) -> dict:
+    """'train.lr=1e-5' -> {'train': {'lr': 1e-05}}. Values are parsed as YAML scalars/lists."""
+    if "=" not in text:
+        raise ValueError(f"override {text!r} is not key=value")
+    key, raw = text.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    if isinstance(value, str) and raw.strip():
+        value = _number_or_text(raw.strip())
+    nested: dict = {}
+    node = nested
+    parts = key.strip().split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+    node[parts[-1]] = value
+    return nested
+
+
+def _number_or_text(raw: str):
+    """YAML reads '2e-5' as a string; accept it as the number a user meant."""
+    try:
+        return float(raw) if any(c in raw for c in ".eE") else int(raw)
+    except ValueError:
+        return raw
+
+
+def load_config(path: str | Path | None, overrides: list[str] = ()) -> Config:
+    config = Config()
+    if path:
+        values = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: top level must be a mapping")
+        _apply(config, values, "")
+    for text in overrides:
+        _apply(config, parse_override(text), "")
+    return config.validate()
+
+
+def dump_config(config: Config, path: Path) -> None:
+    values = config.to_dict()
+    values["train"]["betas"] = list(values["train"]["betas"])
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
