@@ -126,6 +126,8 @@ class Driver:
                 status.stop()
 
     def encode(self, pending) -> None:
+        import ray
+
         from services.dispatch import EncoderPool, cluster_kind, encoder_count
         from services.progress import collect_progress, format_progress_line
 
@@ -162,6 +164,7 @@ class Driver:
             raise
         finally:
             pool.shutdown()
+            ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -49,10 +49,15 @@ def to_mono(data: np.ndarray) -> np.ndarray:
 
 
 def resample(samples: np.ndarray, source_rate: int, target_rate: int = CODEC_SAMPLE_RATE) -> np.ndarray:
-    """High-quality soxr resampling: the same filter librosa.load(sr=24000) uses, so codes match upstream."""
+    """soxr HQ resampling to exactly ceil(n * ratio) samples: the filter and length upstream's librosa path
+    produces, so codes of resampled files match upstream's."""
     if source_rate == target_rate:
         return np.ascontiguousarray(samples, dtype=np.float32)
-    return soxr.resample(samples, source_rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+    out = soxr.resample(samples, source_rate, target_rate, quality="HQ").astype(np.float32, copy=False)
+    length = int(np.ceil(len(samples) * (float(target_rate) / source_rate)))
+    if len(out) >= length:
+        return out[:length]
+    return np.pad(out, (0, length - len(out)))
 
 
 def load_audio(path: str, limits: AudioLimits = AudioLimits(), data: bytes | None = None) -> Clip:

@@ -5,10 +5,36 @@ change here only. The same code loads the released checkpoints and the tiny ones
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+
+
+@contextlib.contextmanager
+def _quiet_fds():
+    """qwen_tts prints a flash-attn banner and its `sox` dependency shells out to a missing binary at
+    import time; neither matters to the 12 Hz path, so keep them out of every log."""
+    saved = [os.dup(1), os.dup(2)]
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in (1, 2):
+            os.dup2(devnull, fd)
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        for fd, copy in zip((1, 2), saved):
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
+
+
+with _quiet_fds():
+    import qwen_tts  # noqa: F401
 
 from qwen_tts import Qwen3TTSModel, Qwen3TTSTokenizer
 from qwen_tts.core.models.configuration_qwen3_tts import (
