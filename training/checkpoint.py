@@ -1,0 +1,103 @@
+"""torch.distributed.checkpoint folders RUN_DIR/step-NNNNNN/: model, optimizer, scheduler, data position, RNG.
+
+A folder is written as .step-NNNNNN.tmp and renamed once every rank has finished, so a step-NNNNNN/ name
+always means a complete checkpoint; a crash mid-save leaves only a temporary that the next save replaces.
+"""
+from __future__ import annotations
+
+import logging
+import random
+import re
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+)
+
+log = logging.getLogger(__name__)
+
+STEP_RE = re.compile(r"^step-(\d{6,})$")
+MODEL_KEY = "model"
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> dict[int, Path]:
+    found = {}
+    if run_dir.is_dir():
+        for entry in run_dir.iterdir():
+            m = STEP_RE.match(entry.name)
+            if m and entry.is_dir():
+                found[int(m.group(1))] = entry
+    return dict(sorted(found.items()))
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "python": random.getstate(), "numpy": np.random.get_state()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+
+
+def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
+         scheduler, extra: dict, keep: int) -> Path:
+    """Collective: every rank calls it. `extra` (data position etc.) is per rank."""
+    rank = dist.get_rank()
+    final = run_dir / step_dir_name(step)
+    temporary = run_dir / f".{final.name}.tmp"
+    if rank == 0 and temporary.exists():
+        shutil.rmtree(temporary)
+    dist.barrier()
+    state = {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+    dcp.save(state, checkpoint_id=str(temporary))
+    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra},
+               temporary / f"extra-rank{rank:05d}.pt")
+    dist.barrier()
+    if rank == 0:
+        if final.exists():  # re-saving the same step (e.g. final save after an interval save)
+            shutil.rmtree(final)
+        temporary.rename(final)
+        for old_step, path in list(complete_checkpoints(run_dir).items())[:-keep]:
+            shutil.rmtree(path, ignore_errors=True)
+    dist.barrier()
+    return final
+
+
+def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict | None:
+    """Restore the newest complete checkpoint into module/optimizer/scheduler/RNG; returns its extra state."""
+    found = complete_checkpoints(run_dir)
+    # Every rank must resume the same step: rank 0's listing decides.
+    choice = [max(found) if found else None]
+    dist.broadcast_object_list(choice, src=0)
+    if choice[0] is None:
+        return None
+    path = run_dir / step_dir_name(choice[0])
+    state = {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+    dcp.load(state, checkpoint_id=str(path))
+    set_model_state_dict(module, state[MODEL_KEY])
+    set_optimizer_state_dict(module, optimizer, state["optim"])
+    extra_path = path / f"extra-rank{dist.get_rank():05d}.pt"
+    if not extra_path.exists():
+        raise RuntimeError(f"{path} was written by a different number of ranks; resume with the same world size")
+    extra = torch.load(extra_path, weights_only=False)
+    scheduler.load_state_dict(extra.pop("scheduler"))
+    _set_rng_state(extra.pop("rng"))
+    log.info("resumed from %s", path)
+    return extra
+
+
+def load_model_weights(path: Path, module: torch.nn.Module) -> None:
+    """Load only the model weights of a checkpoint into an unsharded module (export; no process group)."""
+    state = {MODEL_KEY: module.state_dict()}
+    dcp.load(state, checkpoint_id=str(path))
+    module.load_state_dict(state[MODEL_KEY])
