@@ -6,6 +6,7 @@ service can turn it into an error row instead of crashing.
 from __future__ import annotations
 
 import io
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +24,7 @@ class AudioError(ValueError):
 
     def __init__(self, path: str, reason: str, detail: str):
         self.path, self.reason, self.detail = path, reason, detail
-        super().__init__(f"{path}: {reason}: {detail}")
+        super().__init__(f"{path}: {detail}")
 
 
 @dataclass(frozen=True)
@@ -62,11 +63,11 @@ def resample(samples: np.ndarray, source_rate: int, target_rate: int = CODEC_SAM
 
 def load_audio(path: str, limits: AudioLimits = AudioLimits(), data: bytes | None = None) -> Clip:
     """Decode `path` (or the given bytes, named `path` in errors) into a validated 24 kHz mono clip."""
+    if data is None and not os.path.isfile(path):
+        raise AudioError(path, "missing_file", "file does not exist; fix the path in the manifest")
     source = io.BytesIO(data) if data is not None else path
     try:
         info = sf.info(source)
-    except FileNotFoundError:
-        raise AudioError(path, "missing_file", "file does not exist; fix the path in the manifest") from None
     except Exception as exc:  # libsndfile's errors are plain RuntimeErrors with a message
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise AudioError(path, "undecodable", f"not a readable audio file ({detail}); re-export it as WAV/FLAC") from None
