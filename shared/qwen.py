@@ -57,7 +57,7 @@ __all__ = [
     "Qwen3TTSForConditionalGeneration", "Qwen3TTSModel", "Qwen3TTSTokenizer", "Qwen3TTSTokenizerV2Config",
     "Qwen3TTSTokenizerV2DecoderConfig", "Qwen3TTSTokenizerV2Model", "mel_spectrogram",
     "load_codec", "encode_clips", "reference_encode", "load_tts_model", "load_inference_model",
-    "speaker_mel", "SPEAKER_MEL",
+    "speaker_mel", "SPEAKER_MEL", "save_model_dir",
 ]
 
 
@@ -147,3 +147,28 @@ def speaker_mel(samples_24k: np.ndarray) -> torch.Tensor:
     """(frames, 128) float32 log-mel of 24 kHz mono audio, as the speaker encoder expects it."""
     wav = torch.from_numpy(np.ascontiguousarray(samples_24k, dtype=np.float32)).unsqueeze(0)
     return mel_spectrogram(wav, **SPEAKER_MEL)[0].transpose(0, 1).contiguous()
+
+
+def save_model_dir(model: Qwen3TTSForConditionalGeneration, out: str | Path, state_dict: dict | None = None) -> None:
+    """Write config.json + model.safetensors that Qwen3TTSForConditionalGeneration.from_pretrained reloads.
+
+    Not save_pretrained: its diff-against-defaults config writer fails on a reloaded model's sub-configs, and
+    the speaker-encoder config's __init__ takes no **kwargs, so only its own keys may be written (the saved
+    form would carry `model_type`, `dtype`, ... and fail to reload).
+    """
+    import inspect
+    import json
+
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    config = model.config.to_dict()
+    accepted = set(inspect.signature(Qwen3TTSSpeakerEncoderConfig.__init__).parameters) - {"self"}
+    config["speaker_encoder_config"] = {k: v for k, v in config.get("speaker_encoder_config", {}).items()
+                                        if k in accepted}
+    config["architectures"] = [type(model).__name__]
+    (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
+    tensors = state_dict if state_dict is not None else model.state_dict()
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, out / "model.safetensors",
+              metadata={"format": "pt"})

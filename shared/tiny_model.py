@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from shared.qwen import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration
+from shared.qwen import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration, save_model_dir
 
 TEXT_VOCAB_SIZE = 151936
 TEXT_HIDDEN = 32
@@ -126,15 +126,6 @@ def write_model(output_dir: str | Path, codec_dir: str | Path, seed: int = 0) ->
     write_text_tokenizer(out)
     copy_codec(codec_dir, out)
     return out
-
-
-def save_model_dir(model: torch.nn.Module, out: Path, state_dict: dict | None = None) -> None:
-    """save_pretrained, then strip the speaker-encoder `model_type` key its config __init__ rejects on reload."""
-    model.save_pretrained(out, state_dict=state_dict, safe_serialization=True)
-    config_path = out / "config.json"
-    config = json.loads(config_path.read_text())
-    config.get("speaker_encoder_config", {}).pop("model_type", None)
-    config_path.write_text(json.dumps(config, indent=2))
 
 
 def copy_codec(codec_dir: str | Path, model_dir: Path) -> None:
