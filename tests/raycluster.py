@@ -1,0 +1,98 @@
+"""A real Ray cluster on loopback for tests: `ray start --head` (and worker nodes) with their own ports,
+temp dirs and auth token. Stopped by process group of the `ray start` calls we made: never `ray stop`,
+never a kill by name, so nobody else's Ray on this machine is touched."""
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LocalRayCluster:
+    def __init__(self):
+        # Unix socket paths are limited to ~107 bytes: keep the temp root short.
+        self.root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
+        self.token_file = self.root / "token"
+        self.token_file.write_text(secrets.token_hex(32))
+        self.env = {**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(self.token_file),
+                    "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
+                    "RAY_USAGE_STATS_ENABLED": "0"}
+        self.env.pop("RAY_ADDRESS", None)
+        self.groups: list[int] = []
+        self.gcs_port = free_port()
+        self.dashboard_port = free_port()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.gcs_port}"
+
+    @property
+    def dashboard_url(self) -> str:
+        return f"http://127.0.0.1:{self.dashboard_port}"
+
+    def _ray_start(self, args: list[str], temp_dir: Path) -> None:
+        proc = subprocess.Popen([str(BIN / "ray"), "start", "--node-ip-address", "127.0.0.1",
+                                 "--temp-dir", str(temp_dir), "--disable-usage-stats", *args],
+                                env=self.env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+        self.groups.append(proc.pid)  # every daemon it starts stays in this process group
+        out, _ = proc.communicate(timeout=120)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ray start failed:\n{out[-3000:]}")
+
+    def start_head(self, num_cpus: int, resources: dict | None = None) -> "LocalRayCluster":
+        self._ray_start(["--head", "--port", str(self.gcs_port), "--dashboard-host", "127.0.0.1",
+                         "--dashboard-port", str(self.dashboard_port), "--include-dashboard", "true",
+                         "--ray-client-server-port", str(free_port()),
+                         "--dashboard-agent-listen-port", str(free_port()),
+                         "--num-cpus", str(num_cpus), "--resources", json.dumps(resources or {})],
+                        self.root / "head")
+        return self
+
+    def add_node(self, num_cpus: int, resources: dict | None = None) -> None:
+        index = len(self.groups)
+        self._ray_start(["--address", self.address, "--num-cpus", str(num_cpus),
+                         "--dashboard-agent-listen-port", str(free_port()),
+                         "--resources", json.dumps(resources or {})], self.root / f"node{index}")
+
+    def submit(self, *entrypoint: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
+        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
+               "--", *entrypoint]
+        return subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+
+    def stop(self) -> None:
+        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for group in self.groups:
+                try:
+                    os.killpg(group, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.time() + grace
+            while time.time() < deadline and any(_group_alive(g) for g in self.groups):
+                time.sleep(0.2)
+        shutil.rmtree(self.root, ignore_errors=True)
+
+
+def _group_alive(group: int) -> bool:
+    try:
+        os.killpg(group, 0)
+        return True
+    except ProcessLookupError:
+        return False
