@@ -65,3 +65,21 @@ def write_kantts_tree(root: str | Path, count: int, seconds: tuple[float, float]
         lines.append("\t" + " ".join(SYLLABLES[j] + str(rng.integers(1, 5)) for j in rng.integers(len(SYLLABLES), size=len(words) * 2)))
     (root / "prosody" / "prosody.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
     return root
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="write a generated KAN-TTS-layout speech corpus")
+    parser.add_argument("--kantts", required=True, help="root directory to write wav/ and prosody/ into")
+    parser.add_argument("--count", type=int, default=48)
+    parser.add_argument("--min-seconds", type=float, default=1.0)
+    parser.add_argument("--max-seconds", type=float, default=4.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    root = write_kantts_tree(args.kantts, args.count, (args.min_seconds, args.max_seconds), seed=args.seed)
+    print(f"wrote {args.count} generated utterances to {root}")
+
+
+if __name__ == "__main__":
+    main()

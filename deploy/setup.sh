@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs the project with its test extra, once per version of pyproject.toml.
+# Sourced by deploy/demo.sh and tests/run.sh so that a fresh machine needs nothing but Python 3.10-3.12.
+set -euo pipefail
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="${QWEN3TTS_VENV:-$repo/.venv}"
+python_bin="${PYTHON:-$(command -v python3.11 || command -v python3)}"
+stamp="$venv/.installed-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  echo "[setup] installing into $venv (first run: torch, qwen-tts, ray; several minutes)"
+  [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
+  "$venv/bin/python" -m pip install --quiet --upgrade pip
+  "$venv/bin/python" -m pip install --quiet -e "$repo[test]"
+  rm -f "$venv"/.installed-*
+  touch "$stamp"
+fi
+export PATH="$venv/bin:$PATH"
+# Keep Ray and torch from oversubscribing small machines; real deployments set their own.
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+export RAY_USAGE_STATS_ENABLED=0
