@@ -70,6 +70,8 @@ class Driver:
         self.args, self.output = args, args.output.resolve()
         self.started = time.time()
         self.failed: dict[int, str] = {}
+        self.encode_seconds = 0.0  # time spent with encoders running, for the throughput line
+        self.run_rows, self.run_audio_seconds = 0, 0.0  # what this run (not earlier ones) encoded
 
     def log(self, message: str) -> None:
         print(f"[encode {time.strftime('%H:%M:%S')}] {message}", flush=True)
@@ -115,6 +117,10 @@ class Driver:
             self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
                            f"{len(self.failed)} shards failed; re-run the same command to retry them")
             self.log(format_progress_line(collect_progress(self.output)))
+            if self.encode_seconds:
+                self.log(f"throughput this run: {len(pending)} shards in {self.encode_seconds:.1f} s "
+                         f"({self.run_rows / self.encode_seconds:.1f} rows/s, "
+                         f"{self.run_audio_seconds / self.encode_seconds:.1f} audio-s/s)")
             self.log(f"summary: {summary['rows_ok']} rows ok, {summary['rows_error']} errors "
                      f"{summary['errors_by_reason']}, {summary['audio_hours']:.4f} h audio; "
                      f"{'complete' if summary['complete'] else 'INCOMPLETE'} -> {self.output}")
@@ -153,12 +159,19 @@ class Driver:
         def beat(*_):
             self.heartbeat("running", len(pool.encoders))
 
+        def on_done(spec, stats):
+            self.run_rows += stats.rows_ok
+            self.run_audio_seconds += stats.audio_seconds
+            beat()
+
         def on_tick():
             beat()
             self.log(format_progress_line(collect_progress(self.output)))
 
         try:
-            self.failed = pool.run(pending, beat, on_tick, args.progress_seconds)
+            begun = time.time()
+            self.failed = pool.run(pending, on_done, on_tick, args.progress_seconds)
+            self.encode_seconds = time.time() - begun
         except BaseException as exc:
             self.heartbeat("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", message=str(exc))
             raise

@@ -168,6 +168,7 @@ class EncoderActor:
         self.heartbeat_path = Path(options.output) / WORKERS_DIR / f"{name}.json"
         self.heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
         self._stop = threading.Event()
+        self._info: dict | None = None
         threading.Thread(target=self._beat, daemon=True, name="heartbeat").start()
 
     def info(self) -> dict:
@@ -180,18 +181,23 @@ class EncoderActor:
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def encode_shard(self, spec: ShardSpec) -> ShardStats:
-        return self.encoder.encode_shard(spec)
+        try:
+            return self.encoder.encode_shard(spec)
+        finally:
+            self._write_heartbeat()  # so the last shard's rows show even if the actor is stopped next
+
+    def _write_heartbeat(self) -> None:
+        try:
+            self._info = self._info or self.info()
+            rows_per_s, audio_per_s = self.encoder.meter.rates()
+            write_json_atomic(self.heartbeat_path, {
+                **self._info, "shard": self.encoder.current_shard, **self.encoder.totals,
+                "rows_per_s": rows_per_s, "audio_seconds_per_s": audio_per_s,
+                "started": self.started, "updated": time.time()})
+        except Exception:
+            pass  # status is best effort; the shard files are the truth
 
     def _beat(self) -> None:
-        info = None
         while not self._stop.is_set():
-            try:
-                info = info or self.info()
-                rows_per_s, audio_per_s = self.encoder.meter.rates()
-                write_json_atomic(self.heartbeat_path, {
-                    **info, "shard": self.encoder.current_shard, **self.encoder.totals,
-                    "rows_per_s": rows_per_s, "audio_seconds_per_s": audio_per_s,
-                    "started": self.started, "updated": time.time()})
-            except Exception:
-                pass  # status is best effort; the shard files are the truth
+            self._write_heartbeat()
             self._stop.wait(HEARTBEAT_SECONDS)
