@@ -57,14 +57,6 @@ def connect_ray(address: str | None) -> None:
     ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True)
 
 
-def decode_threads_for(args: argparse.Namespace, kind: str, encoders: int) -> int:
-    if args.decode_threads:
-        return args.decode_threads
-    if kind == "cpu":
-        return 2  # the encoder itself needs the cores
-    return max(2, (os.cpu_count() or 2) // max(1, encoders))
-
-
 class Driver:
     def __init__(self, args: argparse.Namespace):
         self.args, self.output = args, args.output.resolve()
@@ -134,7 +126,7 @@ class Driver:
     def encode(self, pending) -> None:
         import ray
 
-        from services.dispatch import EncoderPool, cluster_kind, encoder_count
+        from services.dispatch import EncoderPool, cluster_kind
         from services.progress import collect_progress, format_progress_line
 
         args = self.args
@@ -144,7 +136,7 @@ class Driver:
         options = EncoderOptions(
             codec=str(args.codec.resolve()), output=str(self.output), device=args.device,
             max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
-            decode_threads=decode_threads_for(args, kind, encoder_count(kind, fixed)), exact_tail=args.exact_tail,
+            decode_threads=args.decode_threads, placement=kind, exact_tail=args.exact_tail,
             min_seconds=args.min_seconds, max_seconds=args.max_seconds,
             torch_threads=max(1, int(args.cpus_per_encoder)) if kind == "cpu" else 0)
         pool = EncoderPool(options, kind, fixed, args.cpus_per_encoder, log=self.log)

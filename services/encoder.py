@@ -29,7 +29,8 @@ class EncoderOptions:
     device: str = "auto"
     max_batch_seconds: float = 240.0  # padded audio seconds per codec call
     max_batch_items: int = 64
-    decode_threads: int = 2
+    decode_threads: int = 0  # 0: this node's cores shared among the encoders placed on it
+    placement: str = "cpu"  # accelerator kind the actor was placed on ("npu", "cuda" or "cpu")
     prefetch_batches: int = 2
     exact_tail: bool = False
     min_seconds: float = 0.1
@@ -57,6 +58,25 @@ def check_entry(entry: dict) -> str | None:
     if ref is not None and (not isinstance(ref, str) or not os.path.isfile(ref)):
         return f"missing_ref_audio: reference {ref} does not exist; fix 'ref_audio' in the manifest"
     return None
+
+
+def default_decode_threads(placement: str) -> int:
+    """An accelerator encoder needs many cores decoding for it (notes §9): give each encoder its share
+    of this node's cores. A CPU encoder needs the cores itself, so it keeps two decode threads."""
+    if placement == "cpu":
+        return 2
+    from services.dispatch import CLUSTER_RESOURCE
+
+    accelerators = 1
+    try:
+        import ray
+
+        node_id = ray.get_runtime_context().get_node_id()
+        node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
+        accelerators = int(node["Resources"].get(CLUSTER_RESOURCE[placement], 1)) or 1
+    except Exception:
+        pass  # outside Ray: assume one accelerator on this machine
+    return max(2, (os.cpu_count() or 2) // accelerators)
 
 
 class RateMeter:
@@ -93,7 +113,8 @@ class ShardEncoder:
         self.codec = load_codec(options.codec, self.device.torch_device)
         self.limits = AudioLimits(options.min_seconds, options.max_seconds)
         self.writer = ShardWriter(options.output)
-        self.prefetcher = Prefetcher(options.decode_threads, options.prefetch_batches)
+        self.prefetcher = Prefetcher(options.decode_threads or default_decode_threads(options.placement),
+                                     options.prefetch_batches)
         self.manifest = Path(options.output) / MANIFEST_FILE
         self.totals = {"rows": 0, "rows_error": 0, "audio_seconds": 0.0}
         self.meter = RateMeter()
