@@ -16,9 +16,8 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutErro
 
 from services.encoder import EncoderActor, EncoderOptions
 from services.plan import ShardSpec
+from shared.device import RAY_RESOURCE
 
-# Ray's name for each accelerator kind, and how an actor asks for one of them.
-CLUSTER_RESOURCE = {"npu": "NPU", "cuda": "GPU"}
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
 
 
@@ -46,7 +45,7 @@ def encoder_count(kind: str, fixed: int | None) -> int:
     """A fixed count, or one encoder per accelerator the cluster has now (one on CPU)."""
     if fixed:
         return fixed
-    return max(1, int(ray.cluster_resources().get(CLUSTER_RESOURCE[kind], 0))) if kind in CLUSTER_RESOURCE else 1
+    return max(1, int(ray.cluster_resources().get(RAY_RESOURCE[kind], 0))) if kind in RAY_RESOURCE else 1
 
 
 @dataclass

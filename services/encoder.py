@@ -15,7 +15,7 @@ from services.manifest import LINE_ERROR, read_range
 from services.plan import ShardSpec, write_json_atomic
 from services.writer import ShardWriter
 from shared.audio import AudioError, AudioLimits, Clip, load_audio
-from shared.device import VISIBLE_DEVICES_VAR, select_device
+from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, select_device
 from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardStats
 
 HEARTBEAT_SECONDS = 2.0
@@ -65,15 +65,13 @@ def default_decode_threads(placement: str) -> int:
     of this node's cores. A CPU encoder needs the cores itself, so it keeps two decode threads."""
     if placement == "cpu":
         return 2
-    from services.dispatch import CLUSTER_RESOURCE
-
     accelerators = 1
     try:
         import ray
 
         node_id = ray.get_runtime_context().get_node_id()
         node = next(n for n in ray.nodes() if n["NodeID"] == node_id)
-        accelerators = int(node["Resources"].get(CLUSTER_RESOURCE[placement], 1)) or 1
+        accelerators = int(node["Resources"].get(RAY_RESOURCE[placement], 1)) or 1
     except Exception:
         pass  # outside Ray: assume one accelerator on this machine
     return max(2, (os.cpu_count() or 2) // accelerators)

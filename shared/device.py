@@ -12,6 +12,8 @@ import torch
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 BACKEND_FOR = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
+# Ray's resource name for each accelerator kind (NPUs are a custom resource, GPUs are built in).
+RAY_RESOURCE = {"npu": "NPU", "cuda": "GPU"}
 # Environment variable through which Ray (and the Ascend runtime) restricts the visible devices.
 VISIBLE_DEVICES_VAR = {"npu": "ASCEND_RT_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES"}
 
