@@ -174,6 +174,9 @@ class ShardStream:
         rows = [row for sid in shard_ids for row in read_shard(published[sid], self.tokenize)]
         steps = plan_round(rows, self.config, self.seed, self.position.epoch, shard_ids, self.world, self.grad_accum)
         self.rounds_planned += 1
+        if self.rank == 0:
+            log.info("epoch %d round: shards %s, %d rows, %d steps", self.position.epoch, shard_ids, len(rows),
+                     len(steps))
         return steps
 
     def epoch_steps(self) -> Iterator[list[list[Row]]]:

@@ -8,6 +8,7 @@ Restarting the same command resumes from the newest complete checkpoint in check
 from __future__ import annotations
 
 import argparse
+import copy
 import logging
 import math
 import os
@@ -38,6 +39,7 @@ def lr_lambda(config: Config, total_steps: int):
     def factor(step: int) -> float:  # step = optimizer steps already taken
         if step < t.warmup_steps:
             return (step + 1) / t.warmup_steps
+        # total_steps 0: unknown in advance (follow mode without train.steps), so no decay can be planned.
         if t.lr_schedule == "constant" or total_steps <= t.warmup_steps:
             return 1.0
         progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
@@ -108,7 +110,7 @@ def train(config: Config) -> None:
     log.info("training on %s x %d (%s), %s steps, run dir %s", device.describe(), world, device.backend,
              t.steps or f"{t.epochs} epochs (~{total_steps} steps)", run_dir)
 
-    last_saved = step if resumed else -1
+    saved = (step, stream.position.to_dict()) if resumed else None
     while not _finished(config, step, stream.position.epoch):
         for micro_rows in stream.epoch_steps():
             start = time.perf_counter()
@@ -124,15 +126,14 @@ def train(config: Config) -> None:
             if step % t.log_interval == 0:
                 metrics.write(record)
             if step % config.checkpoint.interval == 0:
-                _save(run_dir, step, module, optimizer, scheduler, stream, config)
-                last_saved = step
+                saved = _save(run_dir, step, module, optimizer, scheduler, stream, config)
             if t.steps and step >= t.steps:
                 break
         else:
             stream.next_epoch()
             if config.data.follow:
                 break  # the plan is complete and every shard has been trained on
-    if last_saved != step:
+    if saved != (step, stream.position.to_dict()):  # the end of an epoch moves the position without a step
         _save(run_dir, step, module, optimizer, scheduler, stream, config)
     log.info("finished at step %d", step)
     dist.destroy_process_group()
@@ -155,16 +156,20 @@ def _finished(config: Config, step: int, epoch: int) -> bool:
 
 def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
     """For the cosine schedule when only epochs are given: a plan over the shards published now."""
+    if config.data.follow:
+        log.warning("data.follow without train.steps: the data size is unknown, so the lr stays constant "
+                    "after warmup; set train.steps for a cosine decay")
+        return 0
     probe = ShardStream(config.data, stream.tokenize, stream.seed, stream.rank, stream.world, stream.grad_accum,
                         stream.agree)
-    per_epoch = sum(1 for _ in probe.epoch_steps()) if not config.data.follow else 0
-    return max(1, per_epoch * config.train.epochs)
+    return sum(1 for _ in probe.epoch_steps()) * config.train.epochs
 
 
-def _save(run_dir, step, module, optimizer, scheduler, stream, config) -> None:
-    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": stream.position.to_dict()},
-                    config.checkpoint.keep)
+def _save(run_dir, step, module, optimizer, scheduler, stream, config) -> tuple[int, dict]:
+    position = stream.position.to_dict()
+    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": position}, config.checkpoint.keep)
     log.info("saved %s", run_dir / checkpoint.step_dir_name(step))
+    return step, copy.deepcopy(position)
 
 
 def _train_step(module, optimizer, batches, config: Config, world: int) -> dict:
