@@ -1,16 +1,18 @@
 #!/usr/bin/env bash
 # Creates ./.venv and installs the project with its test extra, once per version of pyproject.toml.
 # Sourced by deploy/demo.sh and tests/run.sh so that a fresh machine needs nothing but Python 3.10-3.12.
+# Cluster nodes run it with QWEN3TTS_EXTRAS=npu (deploy/ray-cluster.yaml) to get torch_npu instead.
 set -euo pipefail
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="${QWEN3TTS_VENV:-$repo/.venv}"
 python_bin="${PYTHON:-$(command -v python3.11 || command -v python3)}"
-stamp="$venv/.installed-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)"
+extras="${QWEN3TTS_EXTRAS:-test}"
+stamp="$venv/.installed-$(sha256sum "$repo/pyproject.toml" | cut -c1-16)${QWEN3TTS_EXTRAS:+-$extras}"
 if [ ! -f "$stamp" ]; then
   echo "[setup] installing into $venv (first run: torch, qwen-tts, ray; several minutes)"
   [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$repo[test]"
+  "$venv/bin/python" -m pip install --quiet -e "$repo[$extras]"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi
