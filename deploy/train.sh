@@ -1,0 +1,59 @@
+#!/usr/bin/env bash
+# Launch FSDP2 training on one or many nodes:
+#   bash deploy/train.sh CONFIG [key=value ...]
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.5 bash deploy/train.sh training/configs/qwen3tts_1.7b.yaml data.shards=/data/out
+# Run the same command on every node with its own NODE_RANK. Environment:
+#   NPUS_PER_NODE  ranks on this node (default: the accelerators torch sees; 1 on CPU)
+#   NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500)
+#   TRAIN_DEVICE   auto|npu|cuda|cpu (default auto: NPU, then CUDA, then CPU; shared.device decides)
+#   TRAIN_PRINT_ONLY=1  print the Ascend environment and the torchrun command instead of running it
+# On an NPU the Ascend runtime variables are set (values already in the environment win): the shared ones
+# from deploy/ascend.env plus the training-only ones below; docs/training.md explains each. Not on CUDA/CPU.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+[ $# -ge 1 ] || { echo "usage: bash deploy/train.sh CONFIG [key=value ...]" >&2; exit 2; }
+config="$1"; shift
+python_bin="${PYTHON:-python}"
+
+kind="$("$python_bin" -c 'import sys; from shared.device import resolve_kind; print(resolve_kind(sys.argv[1]))' \
+        "${TRAIN_DEVICE:-auto}")"
+
+if [ "$kind" = npu ]; then
+  # Shared runtime settings (HCCL_CONNECT_TIMEOUT, PYTORCH_NPU_ALLOC_CONF, TASK_QUEUE_ENABLE, CPU_AFFINITY_CONF,
+  # COMBINED_ENABLE, CANN log settings), exported only where the caller has not set them.
+  while IFS='=' read -r key value; do
+    case "$key" in ''|\#*) continue ;; esac
+    [ -n "${!key+x}" ] || export "$key=$value"
+  done < deploy/ascend.env
+  # Asynchronous kernel launches (1 = synchronous, for debugging a failing operator only; it also disables
+  # the task queue and costs a large share of throughput).
+  export ASCEND_LAUNCH_BLOCKING="${ASCEND_LAUNCH_BLOCKING:-0}"
+  # MB of HCCL buffer per communicator (default 200). FSDP2 all-gathers a whole decoder layer's parameters
+  # and reduce-scatters its gradients in one collective; a buffer at least that size (a 1.7B talker layer is
+  # ~100 MB in bf16) avoids splitting each collective into several rounds.
+  export HCCL_BUFFSIZE="${HCCL_BUFFSIZE:-400}"
+  # Seconds a started collective may wait for its peers (default 1800). A rank that is slow to publish its
+  # checkpoint shard or to read a new round of shards must not kill the others.
+  export HCCL_EXEC_TIMEOUT="${HCCL_EXEC_TIMEOUT:-1800}"
+fi
+
+if [ -z "${NPUS_PER_NODE:-}" ]; then
+  NPUS_PER_NODE="$("$python_bin" -c '
+import sys, torch
+from shared.device import resolve_kind
+kind = resolve_kind(sys.argv[1])
+print({"npu": lambda: torch.npu.device_count(), "cuda": torch.cuda.device_count}.get(kind, lambda: 1)())' \
+    "${TRAIN_DEVICE:-auto}")"
+fi
+command=("$python_bin" -m torch.distributed.run --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
+         --nproc_per_node "$NPUS_PER_NODE" --master_addr "${MASTER_ADDR:-127.0.0.1}"
+         --master_port "${MASTER_PORT:-29500}" -m training.train --config "$config" "$@"
+         "train.device=$kind")
+
+if [ "${TRAIN_PRINT_ONLY:-0}" = 1 ]; then
+  echo "device: $kind"
+  env | grep -E '^(HCCL_|ASCEND_|TASK_QUEUE_ENABLE|CPU_AFFINITY_CONF|PYTORCH_NPU_ALLOC_CONF|COMBINED_ENABLE)' | sort || true
+  printf '%q ' "${command[@]}"; echo
+  exit 0
+fi
+exec "${command[@]}"
