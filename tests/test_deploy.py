@@ -1,0 +1,344 @@
+"""deploy/: every YAML parses and holds what an Ascend cluster needs (NPU resources, token auth, the encode CLI's
+real flags), the launcher config passes Ray's own schema, every script passes `bash -n`, and
+deploy/submit_encode.sh refuses to run without token auth, then submits a real encode to a real cluster."""
+import json
+import os
+import re
+import shlex
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.encode import parse_args as parse_encode_args
+from shared.schema import published_shards, read_stats
+from tests.conftest import synth_corpus, write_manifest
+from tests.raycluster import LocalRayCluster
+
+REPO = Path(__file__).resolve().parents[1]
+DEPLOY = REPO / "deploy"
+KUBERAY = DEPLOY / "kuberay"
+SUBMIT = DEPLOY / "submit_encode.sh"
+NPUS_PER_NODE = 8
+ASCEND_RESOURCE = "huawei.com/Ascend910"
+
+
+def documents(path: Path) -> list[dict]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
+
+
+def kuberay_objects() -> dict[tuple[str, str], dict]:
+    objects = {}
+    for path in sorted(KUBERAY.glob("*.yaml")):
+        for doc in documents(path):
+            key = (doc["kind"], doc["metadata"]["name"])
+            assert key not in objects, f"{key} defined twice"
+            objects[key] = doc
+    return objects
+
+
+def the(kind: str) -> dict:
+    (doc,) = [d for (k, _), d in kuberay_objects().items() if k == kind]
+    return doc
+
+
+def ray_start_args(command: str) -> list[str]:
+    """The arguments after `ray start` in a shell command line."""
+    words = shlex.split(command)
+    index = next(i for i in range(len(words) - 1) if words[i:i + 2] == ["ray", "start"])
+    return words[index + 2:]
+
+
+def parse_ray_start(args: list[str]) -> dict:
+    """Ray's own `ray start` option parser: an unknown or malformed flag fails here as it would on the node."""
+    from ray.scripts.scripts import start
+
+    return start.make_context("ray start", list(args)).params
+
+
+def kuberay_start_args(params: dict) -> list[str]:
+    """rayStartParams as the operator renders them: `--key=value` inside a bash command line."""
+    return shlex.split(" ".join(f"--{key}={value}" for key, value in params.items()))
+
+
+def containers_of(cluster: dict):
+    spec = cluster["spec"]
+    yield from spec["headGroupSpec"]["template"]["spec"]["containers"]
+    for group in spec["workerGroupSpecs"]:
+        yield from group["template"]["spec"]["containers"]
+
+
+def env_of(container: dict) -> dict:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+# ------------------------------------------------------------------------------------------------- YAML
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.yaml")), ids=lambda p: str(p.relative_to(DEPLOY)))
+def test_every_yaml_parses(path):
+    docs = documents(path)
+    assert docs, f"{path} holds no document"
+    if path.is_relative_to(KUBERAY):
+        for doc in docs:
+            assert doc["apiVersion"] and doc["kind"] and doc["metadata"]["name"], doc
+
+
+def test_launcher_config_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    config = yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())
+    validate_config(prepare_config(config))  # what `ray up` does before touching a node
+    assert config["provider"]["type"] == "local"
+    assert config["max_workers"] == len(config["provider"]["worker_ips"])
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"
+
+
+def test_launcher_starts_every_node_with_npus_and_token_auth():
+    config = yaml.safe_load((DEPLOY / "ray-cluster.yaml").read_text())
+    head, worker = config["head_start_ray_commands"], config["worker_start_ray_commands"]
+    for commands in (head, worker):
+        (command,) = [c for c in commands if "ray start" in c]
+        assert command.startswith("source ~/qwen3tts/deploy/node_env.sh &&"), "token auth and Ascend env first"
+        params = parse_ray_start(ray_start_args(command.replace("$RAY_HEAD_IP", "10.0.0.1")))
+        assert json.loads(params["resources"]) == {"NPU": NPUS_PER_NODE}
+    assert parse_ray_start(ray_start_args(head[-1]))["head"]
+    assert not any(re.search(r"\bray stop\b", c) for c in head + worker), "ray stop kills other users' Ray"
+
+
+def test_node_env_sets_token_auth_and_the_ascend_variables(tmp_path):
+    script = f"set -euo pipefail; source {DEPLOY / 'node_env.sh'}; env -0"
+    result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
+    env = dict(item.split("=", 1) for item in result.stdout.split("\0") if item)
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert {k: env.get(k) for k in ascend_env()} == ascend_env()
+    assert "ASCEND_RT_VISIBLE_DEVICES" not in env
+
+
+def ascend_env() -> dict[str, str]:
+    lines = (DEPLOY / "ascend.env").read_text().splitlines()
+    values, commented = {}, False
+    for line in lines:
+        if line.startswith("#"):
+            commented = True
+        elif line.strip():
+            key, value = line.split("=", 1)
+            assert commented, f"{key} has no comment saying what it does and why this value"
+            assert re.fullmatch(r"[A-Z][A-Z0-9_]*", key) and value and " " not in value, line
+            values[key] = value
+            commented = False
+        else:
+            commented = False  # a comment belongs to the assignment right below it
+    return values
+
+
+def test_ascend_env_names_the_variables_the_runtime_reads():
+    env = ascend_env()
+    assert {"HCCL_CONNECT_TIMEOUT", "PYTORCH_NPU_ALLOC_CONF", "TASK_QUEUE_ENABLE", "CPU_AFFINITY_CONF"} <= set(env)
+    # Ray assigns cards per actor, torchrun per rank: a node-wide value here would hide cards from both.
+    assert not {"ASCEND_RT_VISIBLE_DEVICES", "RAY_EXPERIMENTAL_NOSET_ASCEND_RT_VISIBLE_DEVICES"} & set(env)
+
+
+def test_raycluster_has_a_head_and_npu_workers():
+    cluster = the("RayCluster")
+    assert cluster["apiVersion"] == "ray.io/v1"
+    spec = cluster["spec"]
+    head = spec["headGroupSpec"]
+    assert head["template"]["spec"]["containers"]
+    parse_ray_start(kuberay_start_args(head["rayStartParams"]))
+    assert spec["workerGroupSpecs"]
+    for group in spec["workerGroupSpecs"]:
+        params = parse_ray_start(kuberay_start_args(group["rayStartParams"]))
+        assert json.loads(params["resources"]) == {"NPU": NPUS_PER_NODE}
+        (container,) = group["template"]["spec"]["containers"]
+        for kind in ("requests", "limits"):
+            assert container["resources"][kind][ASCEND_RESOURCE] == NPUS_PER_NODE
+        assert container["envFrom"] == [{"configMapRef": {"name": "qwen3tts-ascend-env"}}]
+        mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+        for driver_path in ("/usr/local/Ascend/driver", "/usr/local/dcmi", "/usr/local/bin/npu-smi"):
+            assert mounts[driver_path]["readOnly"] is True
+        volumes = {v["name"]: v for v in group["template"]["spec"]["volumes"]}
+        assert volumes[mounts["/usr/local/Ascend/driver"]["name"]]["hostPath"]["path"] == "/usr/local/Ascend/driver"
+
+
+def test_every_pod_shares_the_data_volume():
+    cluster = the("RayCluster")
+    claims = {name for (kind, name) in kuberay_objects() if kind == "PersistentVolumeClaim"}
+    pod_specs = [cluster["spec"]["headGroupSpec"]["template"]["spec"]] + \
+                [g["template"]["spec"] for g in cluster["spec"]["workerGroupSpecs"]]
+    for pod in pod_specs:
+        volumes = {v["name"]: v for v in pod["volumes"]}
+        for container in pod["containers"]:
+            mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+            claim = volumes[mounts["/data"]]["persistentVolumeClaim"]["claimName"]
+            assert claim in claims
+            assert "ReadWriteMany" in kuberay_objects()[("PersistentVolumeClaim", claim)]["spec"]["accessModes"]
+
+
+def test_every_ray_container_authenticates_with_the_token_secret():
+    objects = kuberay_objects()
+    cluster, job = the("RayCluster"), the("RayJob")
+    assert cluster["spec"]["authOptions"]["mode"] == "token"
+    submitters = job["spec"]["submitterPodTemplate"]["spec"]["containers"]
+    for container in [*containers_of(cluster), *submitters]:
+        env = env_of(container)
+        assert env["RAY_AUTH_MODE"]["value"] == "token", container["name"]
+        ref = env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"]
+        secret = objects[("Secret", ref["name"])]
+        assert ref["key"] in secret["stringData"]
+        assert ref["name"] == cluster["spec"]["authOptions"]["secretName"]
+        assert "ASCEND_RT_VISIBLE_DEVICES" not in env  # Ray sets it per encoder actor
+
+
+def test_committed_secrets_hold_no_token():
+    for (kind, name), doc in kuberay_objects().items():
+        if kind == "Secret":
+            assert set(doc["stringData"].values()) == {""}, f"{name}: a token is committed"
+            assert "data" not in doc
+
+
+def test_auth_is_never_switched_off_in_deploy():
+    for path in sorted(p for p in DEPLOY.rglob("*") if p.is_file()):
+        text = path.read_text()
+        for value in re.findall(r"RAY_AUTH_MODE(?::-|\s*[=:]\s*)[\"']?(\w+)", text):
+            assert value == "token", f"{path.relative_to(REPO)} sets RAY_AUTH_MODE={value}"
+        for doc in documents(path) if path.suffix == ".yaml" else []:
+            for name, value in yaml_env_values(doc):
+                assert name != "RAY_AUTH_MODE" or value == "token", path
+
+
+def yaml_env_values(node):
+    """Every (name, value) env entry anywhere in a Kubernetes object."""
+    if isinstance(node, dict):
+        if "name" in node and "value" in node and len(node) == 2:
+            yield node["name"], node["value"]
+        for child in node.values():
+            yield from yaml_env_values(child)
+    elif isinstance(node, list):
+        for child in node:
+            yield from yaml_env_values(child)
+
+
+def test_rayjob_runs_the_encode_cli_with_flags_it_accepts():
+    job, cluster = the("RayJob"), the("RayCluster")
+    assert job["spec"]["clusterSelector"]["ray.io/cluster"] == cluster["metadata"]["name"]
+    words = shlex.split(job["spec"]["entrypoint"])
+    assert words[:3] == ["python", "-m", "services.encode"]
+    args = parse_encode_args(words[3:])  # argparse exits on any flag the CLI does not have
+    assert (str(args.manifest), str(args.codec), str(args.output)) == \
+        ("/data/train_raw.jsonl", "/models/Qwen3-TTS-Tokenizer-12Hz", "/data/shards")
+    assert args.status_host == "0.0.0.0" and args.status_token_file == "/etc/status-token/token"
+
+    # The token file is the status Secret's key, mounted on the head, where Ray runs the job's driver.
+    head_pod = cluster["spec"]["headGroupSpec"]["template"]["spec"]
+    (head,) = head_pod["containers"]
+    mount = next(m for m in head["volumeMounts"] if args.status_token_file.startswith(m["mountPath"] + "/"))
+    volume = next(v for v in head_pod["volumes"] if v["name"] == mount["name"])
+    secret = kuberay_objects()[("Secret", volume["secret"]["secretName"])]
+    assert Path(args.status_token_file).name in secret["stringData"]
+
+    # The Service reaches the head pod on the port the driver serves.
+    service = the("Service")
+    assert service["spec"]["type"] == "ClusterIP"
+    assert service["spec"]["selector"] == {"ray.io/cluster": cluster["metadata"]["name"], "ray.io/node-type": "head"}
+    (port,) = service["spec"]["ports"]
+    (served,) = [p for p in head["ports"] if p["name"] == port["targetPort"]]
+    assert served["containerPort"] == args.status_port
+
+
+# ------------------------------------------------------------------------------------------------- scripts
+
+
+@pytest.mark.parametrize("path", sorted(DEPLOY.rglob("*.sh")), ids=lambda p: p.name)
+def test_every_script_parses(path):
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.fixture
+def fake_ray(tmp_path):
+    """A `ray` first on PATH that records how it was called, so the script's decisions are visible."""
+    record = tmp_path / "ray-call.json"
+    fake = tmp_path / "bin" / "ray"
+    fake.parent.mkdir()
+    fake.write_text(f"#!{sys.executable}\nimport json, os, sys\n"
+                    f"json.dump({{'argv': sys.argv[1:], 'auth_mode': os.environ.get('RAY_AUTH_MODE')}}, "
+                    f"open({str(record)!r}, 'w'))\n")
+    fake.chmod(fake.stat().st_mode | stat.S_IXUSR)
+    token = tmp_path / "token"
+    token.write_text("t" * 64)
+    env = {"PATH": f"{fake.parent}{os.pathsep}{os.environ['PATH']}", "HOME": str(tmp_path / "home"),
+           "HEAD": "10.0.0.1", "RAY_AUTH_TOKEN_PATH": str(token)}
+
+    def run(*args: str, **overrides) -> tuple[subprocess.CompletedProcess, dict | None]:
+        full = {k: v for k, v in {**env, **overrides}.items() if v is not None}
+        result = subprocess.run(["bash", str(SUBMIT), *args], env=full, capture_output=True, text=True, timeout=30)
+        return result, json.loads(record.read_text()) if record.exists() else None
+
+    return run
+
+
+ENCODE_ARGS = ("--manifest", "/data/m.jsonl", "--codec", "/models/codec", "--output", "/data/out")
+
+
+def test_submit_passes_the_encode_arguments_through(fake_ray):
+    result, call = fake_ray(*ENCODE_ARGS, "--shard-size", "64")
+    assert result.returncode == 0, result.stderr
+    assert call["argv"] == ["job", "submit", "--address", "http://10.0.0.1:8265", "--working-dir", str(REPO),
+                            "--", "python", "-m", "services.encode", *ENCODE_ARGS, "--shard-size", "64"]
+    assert call["auth_mode"] == "token"
+
+
+def test_submit_refuses_auth_disabled(fake_ray):
+    result, call = fake_ray(*ENCODE_ARGS, RAY_AUTH_MODE="disabled")
+    assert result.returncode != 0 and call is None
+    assert "refusing to submit without token authentication" in result.stderr
+
+
+@pytest.mark.parametrize("case", ["no token anywhere", "token path unreadable"])
+def test_submit_refuses_without_a_token(fake_ray, tmp_path, case):
+    path = None if case == "no token anywhere" else str(tmp_path / "missing")
+    result, call = fake_ray(*ENCODE_ARGS, RAY_AUTH_TOKEN_PATH=path)
+    assert result.returncode != 0 and call is None
+    assert "token" in result.stderr.lower()
+
+
+def test_submit_finds_the_default_token_file(fake_ray, tmp_path):
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "home" / ".ray" / "auth_token").write_text("t" * 64)
+    result, call = fake_ray(*ENCODE_ARGS, RAY_AUTH_TOKEN_PATH=None)
+    assert result.returncode == 0, result.stderr
+    assert call is not None
+
+
+def test_submit_refuses_an_open_status_server_without_a_token(fake_ray):
+    result, call = fake_ray(*ENCODE_ARGS, "--status-host", "0.0.0.0")
+    assert result.returncode != 0 and call is None
+    assert "--status-token-file" in result.stderr
+    result, call = fake_ray(*ENCODE_ARGS, "--status-host=0.0.0.0", "--status-token-file", "/etc/status-token/token")
+    assert result.returncode == 0, result.stderr
+
+
+def test_submit_encodes_on_a_real_token_cluster(tiny_codec_dir, tmp_path):
+    """The script as an operator runs it, against `ray start --head` with token auth and a fake NPU."""
+    entries = synth_corpus(tmp_path / "wav", [(0.6 + 0.2 * i, 24_000) for i in range(4)])
+    manifest = write_manifest(tmp_path / "raw.jsonl", entries)
+    out = tmp_path / "out"
+    cluster = LocalRayCluster().start_head(num_cpus=2, resources={"NPU": 1})
+    try:
+        env = {**cluster.env, "HEAD": "127.0.0.1", "DASHBOARD_PORT": str(cluster.dashboard_port)}
+        env.pop("RAY_AUTH_MODE")  # the script sets token mode itself
+        result = subprocess.run(["bash", str(SUBMIT), "--manifest", str(manifest), "--codec", str(tiny_codec_dir),
+                                 "--output", str(out), "--shard-size", "2", "--status-port", "0"],
+                                env=env, capture_output=True, text=True, timeout=300)
+    finally:
+        cluster.stop()
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    assert "succeeded" in result.stdout + result.stderr
+    shards = published_shards(out)
+    assert sorted(shards) == [0, 1]
+    assert sum(read_stats(p).rows_ok for p in shards.values()) == 4
