@@ -148,6 +148,36 @@ def run_encode(*args: str, timeout: float = 300, env: dict | None = None) -> sub
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+def repeated_corpus(clips: list[dict], rows: int) -> list[dict]:
+    """`rows` manifest entries cycling over a few clips (from synth_corpus): a job with many rows and shards,
+    long enough to inject faults into, for little set-up time and disk."""
+    return [{**clips[i % len(clips)], "id": f"row{i:05d}"} for i in range(rows)]
+
+
+def expected_codes(codec_dir: Path, entries: list[dict]) -> dict[str, np.ndarray]:
+    """Codes per audio path from shared.qwen.encode_clips on each decoded clip alone: what a clean encode
+    writes (its codes never depend on batching, see test_encode_job)."""
+    from shared.audio import load_audio
+    from shared.qwen import encode_clips, load_codec
+
+    codec = load_codec(codec_dir)
+    paths = sorted({e["audio"] for e in entries})
+    return {p: encode_clips(codec, [load_audio(p).samples])[0].astype(np.int64) for p in paths}
+
+
+def assert_rows_match(output: Path, entries: list[dict], expected: dict[str, np.ndarray]) -> None:
+    """Every manifest line exactly once, in order, with the right id and codes; no temporary left behind."""
+    from tests.test_encode_job import read_rows
+
+    rows = read_rows(output)
+    assert [r["index"] for r in rows] == list(range(len(entries))), "a row is missing or written twice"
+    assert [r["id"] for r in rows] == [e["id"] for e in entries]
+    for row in rows:
+        assert row["error"] is None, row["error"]
+        assert np.array_equal(row["audio_codes"], expected[row["audio"]]), f"codes of {row['id']} differ"
+    assert not [p.name for p in (output / schema.SHARDS_DIR).iterdir() if schema.shard_id_of(p.name) is None]
+
+
 # ---------------------------------------------------------------------------------------------
 # Training (issue 3): one tiny random codec + Base model per session, and synthetic encoded shards.
 # ---------------------------------------------------------------------------------------------

@@ -66,28 +66,103 @@ class LocalRayCluster:
                         self.root / "head")
         return self
 
-    def add_node(self, num_cpus: int, resources: dict | None = None) -> None:
+    def add_node(self, num_cpus: int, resources: dict | None = None) -> int:
+        """Start a worker node; returns its index for remove_node."""
         index = len(self.groups)
         self._ray_start(["--address", self.address, "--num-cpus", str(num_cpus),
                          "--dashboard-agent-listen-port", str(free_port()),
                          "--resources", json.dumps(resources or {})], self.root / f"node{index}")
+        return index
+
+    def remove_node(self, index: int) -> None:
+        """The node leaves as a crashed machine would: SIGKILL to every process it runs."""
+        _kill_group(self.groups[index], signal.SIGKILL)
+
+    def driver(self, *args: str, log: Path) -> "Background":
+        """`python -m services.encode` connected to this cluster as a plain driver (not a Ray job), so that
+        a test holds its pid and can kill it; its actors are owned by it and die with it."""
+        return Background([sys.executable, "-m", "services.encode", "--address", self.address, *args],
+                          env=self.env, log=log)
+
+    def submit_background(self, *entrypoint: str, log: Path) -> "Background":
+        """`ray job submit` that a test can do other things beside (add a node) while the job runs."""
+        return Background(self._submit_command(entrypoint), env=self.env, log=log)
+
+    def _submit_command(self, entrypoint) -> list[str]:
+        return [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
+                "--", *entrypoint]
 
     def submit(self, *entrypoint: str, timeout: float = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-        cmd = [str(BIN / "ray"), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(REPO),
-               "--", *entrypoint]
-        return subprocess.run(cmd, env={**self.env, **(env or {})}, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(self._submit_command(entrypoint), env={**self.env, **(env or {})}, capture_output=True,
+                              text=True, timeout=timeout)
 
     def stop(self) -> None:
-        for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-            for group in self.groups:
-                try:
-                    os.killpg(group, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + grace
-            while time.time() < deadline and any(_group_alive(g) for g in self.groups):
-                time.sleep(0.2)
+        stop_groups(self.groups)
         shutil.rmtree(self.root, ignore_errors=True)
+
+
+class Background:
+    """A command in its own process group, output to a file: a test can wait for it with a timeout, kill
+    exactly it (SIGKILL to the pid, a fault) and clean up after it (its whole group, nothing else)."""
+
+    def __init__(self, command: list[str], env: dict, log: Path):
+        self.log_path = log
+        with open(log, "wb") as out:
+            self.proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    @property
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"{self.proc.args[:4]} still running after {timeout} s:\n{self.output[-4000:]}")
+
+    def stop(self) -> None:
+        stop_groups([self.proc.pid])
+        self.proc.wait(timeout=10)
+
+    def __enter__(self) -> "Background":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
+    """Poll `condition` until it returns something truthy (which is returned); fail naming `what`."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def stop_groups(groups: list[int]) -> None:
+    """SIGTERM, then SIGKILL, to process groups we started; waits until they are gone."""
+    for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+        for group in groups:
+            _kill_group(group, sig)
+        deadline = time.time() + grace
+        while time.time() < deadline and any(_group_alive(g) for g in groups):
+            time.sleep(0.2)
+
+
+def _kill_group(group: int, sig: int) -> None:
+    try:
+        os.killpg(group, sig)
+    except ProcessLookupError:
+        pass
 
 
 def _group_alive(group: int) -> bool:

@@ -1,0 +1,85 @@
+"""The encode across Ray nodes: real `ray start` nodes on loopback, each with its own fake NPU and temp dir, and
+one `ray job submit`. Every NPU of every node gets an encoder, a node that joins mid-run gets one too and
+does part of the work, and every manifest line is written exactly once with the codes a clean encode gives."""
+import json
+
+import pytest
+
+from shared.schema import WORKERS_DIR, published_shards, read_stats
+from tests.conftest import assert_rows_match, expected_codes, repeated_corpus, synth_corpus, write_manifest
+from tests.raycluster import LocalRayCluster, wait_for
+
+CLIPS = [(1.0, 24_000), (1.4, 16_000), (0.7, 44_100)]
+NODE = {"num_cpus": 2, "resources": {"NPU": 1}}
+# One clip per codec call: about 30 s for one encoder here (idle machine), while a node joining and its
+# encoder starting take about 10 s. The joined encoder is only fed once it has started, so the job must outlast that.
+ROWS_FOR_JOIN = 1600
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    """Starts as one node with one NPU; tests add nodes (the join test needs to start from one)."""
+    ray_cluster = LocalRayCluster().start_head(**NODE)
+    yield ray_cluster
+    ray_cluster.stop()
+
+
+@pytest.fixture(scope="module")
+def clips(tmp_path_factory, tiny_codec_dir):
+    """The few distinct clips every job here cycles over, and their codes from a clean encode."""
+    entries = synth_corpus(tmp_path_factory.mktemp("wav"), CLIPS)
+    return entries, expected_codes(tiny_codec_dir, entries)
+
+
+def encode_job(manifest, codec, out, *extra) -> list[str]:
+    return ["python", "-m", "services.encode", "--manifest", str(manifest), "--codec", str(codec), "--output",
+            str(out), "--status-port", "0", "--progress-seconds", "2", *extra]
+
+
+def heartbeats(out) -> dict[str, dict]:
+    return {p.stem: json.loads(p.read_text()) for p in sorted((out / WORKERS_DIR).glob("*.json"))}
+
+
+def workers_of_shards(out) -> dict[str, int]:
+    """Encoder name -> how many of the published shards it wrote."""
+    counts: dict[str, int] = {}
+    for path in published_shards(out).values():
+        worker = read_stats(path).worker
+        counts[worker] = counts.get(worker, 0) + 1
+    return counts
+
+
+def test_node_that_joins_mid_run_gets_an_encoder_and_shards(cluster, clips, tiny_codec_dir, tmp_path):
+    assert len(cluster.groups) == 1, "this test starts from a one-node cluster"
+    entries = repeated_corpus(clips[0], ROWS_FOR_JOIN)
+    manifest = write_manifest(tmp_path / "raw.jsonl", entries)
+    out = tmp_path / "out"
+    job = encode_job(manifest, tiny_codec_dir, out, "--shard-size", "8", "--max-batch-items", "1")
+    with cluster.submit_background(*job, log=tmp_path / "job.log") as submitted:
+        wait_for(lambda: published_shards(out), 240, "the first shard from the head node's encoder")
+        cluster.add_node(**NODE)
+        assert submitted.wait(timeout=300) == 0, submitted.output[-4000:]
+    beats = heartbeats(out)
+    head_node = beats["encoder-0"]["node_id"]
+    joined = [name for name, beat in beats.items() if beat["node_id"] != head_node]
+    assert joined, f"no encoder started on the node that joined: {beats}"
+    written = workers_of_shards(out)
+    assert any(written.get(name) for name in joined), f"the joined node wrote no shard: {written}"
+    assert sum(written.values()) == ROWS_FOR_JOIN // 8
+    assert_rows_match(out, entries, clips[1])
+
+
+def test_one_encoder_per_npu_on_every_node(cluster, clips, tiny_codec_dir, tmp_path):
+    while len(cluster.groups) < 2:
+        cluster.add_node(**NODE)
+    entries = repeated_corpus(clips[0], 40)
+    manifest = write_manifest(tmp_path / "raw.jsonl", entries)
+    out = tmp_path / "out"
+    result = cluster.submit(*encode_job(manifest, tiny_codec_dir, out, "--shard-size", "2"), timeout=300)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-4000:]
+    beats = heartbeats(out)
+    assert sorted(beats) == ["encoder-0", "encoder-1"]
+    assert len({beat["node_id"] for beat in beats.values()}) == 2, "both encoders on one node"
+    assert all(beat["visible_devices"] == {"ASCEND_RT_VISIBLE_DEVICES": "0"} for beat in beats.values())
+    assert set(workers_of_shards(out)) == {"encoder-0", "encoder-1"}
+    assert_rows_match(out, entries, clips[1])
