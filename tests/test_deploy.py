@@ -109,14 +109,34 @@ def test_launcher_starts_every_node_with_npus_and_token_auth():
     assert not any(re.search(r"\bray stop\b", c) for c in head + worker), "ray stop kills other users' Ray"
 
 
-def test_node_env_sets_token_auth_and_the_ascend_variables(tmp_path):
+def node_env(tmp_path, **extra) -> dict[str, str]:
+    """The environment a node has after `source deploy/node_env.sh` (under `set -u`, as scripts use it)."""
     script = f"set -euo pipefail; source {DEPLOY / 'node_env.sh'}; env -0"
     result = subprocess.run(["bash", "-c", script], capture_output=True, text=True, check=True,
-                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)})
-    env = dict(item.split("=", 1) for item in result.stdout.split("\0") if item)
+                            env={"PATH": os.environ["PATH"], "HOME": str(tmp_path), **extra})
+    return dict(item.split("=", 1) for item in result.stdout.split("\0") if item)
+
+
+def test_node_env_on_an_ascend_node(tmp_path):
+    cann = tmp_path / "set_env.sh"  # stands in for CANN's set_env.sh, which leaves unset variables to `set -u`
+    cann.write_text('export ASCEND_HOME_PATH=/usr/local/Ascend/ascend-toolkit/latest\n: "$LD_LIBRARY_PATH"\n')
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").symlink_to(sys.executable)
+    env = node_env(tmp_path, ASCEND_SET_ENV=str(cann), TASK_QUEUE_ENABLE="1", QWEN3TTS_VENV=str(venv))
     assert env["RAY_AUTH_MODE"] == "token"
-    assert {k: env.get(k) for k in ascend_env()} == ascend_env()
+    assert env["ASCEND_HOME_PATH"].startswith("/usr/local/Ascend")
+    assert env["TASK_QUEUE_ENABLE"] == "1"  # what the operator exported wins, as in deploy/train.sh
+    assert {k: env[k] for k in ascend_env() if k != "TASK_QUEUE_ENABLE"} == \
+        {k: v for k, v in ascend_env().items() if k != "TASK_QUEUE_ENABLE"}
     assert "ASCEND_RT_VISIBLE_DEVICES" not in env
+    assert env["PATH"].split(os.pathsep)[0] == str(venv / "bin")  # the project's python and ray come first
+
+
+def test_node_env_without_cann_sets_only_token_auth(tmp_path):
+    env = node_env(tmp_path, ASCEND_SET_ENV=str(tmp_path / "absent.sh"))
+    assert env["RAY_AUTH_MODE"] == "token"
+    assert not set(ascend_env()) & set(env)
 
 
 def ascend_env() -> dict[str, str]:
@@ -342,3 +362,44 @@ def test_submit_encodes_on_a_real_token_cluster(tiny_codec_dir, tmp_path):
     shards = published_shards(out)
     assert sorted(shards) == [0, 1]
     assert sum(read_stats(p).rows_ok for p in shards.values()) == 4
+
+
+TRAIN = DEPLOY / "train_on_shards.sh"
+
+
+def train_on_shards(*args: str, cwd: Path, **env) -> subprocess.CompletedProcess:
+    """deploy/train_on_shards.sh with TRAIN_PRINT_ONLY=1: deploy/train.sh prints the torchrun command."""
+    full = {"PATH": os.environ["PATH"], "HOME": str(cwd), "TRAIN_PRINT_ONLY": "1", "PYTHON": sys.executable, **env}
+    return subprocess.run(["bash", str(TRAIN), *args], cwd=cwd, env=full, capture_output=True, text=True, timeout=120)
+
+
+def test_train_on_shards_builds_the_multi_node_command(tmp_path):
+    (tmp_path / "out").mkdir()
+    result = train_on_shards("out", "train.steps=3", cwd=tmp_path, NNODES="2", NODE_RANK="1", MASTER_ADDR="10.0.0.5",
+                             NPUS_PER_NODE="8", CONFIG="config.yaml")
+    assert result.returncode == 0, result.stderr
+    command = shlex.split(result.stdout.splitlines()[-1])
+    assert command[command.index("--nnodes") + 1] == "2" and command[command.index("--node_rank") + 1] == "1"
+    assert command[command.index("--master_addr") + 1] == "10.0.0.5"
+    assert command[command.index("--nproc_per_node") + 1] == "8"
+    # Paths made absolute from where the operator stood (train.sh runs from the repository root).
+    assert command[command.index("--config") + 1] == str(tmp_path / "config.yaml")
+    overrides = command[command.index("--config") + 2:]
+    assert overrides[:2] == [f"data.shards={tmp_path / 'out'}", "train.steps=3"]
+    assert "data.follow=true" not in overrides
+
+
+def test_train_on_shards_follows_a_running_encode(tmp_path):
+    result = train_on_shards("/data/not-yet", cwd=tmp_path, FOLLOW="1")
+    assert result.returncode == 0, result.stderr
+    assert "data.shards=/data/not-yet data.follow=true" in result.stdout
+
+
+@pytest.mark.parametrize("case", ["missing directory", "no master address", "no directory argument"])
+def test_train_on_shards_refuses_what_cannot_work(tmp_path, case):
+    (tmp_path / "out").mkdir()
+    args, env = {"missing directory": (["absent"], {}), "no master address": (["out"], {"NNODES": "2"}),
+                 "no directory argument": (["train.steps=3"], {})}[case]
+    result = train_on_shards(*args, cwd=tmp_path, **env)
+    assert result.returncode == 2 and "train_on_shards: error:" in result.stderr
+    assert "torch.distributed.run" not in result.stdout
