@@ -9,6 +9,7 @@ import logging
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +21,8 @@ from torch.distributed.checkpoint.state_dict import (
 )
 
 log = logging.getLogger(__name__)
+# DCP's filesystem writer calls the deprecated tensor.storage() on every tensor; nothing to act on.
+warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 MODEL_KEY = "model"
