@@ -1,0 +1,1 @@
+"""Benchmarks run by hand; their results are recorded in docs/benchmarks-*.md."""
