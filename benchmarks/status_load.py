@@ -122,6 +122,7 @@ class LoadResult:
     states: Counter = field(default_factory=Counter)  # job state reported by each valid response
     with_live_encoder: int = 0  # valid responses that showed at least one live encoder
     elapsed: float = 0.0
+    client_cpu: float = 0.0  # CPU seconds the clients themselves used: they share the machine with the server
 
     @property
     def requests(self) -> int:
@@ -135,7 +136,7 @@ class LoadResult:
                 "latency_ms": {**pct, "max": round(float(ms.max()), 2) if len(ms) else None,
                                "mean": round(float(ms.mean()), 2) if len(ms) else None},
                 "states_seen": dict(self.states), "responses_with_live_encoder": self.with_live_encoder,
-                "elapsed_s": round(self.elapsed, 2)}
+                "elapsed_s": round(self.elapsed, 2), "client_cpu_s": round(self.client_cpu, 2)}
 
 
 def check_status_body(response: httpx.Response) -> dict:
@@ -158,7 +159,7 @@ async def run_load(url: str, headers: dict, clients: int, seconds: float) -> Loa
     result = LoadResult()
     limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         deadline = start + seconds
 
         async def one_client() -> None:
@@ -179,6 +180,7 @@ async def run_load(url: str, headers: dict, clients: int, seconds: float) -> Loa
         await asyncio.wait_for(asyncio.gather(*(one_client() for _ in range(clients))),
                                timeout=seconds + REQUEST_TIMEOUT_S + 5)
         result.elapsed = time.perf_counter() - start
+        result.client_cpu = time.process_time() - cpu_start
     return result
 
 
