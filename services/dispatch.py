@@ -1,8 +1,10 @@
 """EncoderPool: places encoder actors on the cluster's accelerators and keeps them fed with shards.
 
 A lost actor (its process or node died) gives its in-flight shards back to the queue and is
-replaced; an application error in a shard is retried a few times and then reported as failed. When
-`target` is "auto", accelerators that join the cluster mid-run get encoders too.
+replaced; an application error in a shard is retried a few times and then reported as failed; a shard
+that cannot be written stops the job (the storage is at fault, not the shard). Unless a fixed count is
+asked for, accelerators that join the cluster mid-run get encoders too. An encoder is given shards only
+once it has started, so a slow or never-placed actor holds no work that others could do.
 """
 from __future__ import annotations
 
@@ -15,6 +17,7 @@ import ray
 from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
 
 from services.encoder import EncoderActor, EncoderOptions
+from services.writer import OutputWriteError
 from services.plan import ShardSpec
 from shared.device import RAY_RESOURCE
 
@@ -52,6 +55,7 @@ def encoder_count(kind: str, fixed: int | None) -> int:
 class Encoder:
     name: str
     handle: object
+    starting: object | None  # its first info() call until the actor has started (then None): no work before
     in_flight: dict = field(default_factory=dict)  # ObjectRef -> ShardSpec
 
 
@@ -66,6 +70,7 @@ class EncoderPool:
         self.failed: dict[int, str] = {}
         self.attempts: dict[int, int] = {}
         self.losses = 0
+        self.started = 0  # encoders that came up; until one has, a failing start fails the job at once
 
     def desired_count(self) -> int:
         return encoder_count(self.kind, self.fixed_count)
@@ -75,51 +80,96 @@ class EncoderPool:
         self._next_index += 1
         handle = self.actor_class.options(name=None, scheduling_strategy="SPREAD",
                                           **placement(self.kind, self.cpus)).remote(self.options, name)
-        self.encoders[name] = Encoder(name, handle)
+        self.encoders[name] = Encoder(name, handle, handle.info.remote())
 
     def scale(self) -> None:
-        while len(self.encoders) < self.desired_count():
+        """Replace lost encoders, add one per accelerator that joined, and drop encoders still waiting for
+        accelerators that left (an actor that can never be placed must not hold on to shards)."""
+        desired = self.desired_count()
+        waiting = [e for e in self.encoders.values() if e.starting is not None]
+        for enc in waiting[:max(0, len(self.encoders) - desired)]:
+            self._drop(enc)
+        while len(self.encoders) < desired:
             self._spawn()
 
     def run(self, pending: list[ShardSpec], on_done: Callable[[ShardSpec, object], None],
             on_tick: Callable[[], None] | None = None, tick_seconds: float = 10.0) -> dict[int, str]:
-        """Encode every shard in `pending`; returns {shard id: reason} for shards that failed for good."""
+        """Encode every shard in `pending`; returns {shard id: reason} for shards that failed for good.
+
+        Raises OutputWriteError as soon as a shard cannot be written: every other shard would fail the same
+        way, so the job stops with the storage's error instead of retrying each shard.
+        """
         queue = deque(pending)
         self.scale()
         last_tick = last_scale = time.time()
         while queue or any(e.in_flight for e in self.encoders.values()):
             for enc in list(self.encoders.values()):
-                while queue and len(enc.in_flight) < self.max_in_flight:
+                while enc.starting is None and queue and len(enc.in_flight) < self.max_in_flight:
                     spec = queue.popleft()
                     enc.in_flight[enc.handle.encode_shard.remote(spec)] = spec
-            refs = [ref for e in self.encoders.values() for ref in e.in_flight]
-            ready, _ = ray.wait(refs, num_returns=1, timeout=1.0) if refs else ([], [])
+            starting = {e.starting: e for e in self.encoders.values() if e.starting is not None}
+            refs = [ref for e in self.encoders.values() for ref in e.in_flight] + list(starting)
+            if refs:
+                ready, _ = ray.wait(refs, num_returns=1, timeout=1.0)
+            else:  # no encoder at all (all lost, or none can be placed yet): wait for scale() to add one
+                ready = []
+                time.sleep(1.0)
             for ref in ready:
-                self._collect(ref, queue, on_done)
+                if ref in starting:
+                    self._check_started(starting[ref])
+                else:
+                    self._collect(ref, queue, on_done)
             now = time.time()
             if now - last_scale > 5.0:
-                self.scale()  # replaces lost encoders; adds encoders for accelerators that joined
+                self.scale()
                 last_scale = now
             if on_tick and now - last_tick > tick_seconds:
                 on_tick()
                 last_tick = now
         return self.failed
 
+    def _check_started(self, enc: Encoder) -> None:
+        try:
+            info = ray.get(enc.starting)
+        except (*LOST, RayTaskError) as exc:
+            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if not self.started:
+                raise RuntimeError(f"{enc.name} could not start: {reason}") from exc
+            self._lose(enc, exc)
+            return
+        enc.starting = None
+        self.started += 1
+        self.log(f"{enc.name} started on {info['hostname']} ({info['node']}, node {info['node_id'][:12]}) "
+                 f"device {info['device']} {info.get('visible_devices') or ''}")
+
+    def _drop(self, enc: Encoder) -> None:
+        self.encoders.pop(enc.name, None)
+        ray.kill(enc.handle, no_restart=True)
+
+    def _lose(self, enc: Encoder, exc: BaseException, queue: deque | None = None) -> None:
+        """An encoder's process or node died: its in-flight shards go back to the front of the queue."""
+        lost = list(enc.in_flight.values())
+        self.log(f"{enc.name} lost ({type(exc).__name__}); re-queueing its shards {[s.id for s in lost]}")
+        if queue is not None:
+            queue.extendleft(reversed(lost))
+        enc.in_flight.clear()
+        self._drop(enc)
+        self.losses += 1
+        if self.losses > 3 * self.desired_count() + 3:
+            raise RuntimeError(f"encoders keep dying ({self.losses} lost); last: {exc}") from exc
+
     def _collect(self, ref, queue: deque, on_done) -> None:
         enc = next(e for e in self.encoders.values() if ref in e.in_flight)
-        spec = enc.in_flight.pop(ref)
+        spec = enc.in_flight[ref]
         try:
-            on_done(spec, ray.get(ref))
+            stats = ray.get(ref)
         except LOST as exc:
-            self.log(f"{enc.name} lost ({type(exc).__name__}); re-queueing its shards {[s.id for s in enc.in_flight.values()] + [spec.id]}")
-            queue.appendleft(spec)
-            queue.extendleft(enc.in_flight.values())
-            self.encoders.pop(enc.name, None)
-            ray.kill(enc.handle, no_restart=True)
-            self.losses += 1
-            if self.losses > 3 * self.desired_count() + 3:
-                raise RuntimeError(f"encoders keep dying ({self.losses} lost); last: {exc}") from exc
+            self._lose(enc, exc, queue)
+            return
         except (RayTaskError, GetTimeoutError) as exc:
+            del enc.in_flight[ref]
+            if isinstance(getattr(exc, "cause", None), OutputWriteError):
+                raise exc.cause from None
             self.attempts[spec.id] = self.attempts.get(spec.id, 0) + 1
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             if self.attempts[spec.id] <= self.max_retries:
@@ -128,15 +178,9 @@ class EncoderPool:
             else:
                 self.log(f"shard {spec.id} failed {self.attempts[spec.id]} times; giving up: {reason}")
                 self.failed[spec.id] = reason
-
-    def describe(self) -> list[dict]:
-        infos = []
-        for enc in self.encoders.values():
-            try:
-                infos.append(ray.get(enc.handle.info.remote(), timeout=120))
-            except Exception as exc:
-                infos.append({"name": enc.name, "error": str(exc).splitlines()[0]})
-        return infos
+            return
+        del enc.in_flight[ref]
+        on_done(spec, stats)
 
     def shutdown(self) -> None:
         for enc in self.encoders.values():

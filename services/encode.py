@@ -16,8 +16,20 @@ from services.encoder import EncoderOptions
 from services.lock import OutputLock, OutputLocked
 from services.manifest import ManifestError
 from services.plan import PlanMismatch, prepare_plan, write_json_atomic
+from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, write_failure
 from shared.device import DEVICE_CHOICES
 from shared.schema import published_shards
+from shared.storage import local_path
+
+
+def output_directory(text: str) -> Path:
+    """--output: the lock, plan, manifest and heartbeats need a POSIX filesystem that every node mounts."""
+    path = local_path(text)
+    if path is None:
+        raise argparse.ArgumentTypeError(
+            f"{text}: the output directory must be a path every node mounts (or a file:// URI); the lock, plan and "
+            "heartbeats need a shared POSIX filesystem. Mount the bucket (e.g. s3fs, gcsfuse) and pass that path")
+    return path
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -25,7 +37,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manifest", required=True, type=Path, help="raw JSONL (audio, text, ref_audio) or a directory "
                    "of audio files with same-stem .txt transcripts")
     p.add_argument("--codec", required=True, type=Path, help="Qwen3-TTS-Tokenizer-12Hz directory")
-    p.add_argument("--output", required=True, type=Path, help="output directory (shared by every node)")
+    p.add_argument("--output", required=True, type=output_directory, help="output directory: a path every node "
+                   "mounts, or a file:// URI")
     p.add_argument("--shard-size", type=int, default=256, help="manifest rows per shard")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--num-encoders", type=int, default=0, help="0: one per accelerator in the cluster (1 on CPU)")
@@ -97,6 +110,10 @@ class Driver:
         plan = prepare_plan(self.output, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
                             min_seconds=args.min_seconds, max_seconds=args.max_seconds, ref_audio=args.ref_audio,
                             replan=args.replan, log=self.log)
+        writer = ShardWriter(self.output)
+        removed = writer.remove_temporaries()  # safe: we hold the lock and no encoder of ours runs yet
+        if removed:
+            self.log(f"removed {len(removed)} temporary files left by encoders that were killed mid-shard")
         done = published_shards(self.output)
         pending = [s for s in plan.shards if s.id not in done]
         self.log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; {len(done)} already published, "
@@ -104,6 +121,7 @@ class Driver:
         status = self.start_status()
         try:
             if pending:
+                writer.check_writable()  # fail now, not after the encoders have started
                 self.encode(pending)
             summary = write_summary(self.output, plan, time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
@@ -142,11 +160,6 @@ class Driver:
         pool = EncoderPool(options, kind, fixed, args.cpus_per_encoder, log=self.log)
         pool.scale()
         self.heartbeat("running", len(pool.encoders))
-        for info in pool.describe():
-            if "error" in info:
-                raise RuntimeError(f"{info['name']} could not start: {info['error']}")
-            self.log(f"{info['name']} on {info['hostname']} ({info['node']}) device {info['device']} "
-                     f"{info.get('visible_devices') or ''}")
 
         def beat(*_):
             self.heartbeat("running", len(pool.encoders))
@@ -177,14 +190,22 @@ def main(argv: list[str] | None = None) -> int:
     lock = OutputLock(args.output.resolve())
     try:
         lock.acquire()
+        return Driver(args).run()
     except OutputLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    try:
-        return Driver(args).run()
     except (PlanMismatch, ManifestError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:
+        # The driver's own files (lock, plan, manifest copy, driver.json, summary) fail like the shards do.
+        own_file = exc.filename and Path(exc.filename).resolve().is_relative_to(args.output.resolve())
+        if not isinstance(exc, OutputWriteError):
+            if not (own_file and exc.errno in FIX_FOR_ERRNO):
+                raise
+            exc = write_failure(Path(exc.filename).parent, exc)
+        print(f"error: {exc}", file=sys.stderr)
+        return 4
     finally:
         lock.release()
 

@@ -21,7 +21,10 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
+
+from shared.storage import child_uri, is_uri
 
 SCHEMA_VERSION = 1
 NUM_CODEBOOKS = 16
@@ -132,8 +135,14 @@ def check_schema(path: str | Path) -> None:
                          "re-encode with the matching version of services.encode")
 
 
-def published_shards(output: str | Path) -> dict[int, Path]:
-    """Shard id -> path of every published shard. Temporary files never match SHARD_RE."""
+def published_shards(output: str | Path) -> dict[int, Path | str]:
+    """Shard id -> path of every published shard (a URI when `output` is one, see shared.storage).
+    Temporary files never match SHARD_RE."""
+    if is_uri(output):
+        filesystem, path = pafs.FileSystem.from_uri(output)
+        infos = filesystem.get_file_info(pafs.FileSelector(f"{path.rstrip('/')}/{SHARDS_DIR}", allow_not_found=True))
+        names = {shard_id_of(info.base_name): info.base_name for info in infos}
+        return {sid: child_uri(output, SHARDS_DIR, names[sid]) for sid in sorted(names) if sid is not None}
     shards_dir = Path(output) / SHARDS_DIR
     if not shards_dir.is_dir():
         return {}
