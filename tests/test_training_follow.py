@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pyarrow.parquet as pq
-import torch
 
 from shared import schema
 from training.checkpoint import complete_checkpoints
@@ -44,7 +43,5 @@ def test_follow_mode_trains_on_the_encode_service_output_as_it_appears(tiny_dir,
     trained = [int(s) for ids in re.findall(r"round: shards \[([\d, ]*)\]", log) for s in ids.split(",")]
     assert sorted(trained) == sorted(shards)  # every published shard trained on, once
     final = max(complete_checkpoints(run))
-    position = torch.load(complete_checkpoints(run)[final] / "extra-rank00000.pt", weights_only=False)["data"]
-    assert position["epoch"] == 1  # the epoch ended: _COMPLETE seen and nothing left
     records = read_metrics(run)
     assert [r["step"] for r in records] == list(range(1, final + 1)) and final >= 3

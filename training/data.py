@@ -98,9 +98,8 @@ def pack(rows: list[Row], config: DataConfig, rng: random.Random) -> list[list[R
     for start in range(0, len(rows), config.bucket_size):
         bucket = sorted(rows[start:start + config.bucket_size], key=lambda r: (r.length, r.id))
         current: list[Row] = []
-        for row in bucket:
-            longest = max([row.length] + [r.length for r in current])
-            if current and (longest * (len(current) + 1) > config.frame_budget
+        for row in bucket:  # ascending lengths: the row being added is the longest of the batch
+            if current and (row.length * (len(current) + 1) > config.frame_budget
                             or len(current) >= config.max_batch_size):
                 batches.append(current)
                 current = []
@@ -141,8 +140,7 @@ class ShardStream:
         self.rank, self.world, self.grad_accum, self.agree = rank, world, grad_accum, agree
         self.output = resolve_output_dir(config.shards)
         self.position = DataPosition()
-        self.rounds_planned = 0
-        self.padded_batches = 0
+        self.verbose = True  # log each round planned (rank 0)
 
     def _published(self) -> tuple[list[int], bool]:
         complete = is_complete(self.output)  # read before listing: _COMPLETE is written after the last shard
@@ -153,14 +151,16 @@ class ShardStream:
         pos = self.position
         while True:
             shards, complete = self.agree(self._published())
-            fresh = [s for s in shards if s not in set(pos.consumed)]
-            if not self.config.follow:
+            if self.config.follow:  # arrival order
+                order = shards
+            else:  # a fresh shuffle of the shard order each epoch
                 if not complete and not pos.consumed and self.rank == 0:
                     log.warning("%s has no %s marker: training on the %d shards published so far "
                                 "(set data.follow=true to wait for the rest)", self.output, schema.COMPLETE_MARKER,
                                 len(shards))
                 order = random.Random(f"{self.seed}/order/{pos.epoch}").sample(shards, len(shards))
-                fresh = [s for s in order if s not in set(pos.consumed)]
+            done = set(pos.consumed)
+            fresh = [s for s in order if s not in done]
             if fresh:
                 return fresh[: self.config.shards_per_round]
             if not self.config.follow or complete:
@@ -173,8 +173,7 @@ class ShardStream:
         published = schema.published_shards(self.output)
         rows = [row for sid in shard_ids for row in read_shard(published[sid], self.tokenize)]
         steps = plan_round(rows, self.config, self.seed, self.position.epoch, shard_ids, self.world, self.grad_accum)
-        self.rounds_planned += 1
-        if self.rank == 0:
+        if self.verbose and self.rank == 0:
             log.info("epoch %d round: shards %s, %d rows, %d steps", self.position.epoch, shard_ids, len(rows),
                      len(steps))
         return steps

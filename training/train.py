@@ -8,7 +8,6 @@ Restarting the same command resumes from the newest complete checkpoint in check
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import math
 import os
@@ -107,10 +106,10 @@ def train(config: Config) -> None:
         step, stream.position = resumed["step"], DataPosition.from_dict(resumed["data"])
     build = StepBuilder(ids, role_ids, references, device.torch_device)
     metrics = MetricsLog(run_dir, rank == 0)
-    log.info("training on %s x %d (%s), %s steps, run dir %s", device.describe(), world, device.backend,
-             t.steps or f"{t.epochs} epochs (~{total_steps} steps)", run_dir)
+    log.info("training on %s x %d (%s), %s, run dir %s", device.describe(), world, device.backend,
+             f"{t.steps} steps" if t.steps else f"{t.epochs} epochs (~{total_steps} steps)", run_dir)
 
-    saved = (step, stream.position.to_dict()) if resumed else None
+    last_saved = step if resumed else -1
     while not _finished(config, step, stream.position.epoch):
         for micro_rows in stream.epoch_steps():
             start = time.perf_counter()
@@ -126,14 +125,16 @@ def train(config: Config) -> None:
             if step % t.log_interval == 0:
                 metrics.write(record)
             if step % config.checkpoint.interval == 0:
-                saved = _save(run_dir, step, module, optimizer, scheduler, stream, config)
+                _save(run_dir, step, module, optimizer, scheduler, stream, config)
+                last_saved = step
             if t.steps and step >= t.steps:
                 break
         else:
             stream.next_epoch()
             if config.data.follow:
                 break  # the plan is complete and every shard has been trained on
-    if saved != (step, stream.position.to_dict()):  # the end of an epoch moves the position without a step
+    # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
+    if last_saved != step:
         _save(run_dir, step, module, optimizer, scheduler, stream, config)
     log.info("finished at step %d", step)
     dist.destroy_process_group()
@@ -162,14 +163,14 @@ def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
         return 0
     probe = ShardStream(config.data, stream.tokenize, stream.seed, stream.rank, stream.world, stream.grad_accum,
                         stream.agree)
+    probe.verbose = False
     return sum(1 for _ in probe.epoch_steps()) * config.train.epochs
 
 
-def _save(run_dir, step, module, optimizer, scheduler, stream, config) -> tuple[int, dict]:
-    position = stream.position.to_dict()
-    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": position}, config.checkpoint.keep)
+def _save(run_dir, step, module, optimizer, scheduler, stream, config) -> None:
+    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": stream.position.to_dict()},
+                    config.checkpoint.keep)
     log.info("saved %s", run_dir / checkpoint.step_dir_name(step))
-    return step, copy.deepcopy(position)
 
 
 def _train_step(module, optimizer, batches, config: Config, world: int) -> dict:
