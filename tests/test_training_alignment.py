@@ -1,6 +1,5 @@
 """Training matches inference: greedy generation's codes, replayed through the training forward, are the
 argmax of both heads at every frame (the proof that the four upstream bugs are absent)."""
-import numpy as np
 import pytest
 import torch
 

@@ -3,7 +3,6 @@ position, follow mode, and reference handling."""
 import threading
 import time
 
-import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
