@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from shared.qwen import load_inference_model, speaker_mel
-from training.layout import IGNORE, SpecialIds, build_sample, collate, text_token_ids
+from training.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
 from training.model import TalkerForTraining, speaker_embedding
 from training.synthetic import tone
 
@@ -84,3 +84,10 @@ def test_losses_are_token_sums(replay):
     assert out.talker_targets == len(codes) + 1  # every frame's c0 plus eos
     assert out.sub_targets == len(codes) * 15
     assert torch.isfinite(out.talker_loss_sum) and torch.isfinite(out.sub_loss_sum)
+
+
+def test_training_tokenizes_text_exactly_as_inference(tiny_dir):
+    inference_tokenizer = load_inference_model(tiny_dir / "model").processor.tokenizer
+    training_tokenizer = load_text_tokenizer(tiny_dir / "model")
+    for text in (TEXT, "numbers 123 and punctuation, too!", "今天天气很好", "  spaces\tand\nnewlines "):
+        assert text_token_ids(training_tokenizer, text) == text_token_ids(inference_tokenizer, text)

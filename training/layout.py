@@ -54,6 +54,14 @@ def assistant_prompt(text: str) -> str:
     return f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"
 
 
+def load_text_tokenizer(model_path):
+    """The model directory's tokenizer with the pre-tokenizer patch Qwen3TTSModel applies (fix_mistral_regex),
+    so training tokenizes exactly as inference does."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(model_path), fix_mistral_regex=True)
+
+
 def text_token_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """(role ids, text ids) exactly as Qwen3TTSModel slices its tokenized prompt."""
     ids = tokenizer(assistant_prompt(text))["input_ids"]

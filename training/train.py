@@ -16,14 +16,13 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from transformers import AutoTokenizer
 
 from shared.device import peak_memory_bytes, select_device, synchronize
 from shared.qwen import load_tts_model
 from training import checkpoint
 from training.config import Config, dump_config, load_config
 from training.data import DataPosition, Row, ShardStream
-from training.layout import SpecialIds, build_sample, collate, text_token_ids
+from training.layout import SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
 from training.metrics import MetricsLog
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
@@ -86,8 +85,7 @@ def train(config: Config) -> None:
     t = config.train
     optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
-    # fix_mistral_regex=True: the same pre-tokenizer patch Qwen3TTSModel applies, so tokens match inference.
-    tokenizer = AutoTokenizer.from_pretrained(config.model.path, fix_mistral_regex=True)
+    tokenizer = load_text_tokenizer(config.model.path)
     role_ids = text_token_ids(tokenizer, "")[0]
 
     def agree(value):
