@@ -119,6 +119,7 @@ class EncodeJob:
 class LoadResult:
     latencies: list[float] = field(default_factory=list)  # seconds, successful requests only
     errors: Counter = field(default_factory=Counter)
+    error_examples: dict = field(default_factory=dict)  # kind -> the first message of that kind
     states: Counter = field(default_factory=Counter)  # job state reported by each valid response
     with_live_encoder: int = 0  # valid responses that showed at least one live encoder
     elapsed: float = 0.0
@@ -132,7 +133,8 @@ class LoadResult:
         ms = np.array(self.latencies) * 1000.0
         pct = {f"p{q}": round(float(np.percentile(ms, q)), 2) if len(ms) else None for q in (50, 95, 99)}
         return {"requests": self.requests, "ok": len(self.latencies), "errors": sum(self.errors.values()),
-                "errors_by_kind": dict(self.errors), "requests_per_s": round(self.requests / self.elapsed, 1),
+                "errors_by_kind": dict(self.errors), "error_examples": self.error_examples,
+                "requests_per_s": round(self.requests / self.elapsed, 1),
                 "latency_ms": {**pct, "max": round(float(ms.max()), 2) if len(ms) else None,
                                "mean": round(float(ms.mean()), 2) if len(ms) else None},
                 "states_seen": dict(self.states), "responses_with_live_encoder": self.with_live_encoder,
@@ -157,7 +159,10 @@ async def run_load(url: str, headers: dict, clients: int, seconds: float) -> Loa
     if httpx.URL(url).host != LOOPBACK:
         raise ValueError(f"load is only ever sent to {LOOPBACK}, not {url}")
     result = LoadResult()
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    # Drop pooled connections after 2 s idle, below uvicorn's 5 s keep-alive timeout: at exactly equal timeouts
+    # a request can be sent on a connection the server is closing (a reset, counted as an error, that is a
+    # property of HTTP keep-alive rather than of the status server). Requests themselves are not retried.
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients, keepalive_expiry=2.0)
     async with httpx.AsyncClient(base_url=url, headers=headers, limits=limits, timeout=REQUEST_TIMEOUT_S) as client:
         start, cpu_start = time.perf_counter(), time.process_time()
         deadline = start + seconds
@@ -171,7 +176,9 @@ async def run_load(url: str, headers: dict, clients: int, seconds: float) -> Loa
                     result.errors[str(exc)] += 1
                     continue
                 except httpx.HTTPError as exc:
-                    result.errors[type(exc).__name__] += 1
+                    kind = type(exc).__name__
+                    result.errors[kind] += 1
+                    result.error_examples.setdefault(kind, f"{exc!r} after {time.perf_counter() - sent:.2f} s")
                     continue
                 result.latencies.append(time.perf_counter() - sent)
                 result.states[body["state"]] += 1
