@@ -123,6 +123,7 @@ class Driver:
             if pending:
                 writer.check_writable()  # fail now, not after the encoders have started
                 self.encode(pending)
+                writer.remove_temporaries()  # of encoders killed mid-shard this run; ours are stopped now
             summary = write_summary(self.output, plan, time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
                            f"{len(self.failed)} shards failed; re-run the same command to retry them")

@@ -86,7 +86,10 @@ class ShardWriter:
                 os.fsync(f.fileno())
             os.replace(tmp, final)
         except BaseException:
-            tmp.unlink(missing_ok=True)
+            try:
+                tmp.unlink(missing_ok=True)
+            except OSError:
+                pass  # read-only now: the driver removes it on the next run; report the first error
             raise
 
     def _publish_fs(self, table, tmp: str, final: str) -> None:

@@ -148,6 +148,23 @@ def run_encode(*args: str, timeout: float = 300, env: dict | None = None) -> sub
     return subprocess.run(cmd, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout)
 
 
+# A few clips of mixed rates (resampled up and down) that the multi-node and fault jobs cycle over.
+CYCLED_CLIPS = [(1.0, 24_000), (1.4, 16_000), (0.7, 44_100)]
+
+
+@pytest.fixture(scope="session")
+def cycled_clips(tmp_path_factory, tiny_codec_dir) -> tuple[list[dict], dict]:
+    """Manifest entries for CYCLED_CLIPS and their codes from a clean encode (see expected_codes)."""
+    entries = synth_corpus(tmp_path_factory.mktemp("cycled"), CYCLED_CLIPS)
+    return entries, expected_codes(tiny_codec_dir, entries)
+
+
+def encode_args(manifest: Path, codec: Path, output: Path | str, *extra: str) -> list[str]:
+    """Arguments of `python -m services.encode` for the jobs of the multi-node and fault tests."""
+    return ["--manifest", str(manifest), "--codec", str(codec), "--output", str(output), "--status-port", "0",
+            "--progress-seconds", "2", *extra]
+
+
 def repeated_corpus(clips: list[dict], rows: int) -> list[dict]:
     """`rows` manifest entries cycling over a few clips (from synth_corpus): a job with many rows and shards,
     long enough to inject faults into, for little set-up time and disk."""

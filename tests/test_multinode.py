@@ -6,10 +6,9 @@ import json
 import pytest
 
 from shared.schema import WORKERS_DIR, published_shards, read_stats
-from tests.conftest import assert_rows_match, expected_codes, repeated_corpus, synth_corpus, write_manifest
+from tests.conftest import assert_rows_match, encode_args, repeated_corpus, write_manifest
 from tests.raycluster import LocalRayCluster, wait_for
 
-CLIPS = [(1.0, 24_000), (1.4, 16_000), (0.7, 44_100)]
 NODE = {"num_cpus": 2, "resources": {"NPU": 1}}
 # One clip per codec call: about 30 s for one encoder here (idle machine), while a node joining and its
 # encoder starting take about 10 s. The joined encoder is only fed once it has started, so the job must outlast that.
@@ -24,16 +23,8 @@ def cluster():
     ray_cluster.stop()
 
 
-@pytest.fixture(scope="module")
-def clips(tmp_path_factory, tiny_codec_dir):
-    """The few distinct clips every job here cycles over, and their codes from a clean encode."""
-    entries = synth_corpus(tmp_path_factory.mktemp("wav"), CLIPS)
-    return entries, expected_codes(tiny_codec_dir, entries)
-
-
 def encode_job(manifest, codec, out, *extra) -> list[str]:
-    return ["python", "-m", "services.encode", "--manifest", str(manifest), "--codec", str(codec), "--output",
-            str(out), "--status-port", "0", "--progress-seconds", "2", *extra]
+    return ["python", "-m", "services.encode", *encode_args(manifest, codec, out, *extra)]
 
 
 def heartbeats(out) -> dict[str, dict]:
@@ -49,9 +40,9 @@ def workers_of_shards(out) -> dict[str, int]:
     return counts
 
 
-def test_node_that_joins_mid_run_gets_an_encoder_and_shards(cluster, clips, tiny_codec_dir, tmp_path):
+def test_node_that_joins_mid_run_gets_an_encoder_and_shards(cluster, cycled_clips, tiny_codec_dir, tmp_path):
     assert len(cluster.groups) == 1, "this test starts from a one-node cluster"
-    entries = repeated_corpus(clips[0], ROWS_FOR_JOIN)
+    entries = repeated_corpus(cycled_clips[0], ROWS_FOR_JOIN)
     manifest = write_manifest(tmp_path / "raw.jsonl", entries)
     out = tmp_path / "out"
     job = encode_job(manifest, tiny_codec_dir, out, "--shard-size", "8", "--max-batch-items", "1")
@@ -66,13 +57,13 @@ def test_node_that_joins_mid_run_gets_an_encoder_and_shards(cluster, clips, tiny
     written = workers_of_shards(out)
     assert any(written.get(name) for name in joined), f"the joined node wrote no shard: {written}"
     assert sum(written.values()) == ROWS_FOR_JOIN // 8
-    assert_rows_match(out, entries, clips[1])
+    assert_rows_match(out, entries, cycled_clips[1])
 
 
-def test_one_encoder_per_npu_on_every_node(cluster, clips, tiny_codec_dir, tmp_path):
+def test_one_encoder_per_npu_on_every_node(cluster, cycled_clips, tiny_codec_dir, tmp_path):
     while len(cluster.groups) < 2:
         cluster.add_node(**NODE)
-    entries = repeated_corpus(clips[0], 40)
+    entries = repeated_corpus(cycled_clips[0], 40)
     manifest = write_manifest(tmp_path / "raw.jsonl", entries)
     out = tmp_path / "out"
     result = cluster.submit(*encode_job(manifest, tiny_codec_dir, out, "--shard-size", "2"), timeout=300)
@@ -82,4 +73,4 @@ def test_one_encoder_per_npu_on_every_node(cluster, clips, tiny_codec_dir, tmp_p
     assert len({beat["node_id"] for beat in beats.values()}) == 2, "both encoders on one node"
     assert all(beat["visible_devices"] == {"ASCEND_RT_VISIBLE_DEVICES": "0"} for beat in beats.values())
     assert set(workers_of_shards(out)) == {"encoder-0", "encoder-1"}
-    assert_rows_match(out, entries, clips[1])
+    assert_rows_match(out, entries, cycled_clips[1])
