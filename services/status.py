@@ -12,6 +12,7 @@ import argparse
 import hmac
 import html
 import ipaddress
+import json
 import os
 import signal
 import sys
@@ -22,13 +23,47 @@ from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 
 from services.progress import collect_progress, format_duration, format_progress_line
 
 TOKEN_ENV = "QWEN3TTS_STATUS_TOKEN"
 OPEN_PATHS = {"/healthz"}  # liveness probes (load balancers, k8s) carry no credentials
 PAGE_REFRESH_SECONDS = 5
+
+
+class ProgressCache:
+    """collect_progress once per change of the directory (or per `max_age` for the time-based fields), so
+    many clients polling at once cost one directory scan, not one each. The fingerprint is a few stat
+    calls: adding, renaming or rewriting a shard or heartbeat changes its directory's mtime."""
+
+    WATCHED = ("", "shards", "workers")
+
+    def __init__(self, output: Path, max_age: float = 1.0):
+        self.output, self.max_age = output, max_age
+        self._lock = threading.Lock()
+        self._key: tuple | None = None
+        self._at = 0.0
+        self.progress: dict = {}
+        self.body = b""
+
+    def _fingerprint(self) -> tuple:
+        stamps = []
+        for name in self.WATCHED:
+            try:
+                stamps.append(os.stat(self.output / name).st_mtime_ns)
+            except OSError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def get(self) -> tuple[dict, bytes]:
+        with self._lock:
+            key, now = self._fingerprint(), time.monotonic()
+            if key != self._key or now - self._at > self.max_age:
+                self.progress = collect_progress(self.output)
+                self.body = json.dumps(self.progress).encode()
+                self._key, self._at = key, now
+            return self.progress, self.body
 
 
 def create_app(output_dir: str | Path, token: str | None = None) -> FastAPI:
@@ -55,13 +90,15 @@ def create_app(output_dir: str | Path, token: str | None = None) -> FastAPI:
     def healthz() -> dict:
         return {"ok": True}
 
+    cache = ProgressCache(output)
+
     @app.get("/status")
-    def status() -> dict:
-        return collect_progress(output)
+    def status() -> Response:
+        return Response(cache.get()[1], media_type="application/json")
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
-        return HTMLResponse(render_page(collect_progress(output)))
+        return HTMLResponse(render_page(cache.get()[0]))
 
     return app
 
