@@ -99,3 +99,19 @@ def test_exported_base_model_loads_and_generates(uninterrupted, synthetic_encode
     wavs, rate = tts.generate_voice_clone(text="hello world", ref_audio=ref, x_vector_only_mode=True,
                                           max_new_tokens=6)
     assert rate == 24000 and len(wavs[0]) > 0 and np.isfinite(wavs[0]).all()
+
+
+def test_two_ranks_equal_one_rank_accumulating_the_same_micro_batches(tiny_dir, synthetic_encoded, uninterrupted,
+                                                                       tmp_path):
+    """The loss is a global token mean and the gradient norm is taken across ranks: 2 ranks x 1 micro-batch and
+    1 rank x 2 accumulated micro-batches see the same batches per step and must agree (up to summation order)."""
+    run = tmp_path / "one_rank"
+    subprocess.run([sys.executable, *train_command(tiny_dir, synthetic_encoded / "shards", run), f"train.steps={STEPS}",
+                    "checkpoint.interval=2", "train.grad_accum=2"], cwd=REPO, env=ENV, check=True, timeout=240,
+                   capture_output=True)
+    one, two = read_metrics(run), read_metrics(uninterrupted)
+    assert [r["frames"] for r in one] == [r["frames"] for r in two]
+    for a, b in zip(one, two):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+        assert a["talker_loss"] == pytest.approx(b["talker_loss"], rel=1e-6)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)

@@ -22,7 +22,7 @@ from shared.qwen import load_tts_model
 from training import checkpoint
 from training.config import Config, dump_config, load_config
 from training.data import DataPosition, Row, ShardStream
-from training.layout import SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
+from training.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
 from training.metrics import MetricsLog
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
@@ -175,7 +175,7 @@ def _train_step(module, optimizer, batches, config: Config, world: int) -> dict:
     """One optimizer step over this rank's micro-batches; the loss is a token mean over all ranks' batches."""
     t = config.train
     device = batches[0].labels.device  # collectives run on the accelerator under nccl/hccl
-    local = torch.tensor([[float((b.labels != -100).sum()), float(b.frames[:, 1:].numel()), float(b.num_frames)]
+    local = torch.tensor([[float((b.labels != IGNORE).sum()), float(b.frames[:, 1:].numel()), float(b.num_frames)]
                           for b in batches], dtype=torch.float32).sum(0).to(device)
     dist.all_reduce(local)
     talker_targets, sub_targets, frames = local.tolist()
