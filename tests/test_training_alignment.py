@@ -1,5 +1,6 @@
 """Training matches inference: greedy generation's codes, replayed through the training forward, are the
 argmax of both heads at every frame (the proof that the four upstream bugs are absent)."""
+import numpy as np
 import pytest
 import torch
 
@@ -91,3 +92,19 @@ def test_training_tokenizes_text_exactly_as_inference(tiny_dir):
     training_tokenizer = load_text_tokenizer(tiny_dir / "model")
     for text in (TEXT, "numbers 123 and punctuation, too!", "今天天气很好", "  spaces\tand\nnewlines "):
         assert text_token_ids(training_tokenizer, text) == text_token_ids(inference_tokenizer, text)
+
+
+def test_padding_does_not_change_any_sample_loss(replay):
+    """Right padding, the attention mask and the per-frame predictor index: a batch's loss sums are the sums of
+    its samples' losses computed alone, whatever their lengths."""
+    _, batch, _, trainer, ids, model = replay
+    rng = np.random.default_rng(0)
+    samples = [build_sample([151644, 358, 198], list(rng.integers(300, 400, size=n)),
+                            rng.integers(0, 2048, size=(t, 16)), ids) for n, t in ((2, 5), (7, 12), (4, 1))]
+    speakers = torch.randn(3, model.config.talker_config.hidden_size)
+    with torch.no_grad():
+        together = trainer(collate(samples, speakers, ids.tts_pad))
+        alone = [trainer(collate([s], speakers[i:i + 1], ids.tts_pad)) for i, s in enumerate(samples)]
+    torch.testing.assert_close(together.talker_loss_sum, sum(a.talker_loss_sum for a in alone), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(together.sub_loss_sum, sum(a.sub_loss_sum for a in alone), rtol=1e-5, atol=1e-4)
+    assert together.talker_targets == sum(a.talker_targets for a in alone) == 5 + 12 + 1 + 3
