@@ -112,12 +112,13 @@ def train(config: Config) -> None:
         for micro_rows in stream.epoch_steps():
             start = time.perf_counter()
             batches = [build(rows) for rows in micro_rows]
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after it)
             record = _train_step(module, optimizer, batches, config, world)
             scheduler.step()
             step += 1
             synchronize(device)
             elapsed = time.perf_counter() - start
-            record.update(step=step, epoch=stream.position.epoch, lr=scheduler.get_last_lr()[0],
+            record.update(step=step, epoch=stream.position.epoch, lr=lr,
                           step_time_s=elapsed, frames_per_s=record["frames"] / elapsed,
                           peak_memory_bytes=peak_memory_bytes(device))
             if step % t.log_interval == 0:
