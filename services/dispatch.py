@@ -3,8 +3,9 @@
 A lost actor (its process or node died) gives its in-flight shards back to the queue and is
 replaced; an application error in a shard is retried a few times and then reported as failed; a shard
 that cannot be written stops the job (the storage is at fault, not the shard). Unless a fixed count is
-asked for, accelerators that join the cluster mid-run get encoders too. An encoder is given shards only
-once it has started, so a slow or never-placed actor holds no work that others could do.
+asked for, accelerators that join the cluster mid-run get encoders too. The first encoders are waited
+for; later ones are given shards only once started, so a slow or never-placed actor holds no work that
+others could do.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from services.plan import ShardSpec
 from shared.device import RAY_RESOURCE
 
 LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+START_TIMEOUT_SECONDS = 180.0  # the first encoders' start (codec load) is waited for this long at most
 
 
 def cluster_kind(device: str) -> str:
@@ -101,12 +103,18 @@ class EncoderPool:
         """
         queue = deque(pending)
         self.scale()
+        first = list(self.encoders.values())
         last_tick = last_scale = time.time()
+        start_deadline = last_tick + START_TIMEOUT_SECONDS
         while queue or any(e.in_flight for e in self.encoders.values()):
-            for enc in list(self.encoders.values()):
-                while enc.starting is None and queue and len(enc.in_flight) < self.max_in_flight:
-                    spec = queue.popleft()
-                    enc.in_flight[enc.handle.encode_shard.remote(spec)] = spec
+            # The first encoders are waited for, so that each takes part from the first shard (and a bad codec
+            # fails the job before any work); one that cannot be placed is not waited for past the deadline.
+            if time.time() > start_deadline or not any(e.starting is not None and e.name in self.encoders
+                                                       for e in first):
+                for enc in list(self.encoders.values()):
+                    while enc.starting is None and queue and len(enc.in_flight) < self.max_in_flight:
+                        spec = queue.popleft()
+                        enc.in_flight[enc.handle.encode_shard.remote(spec)] = spec
             starting = {e.starting: e for e in self.encoders.values() if e.starting is not None}
             refs = [ref for e in self.encoders.values() for ref in e.in_flight] + list(starting)
             if refs:

@@ -142,7 +142,8 @@ def published_shards(output: str | Path) -> dict[int, Path | str]:
         filesystem, path = pafs.FileSystem.from_uri(output)
         infos = filesystem.get_file_info(pafs.FileSelector(f"{path.rstrip('/')}/{SHARDS_DIR}", allow_not_found=True))
         names = {shard_id_of(info.base_name): info.base_name for info in infos}
-        return {sid: child_uri(output, SHARDS_DIR, names[sid]) for sid in sorted(names) if sid is not None}
+        names.pop(None, None)
+        return {sid: child_uri(output, SHARDS_DIR, names[sid]) for sid in sorted(names)}
     shards_dir = Path(output) / SHARDS_DIR
     if not shards_dir.is_dir():
         return {}
