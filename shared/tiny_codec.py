@@ -41,14 +41,15 @@ def build_codec(size: str = "tiny", seed: int = 0) -> Qwen3TTSTokenizerV2Model:
                                        encoder_valid_num_quantizers=16)
     torch.manual_seed(seed)
     model = Qwen3TTSTokenizerV2Model(config).eval()
-    # Random init leaves codebooks at zero (every code would be 0): give each codebook random centroids.
+    # Random init leaves every codebook at zero: the encoder would emit only code 0 and the decoder
+    # only silence. Give the encoder's codebooks (buffers) and the decoder's (parameters) random centroids.
     gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
-        for name, buf in model.named_buffers():
-            if name.endswith("embed_sum"):
-                buf.copy_(torch.randn(buf.shape, generator=gen) * 0.5)
+        for name, tensor in [*model.named_buffers(), *model.named_parameters()]:
+            if name.endswith(("embed_sum", "embedding_sum")):
+                tensor.copy_(torch.randn(tensor.shape, generator=gen) * 0.5)
             elif name.endswith("cluster_usage"):
-                buf.fill_(1.0)
+                tensor.fill_(1.0)
     return model
 
 
