@@ -165,6 +165,26 @@ def encode_args(manifest: Path, codec: Path, output: Path | str, *extra: str) ->
             "--progress-seconds", "2", *extra]
 
 
+def heartbeats(output: Path) -> dict[str, dict]:
+    """Encoder name -> its heartbeat (workers/<name>.json), skipping one caught mid-replace."""
+    beats = {}
+    for path in sorted((output / schema.WORKERS_DIR).glob("*.json")):
+        try:
+            beats[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            pass
+    return beats
+
+
+def requeued_shards(driver_log: str, encoder: str) -> list[int]:
+    """The shards the driver gave back to the queue when it lost `encoder` (fails if it never did)."""
+    import re
+
+    lost = re.search(rf"{encoder} lost \(\w+\); re-queueing its shards \[([\d, ]*)\]", driver_log)
+    assert lost, f"the driver never reported {encoder} lost:\n{driver_log[-4000:]}"
+    return [int(s) for s in lost.group(1).split(",") if s.strip()]
+
+
 def repeated_corpus(clips: list[dict], rows: int) -> list[dict]:
     """`rows` manifest entries cycling over a few clips (from synth_corpus): a job with many rows and shards,
     long enough to inject faults into, for little set-up time and disk."""

@@ -1,6 +1,6 @@
 """A real Ray cluster on loopback for tests: `ray start --head` (and worker nodes) with their own ports,
-temp dirs and auth token. Stopped by process group of the `ray start` calls we made: never `ray stop`,
-never a kill by name, so nobody else's Ray on this machine is touched."""
+temp dirs and auth token. Stopped by session of the `ray start` calls we made: never `ray stop`, never a
+kill by name, so nobody else's Ray on this machine is touched."""
 from __future__ import annotations
 
 import json
@@ -35,7 +35,8 @@ class LocalRayCluster:
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
-        self.groups: list[int] = []
+        self.groups: list[int] = []  # one session (pid of its `ray start`) per node: the head first
+        self.removed: set[int] = set()
         self.gcs_port = free_port()
         self.dashboard_port = free_port()
 
@@ -76,7 +77,20 @@ class LocalRayCluster:
 
     def remove_node(self, index: int) -> None:
         """The node leaves as a crashed machine would: SIGKILL to every process it runs."""
-        _kill_group(self.groups[index], signal.SIGKILL)
+        _signal_sessions([self.groups[index]], signal.SIGKILL)
+        self.removed.add(index)
+
+    @property
+    def nodes_alive(self) -> list[int]:
+        return [i for i in range(len(self.groups)) if i not in self.removed]
+
+    def node_of_pid(self, pid: int) -> int | None:
+        """Which node (index) runs this process: a node's daemons and workers share its session."""
+        try:
+            session = os.getsid(pid)
+        except ProcessLookupError:
+            return None
+        return self.groups.index(session) if session in self.groups else None
 
     def driver(self, *args: str, log: Path) -> "Background":
         """`python -m services.encode` connected to this cluster as a plain driver (not a Ray job), so that
@@ -97,13 +111,13 @@ class LocalRayCluster:
                               text=True, timeout=timeout)
 
     def stop(self) -> None:
-        stop_groups(self.groups)
+        stop_sessions(self.groups)
         shutil.rmtree(self.root, ignore_errors=True)
 
 
 class Background:
-    """A command in its own process group, output to a file: a test can wait for it with a timeout, kill
-    exactly it (SIGKILL to the pid, a fault) and clean up after it (its whole group, nothing else)."""
+    """A command in its own session, output to a file: a test can wait for it with a timeout, kill exactly
+    it (SIGKILL to the pid, a fault) and clean up after it (its whole session, nothing else)."""
 
     def __init__(self, command: list[str], env: dict, log: Path):
         self.log_path = log
@@ -127,7 +141,7 @@ class Background:
             raise AssertionError(f"{self.proc.args[:4]} still running after {timeout} s:\n{self.output[-4000:]}")
 
     def stop(self) -> None:
-        stop_groups([self.proc.pid])
+        stop_sessions([self.proc.pid])
         self.proc.wait(timeout=10)
 
     def __enter__(self) -> "Background":
@@ -148,26 +162,36 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.1):
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
-def stop_groups(groups: list[int]) -> None:
-    """SIGTERM, then SIGKILL, to process groups we started; waits until they are gone."""
+def stop_sessions(sessions: list[int]) -> None:
+    """SIGTERM, then SIGKILL, to every process of sessions we started (`start_new_session`), and wait until
+    they are gone. By session, not process group: Ray puts each worker in a group of its own, but the worker
+    stays in its node's session."""
     for sig, grace in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
-        for group in groups:
-            _kill_group(group, sig)
+        _signal_sessions(sessions, sig)
         deadline = time.time() + grace
-        while time.time() < deadline and any(_group_alive(g) for g in groups):
+        while time.time() < deadline and session_members(sessions):
             time.sleep(0.2)
 
 
-def _kill_group(group: int, sig: int) -> None:
-    try:
-        os.killpg(group, sig)
-    except ProcessLookupError:
-        pass
+def _signal_sessions(sessions: list[int], sig: int) -> None:
+    for pid in session_members(sessions):
+        try:
+            os.kill(pid, sig)
+        except ProcessLookupError:
+            pass
 
 
-def _group_alive(group: int) -> bool:
-    try:
-        os.killpg(group, 0)
-        return True
-    except ProcessLookupError:
-        return False
+def session_members(sessions: list[int]) -> list[int]:
+    """Live (not zombie) processes whose session is one of `sessions`."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[3]) in sessions:
+            members.append(int(entry))
+    return members

@@ -1,17 +1,16 @@
 """Faults injected into a real encode: a `ray start --head` cluster with two fake NPUs, drivers started as
 plain processes (so the test holds their pids), and SIGKILL, a second job, a read-only mount and a full tmpfs.
 After each, the Parquet rows are checked against the manifest: every line once, its id, its codes."""
-import json
 import os
-import re
 import signal
 import subprocess
 from pathlib import Path
 
 import pytest
 
-from shared.schema import SHARDS_DIR, WORKERS_DIR, published_shards, read_stats
-from tests.conftest import assert_rows_match, encode_args, repeated_corpus, write_manifest
+from shared.schema import SHARDS_DIR, published_shards, read_stats
+from tests.conftest import (assert_rows_match, encode_args, heartbeats, repeated_corpus, requeued_shards,
+                            write_manifest)
 from tests.raycluster import LocalRayCluster, wait_for
 
 # One clip per codec call, 8 rows a shard: 30 shards, a few seconds of work for two encoders.
@@ -36,16 +35,6 @@ def job(cycled_clips, tiny_codec_dir, tmp_path):
     return entries, args, out
 
 
-def heartbeats(out: Path) -> list[dict]:
-    beats = []
-    for path in sorted((out / WORKERS_DIR).glob("*.json")):
-        try:
-            beats.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            pass  # being replaced right now
-    return beats
-
-
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -61,13 +50,11 @@ def mtimes(out: Path) -> dict[int, int]:
 def test_encoder_killed_mid_shard_is_redone_elsewhere(cluster, job, cycled_clips, tmp_path):
     entries, args, out = job
     with cluster.driver(*args, log=tmp_path / "driver.log") as driver:
-        victim = wait_for(lambda: next((b for b in heartbeats(out) if b.get("shard") is not None), None), 180,
+        victim = wait_for(lambda: next((b for b in heartbeats(out).values() if b.get("shard") is not None), None), 180,
                           "an encoder busy with a shard")
         os.kill(victim["pid"], signal.SIGKILL)
         assert driver.wait(timeout=240) == 0, driver.output[-4000:]
-    lost = re.search(rf"{victim['name']} lost \(\w+\); re-queueing its shards \[([\d, ]*)\]", driver.output)
-    assert lost, driver.output[-4000:]
-    requeued = [int(s) for s in lost.group(1).split(",") if s.strip()]
+    requeued = requeued_shards(driver.output, victim["name"])
     assert requeued, "the encoder was killed with no shard in flight"
     shards = published_shards(out)
     assert all(read_stats(shards[sid]).worker != victim["name"] for sid in requeued)
@@ -81,7 +68,7 @@ def test_driver_killed_mid_run_then_resubmitted_finishes_only_missing_shards(clu
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     # Its encoders are owned by it and die with it (the lock, an fcntl lock, went with its process).
-    wait_for(lambda: not any(alive(b["pid"]) for b in heartbeats(out)), 60, "the killed driver's encoders to exit")
+    wait_for(lambda: not any(alive(b["pid"]) for b in heartbeats(out).values()), 60, "the killed driver's encoders to exit")
     before = mtimes(out)
     assert 3 <= len(before) < SHARDS, "the driver must be killed part-way through"
     with cluster.driver(*args, log=tmp_path / "second.log") as second:

@@ -1,16 +1,16 @@
 """The encode across Ray nodes: real `ray start` nodes on loopback, each with its own fake NPU and temp dir, and
 one `ray job submit`. Every NPU of every node gets an encoder, a node that joins mid-run gets one too and
-does part of the work, and every manifest line is written exactly once with the codes a clean encode gives."""
-import json
-
+does part of the work, a node that dies mid-run gives its shards back, and every manifest line is written
+exactly once with the codes a clean encode gives."""
 import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
 from services.finalize import iter_rows
 from services.writer import ShardWriter
-from shared.schema import SHARDS_DIR, WORKERS_DIR, ShardStats, published_shards, read_stats
-from tests.conftest import assert_rows_match, encode_args, repeated_corpus, write_manifest
+from shared.schema import SHARDS_DIR, ShardStats, published_shards, read_stats
+from tests.conftest import (assert_rows_match, encode_args, heartbeats, repeated_corpus, requeued_shards,
+                            write_manifest)
 from tests.raycluster import LocalRayCluster, wait_for
 
 NODE = {"num_cpus": 2, "resources": {"NPU": 1}}
@@ -31,10 +31,6 @@ def encode_job(manifest, codec, out, *extra) -> list[str]:
     return ["python", "-m", "services.encode", *encode_args(manifest, codec, out, *extra)]
 
 
-def heartbeats(out) -> dict[str, dict]:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / WORKERS_DIR).glob("*.json"))}
-
-
 def workers_of_shards(out) -> dict[str, int]:
     """Encoder name -> how many of the published shards it wrote."""
     counts: dict[str, int] = {}
@@ -45,7 +41,7 @@ def workers_of_shards(out) -> dict[str, int]:
 
 
 def test_node_that_joins_mid_run_gets_an_encoder_and_shards(cluster, cycled_clips, tiny_codec_dir, tmp_path):
-    assert len(cluster.groups) == 1, "this test starts from a one-node cluster"
+    assert cluster.nodes_alive == [0], "this test starts from a one-node cluster"
     entries = repeated_corpus(cycled_clips[0], ROWS_FOR_JOIN)
     manifest = write_manifest(tmp_path / "raw.jsonl", entries)
     out = tmp_path / "out"
@@ -65,7 +61,7 @@ def test_node_that_joins_mid_run_gets_an_encoder_and_shards(cluster, cycled_clip
 
 
 def test_one_encoder_per_npu_on_every_node(cluster, cycled_clips, tiny_codec_dir, tmp_path):
-    while len(cluster.groups) < 2:
+    while len(cluster.nodes_alive) < 2:
         cluster.add_node(**NODE)
     entries = repeated_corpus(cycled_clips[0], 40)
     manifest = write_manifest(tmp_path / "raw.jsonl", entries)
@@ -80,6 +76,27 @@ def test_one_encoder_per_npu_on_every_node(cluster, cycled_clips, tiny_codec_dir
     assert set(workers_of_shards(out)) == {"encoder-0", "encoder-1"}
     assert_rows_match(out, entries, cycled_clips[1])
 
+
+
+def test_node_that_dies_mid_run_gives_its_shards_back(cluster, cycled_clips, tiny_codec_dir, tmp_path):
+    while len(cluster.nodes_alive) < 2:
+        cluster.add_node(**NODE)
+    leaving = cluster.nodes_alive[-1]
+    entries = repeated_corpus(cycled_clips[0], 800)
+    manifest = write_manifest(tmp_path / "raw.jsonl", entries)
+    out = tmp_path / "out"
+    job = encode_job(manifest, tiny_codec_dir, out, "--shard-size", "8", "--max-batch-items", "1")
+    with cluster.submit_background(*job, log=tmp_path / "job.log") as submitted:
+        victim = wait_for(lambda: next((b for b in heartbeats(out).values() if b.get("shard") is not None
+                                        and cluster.node_of_pid(b["pid"]) == leaving), None),
+                          240, "an encoder busy on the node that will die")
+        cluster.remove_node(leaving)
+        assert submitted.wait(timeout=300) == 0, submitted.output[-4000:]
+    requeued = requeued_shards(submitted.output, victim["name"])
+    assert requeued, "the node died with no shard in flight"
+    shards = published_shards(out)
+    assert all(read_stats(shards[sid]).worker != victim["name"] for sid in requeued)
+    assert_rows_match(out, entries, cycled_clips[1])
 
 def test_shard_files_through_a_pyarrow_filesystem_uri(cycled_clips, tmp_path):
     """ShardWriter and the readers take a URI (here file://; s3://, gs://, hdfs:// alike) or an explicit pyarrow
