@@ -56,12 +56,15 @@ def main(argv=None) -> None:
             results.append({"budget_seconds": budget, "thp": thp, **r, "peak_rss_gib": gib(measured.peak_rss_bytes)})
             rows.append([budget, thp, r["batches"], ratio(r["audio_seconds"], r["encode_seconds"]),
                          ratio(r["audio_seconds"], cpu), r["user_seconds"], r["system_seconds"],
+                         r["runqueue_wait_seconds"], r["encode_seconds"] - cpu - r["runqueue_wait_seconds"],
                          gib(measured.peak_rss_bytes)])
             print(f"budget {budget:g} s, THP {thp}: {rows[-1][3]:.2f} audio-s/s, {rows[-1][4]:.2f} audio-s per CPU-s",
                   flush=True)
     print()
     print(markdown_table(["budget s", "THP", "batches", "audio-s/s", "audio-s / CPU-s", "user s", "system s",
-                          "peak RSS GiB"], rows))
+                          "runqueue wait s", "other off-CPU s", "peak RSS GiB"], rows))
+    print("runqueue wait: runnable but another process had the core; other off-CPU: blocked (I/O, page-fault "
+          "stalls, locks) = wall - user - system - runqueue wait (main thread)")
     write_json(args.json, {"benchmark": "codec_budget_sweep", "machine": machine_info(device),
                            "args": {k: str(v) for k, v in vars(args).items()}, "results": results})
 

@@ -47,12 +47,22 @@ class _Clock:
     faults on freshly mapped activations, which is what the batch budget and huge pages change."""
 
     def __init__(self):
-        self.wall, self.usage = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF)
+        self.wall, self.usage, self.waited = time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF), _runqueue_wait()
 
     def result(self, **fields) -> dict:
         now = resource.getrusage(resource.RUSAGE_SELF)
         return {**fields, "encode_seconds": time.perf_counter() - self.wall,
-                "user_seconds": now.ru_utime - self.usage.ru_utime, "system_seconds": now.ru_stime - self.usage.ru_stime}
+                "user_seconds": now.ru_utime - self.usage.ru_utime, "system_seconds": now.ru_stime - self.usage.ru_stime,
+                "runqueue_wait_seconds": _runqueue_wait() - self.waited}
+
+
+def _runqueue_wait() -> float:
+    """Seconds the main thread (where a 1-thread torch computes) was runnable but waiting for a core: the
+    share of wall time other people's processes took (Linux schedstat; 0 where unavailable)."""
+    try:
+        return int(Path("/proc/thread-self/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
 
 
 def _progress(rows: int, audio_seconds: float, started: float) -> None:
