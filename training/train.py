@@ -50,7 +50,11 @@ def init_distributed(preference: str):
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
     device = select_device(preference, int(os.environ["LOCAL_RANK"]))
-    dist.init_process_group(backend=device.backend)
+    # torchrun --max-restarts hands the restarted ranks the same store as the failed attempt (torch 2.9): without
+    # a per-attempt prefix they read the dead ranks' addresses and never connect (gloo/nccl "connection refused").
+    store, rank, world = next(dist.rendezvous("env://"))
+    attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world)
     return device
 
 
