@@ -141,7 +141,13 @@ class Background:
             raise AssertionError(f"{self.proc.args[:4]} still running after {timeout} s:\n{self.output[-4000:]}")
 
     def stop(self) -> None:
-        stop_sessions([self.proc.pid])
+        sessions = {self.proc.pid}
+        for pid in descendants(self.proc.pid):
+            try:
+                sessions.add(os.getsid(pid))
+            except ProcessLookupError:
+                pass
+        stop_sessions(sorted(sessions))
         self.proc.wait(timeout=10)
 
     def __enter__(self) -> "Background":
@@ -183,7 +189,23 @@ def _signal_sessions(sessions: list[int], sig: int) -> None:
 
 def session_members(sessions: list[int]) -> list[int]:
     """Live (not zombie) processes whose session is one of `sessions`."""
-    members = []
+    return [pid for pid, (state, _, session) in _processes().items() if state != "Z" and session in sessions]
+
+
+def descendants(pid: int) -> list[int]:
+    """Children, grandchildren... of `pid` (torchrun starts each worker in a session of its own)."""
+    table = _processes()
+    found, frontier = [], [pid]
+    while frontier:
+        children = [child for child, (_, parent, _) in table.items() if parent in frontier]
+        found += children
+        frontier = children
+    return found
+
+
+def _processes() -> dict[int, tuple[str, int, int]]:
+    """pid -> (state, parent pid, session) of every process, from /proc."""
+    table = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -192,6 +214,5 @@ def session_members(sessions: list[int]) -> list[int]:
                 fields = f.read().rsplit(")", 1)[1].split()  # after "pid (comm)": state ppid pgrp session ...
         except OSError:
             continue
-        if fields[0] != "Z" and int(fields[3]) in sessions:
-            members.append(int(entry))
-    return members
+        table[int(entry)] = (fields[0], int(fields[1]), int(fields[3]))
+    return table
