@@ -73,6 +73,7 @@ class EncoderPool:
         self.attempts: dict[int, int] = {}
         self.losses = 0
         self.started = 0  # encoders that came up; until one has, a failing start fails the job at once
+        self.first_started_at: float | None = None  # start-up (actor, device, codec load) ends here
 
     def desired_count(self) -> int:
         return encoder_count(self.kind, self.fixed_count)
@@ -147,6 +148,7 @@ class EncoderPool:
             return
         enc.starting = None
         self.started += 1
+        self.first_started_at = self.first_started_at or time.time()
         self.log(f"{enc.name} started on {info['hostname']} ({info['node']}, node {info['node_id'][:12]}) "
                  f"device {info['device']} {info.get('visible_devices') or ''}")
 
