@@ -68,7 +68,8 @@ def test_driver_killed_mid_run_then_resubmitted_finishes_only_missing_shards(clu
         os.kill(first.pid, signal.SIGKILL)
         first.wait(timeout=30)
     # Its encoders are owned by it and die with it (the lock, an fcntl lock, went with its process).
-    wait_for(lambda: not any(alive(b["pid"]) for b in heartbeats(out).values()), 60, "the killed driver's encoders to exit")
+    wait_for(lambda: not any(alive(b["pid"]) for b in heartbeats(out).values()), 60,
+             "the killed driver's encoders to exit")
     before = mtimes(out)
     assert 3 <= len(before) < SHARDS, "the driver must be killed part-way through"
     with cluster.driver(*args, log=tmp_path / "second.log") as second:
