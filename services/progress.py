@@ -105,6 +105,7 @@ def read_encoders(output: Path, now: float) -> list[dict]:
         encoders.append({
             "name": as_text_or_none(beat.get("name")) or path.stem,
             "node": as_text_or_none(beat.get("node")),
+            "node_id": as_text_or_none(beat.get("node_id")),
             "hostname": as_text_or_none(beat.get("hostname")),
             "device": as_text_or_none(beat.get("device")),
             "shard": as_int_or_none(beat.get("shard")),
@@ -195,6 +196,8 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
     nodes: dict[str, int] = {}
     for e in encoders:
         node = e["node"] or e["hostname"] or "unknown"
+        if e["node_id"]:  # Ray nodes can share an IP (several on one host): tell them apart
+            node = f"{node} ({e['node_id'][:8]})"
         nodes[node] = nodes.get(node, 0) + int(e["alive"])
     done = len(shards)
     return {
