@@ -1,5 +1,5 @@
 # Sourced (not run) on a cluster node before `ray start` or a training launch, by deploy/ray-cluster.yaml,
-# deploy/train_on_shards.sh and the steps of docs/scaling.md:
+# deploy/train_on_shards.sh and the steps of README.md ("Scaling out"):
 #   source deploy/node_env.sh
 # It sets: on an Ascend node (CANN installed), CANN's environment and the runtime settings of
 # deploy/ascend.env; everywhere, Ray token authentication and the project's virtual environment on PATH.

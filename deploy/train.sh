@@ -8,7 +8,7 @@
 #   TRAIN_DEVICE   auto|npu|cuda|cpu (default auto: NPU, then CUDA, then CPU; shared.device decides)
 #   TRAIN_PRINT_ONLY=1  print the Ascend environment and the torchrun command instead of running it
 # On an NPU the Ascend runtime variables are set (values already in the environment win): the shared ones
-# from deploy/ascend.env plus the training-only ones below; docs/training.md explains each. Not on CUDA/CPU.
+# from deploy/ascend.env plus the training-only ones below; README.md ("Training") explains each. Not on CUDA/CPU.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bash deploy/train.sh CONFIG [key=value ...]" >&2; exit 2; }

@@ -406,9 +406,9 @@ def test_train_on_shards_refuses_what_cannot_work(tmp_path, case):
 
 
 def test_training_doc_states_the_ascend_values_deploy_sets():
-    """docs/training.md documents the Ascend variables; those that deploy/ascend.env sets must match it."""
+    """README.md ("Training") documents the Ascend variables; those that deploy/ascend.env sets must match it."""
     documented = {}
-    for line in (REPO / "docs" / "training.md").read_text().splitlines():
+    for line in (REPO / "README.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 2 and cells[0].startswith("`"):
             names = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0])
@@ -416,5 +416,5 @@ def test_training_doc_states_the_ascend_values_deploy_sets():
             documented.update(zip(names, values))
     env = ascend_env()
     shared = set(env) & set(documented)
-    assert shared == set(env), f"not documented in docs/training.md: {sorted(set(env) - shared)}"
+    assert shared == set(env), f"not documented in README.md: {sorted(set(env) - shared)}"
     assert {k: documented[k] for k in shared} == env
