@@ -6,6 +6,7 @@
 #   NPUS_PER_NODE  ranks on this node (default: the accelerators torch sees; 1 on CPU)
 #   NNODES (1), NODE_RANK (0), MASTER_ADDR (127.0.0.1), MASTER_PORT (29500)
 #   TRAIN_DEVICE   auto|npu|cuda|cpu (default auto: NPU, then CUDA, then CPU; shared.device decides)
+#   MAX_RESTARTS   torchrun restarts of a failed rank group, each resuming from the last checkpoint (default 3)
 #   TRAIN_PRINT_ONLY=1  print the Ascend environment and the torchrun command instead of running it
 # On an NPU the Ascend runtime variables are set (values already in the environment win): the shared ones
 # from deploy/ascend.env plus the training-only ones below; README.md ("Training") explains each. Not on CUDA/CPU.
@@ -47,7 +48,7 @@ print({"npu": lambda: torch.npu.device_count(), "cuda": torch.cuda.device_count}
 fi
 command=("$python_bin" -m torch.distributed.run --nnodes "${NNODES:-1}" --node_rank "${NODE_RANK:-0}"
          --nproc_per_node "$NPUS_PER_NODE" --master_addr "${MASTER_ADDR:-127.0.0.1}"
-         --master_port "${MASTER_PORT:-29500}" -m training.train --config "$config" "$@"
+         --master_port "${MASTER_PORT:-29500}" --max-restarts "${MAX_RESTARTS:-3}" -m training.train --config "$config" "$@"
          "train.device=$kind")
 
 if [ "${TRAIN_PRINT_ONLY:-0}" = 1 ]; then

@@ -90,11 +90,14 @@ class Driver:
     def start_status(self):
         if self.args.status_port < 0:
             return None
-        from services.status import start_status_server, token_from
+        from services.status import is_loopback, start_status_server, token_from
 
+        token = token_from(self.args.status_token_file)
+        if token is None and not is_loopback(self.args.status_host):
+            self.log(f"warning: /status on {self.args.status_host} without a token: anyone who can reach it "
+                     "sees the job's paths and progress; pass --status-token-file")
         try:
-            server = start_status_server(self.output, self.args.status_host, self.args.status_port,
-                                         token_from(self.args.status_token_file))
+            server = start_status_server(self.output, self.args.status_host, self.args.status_port, token)
         except OSError as exc:
             self.log(f"status server not started ({exc}); the job goes on. Serve it with "
                      f"`python -m services.status --output {self.output} --port P`")
