@@ -54,13 +54,17 @@ def parse_args(argv=None):
     return args
 
 
-def job_defaults(args) -> None:
-    """Unset batch budgets take the encode job's own defaults, so (c) batches exactly like (b)."""
+def job_defaults(args, device_kind: str) -> None:
+    """Unset batch budgets take the encode job's own defaults, and (c) gets the budget the encoder actually
+    uses on this device, so that (c) batches like (b)."""
     from services.encode import parse_args as job_args
+    from services.encoder import EncoderOptions, batch_seconds_for
 
     defaults = job_args(["--manifest", "m", "--codec", "c", "--output", "o"])
     args.max_batch_seconds = args.max_batch_seconds or defaults.max_batch_seconds
     args.max_batch_items = args.max_batch_items or defaults.max_batch_items
+    args.encoder_batch_seconds = batch_seconds_for(EncoderOptions("", "", max_batch_seconds=args.max_batch_seconds),
+                                                   device_kind)
     args.shard_size = args.shard_size or max(1, -(-args.clips // 8))
 
 
@@ -113,7 +117,7 @@ class Bench:
     def ceiling(self) -> dict:
         a = self.args
         return self.in_process("ceiling", "c-ceiling", "(c) codec ceiling", "--max-batch-seconds",
-                               str(a.max_batch_seconds), "--max-batch-items", str(a.max_batch_items))
+                               str(a.encoder_batch_seconds), "--max-batch-items", str(a.max_batch_items))
 
     def job(self, name: str, label: str, encoders: int) -> dict:
         from shared.schema import published_shards, read_stats
@@ -147,13 +151,14 @@ class Bench:
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    job_defaults(args)
+    job_defaults(args, device["kind"])
     bench = Bench(args, device)
     flows = set(args.flows.split(","))
     info = machine_info(device)
     print(f"corpus: {args.clips} clips, {bench.total_audio:.0f} s of audio ({args.min_seconds:g}-{args.max_seconds:g} s, "
           f"{', '.join(str(r) for r in inputs.CORPUS_RATES)} Hz); codec {args.codec_size}; device {device}; "
-          f"{args.threads} torch thread(s) per encoder", flush=True)
+          f"{args.threads} torch thread(s) per encoder; codec calls of at most {args.encoder_batch_seconds:g} padded "
+          f"seconds (--max-batch-seconds {args.max_batch_seconds:g})", flush=True)
     results: dict[str, dict] = {}
     if "a" in flows:
         results["a"] = bench.reference(args.reference_batch)

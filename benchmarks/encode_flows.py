@@ -98,7 +98,11 @@ def reference(args) -> None:
 
 def ceiling(args) -> None:
     """What the codec alone sustains on this device: every clip decoded and resampled before the clock
-    starts, then encode_clips over the encode job's batches (same budget, same length sort)."""
+    starts, then encode_clips over the encode job's batches (pass the budget the encoder uses on this device)
+    sorted by length over the whole corpus, with the encoder's allocator setting."""
+    from services.encoder import use_huge_pages_for_host_tensors
+
+    use_huge_pages_for_host_tensors()  # as the encoder does (this flow is our codec path minus the I/O), first
     from services.batching import form_batches
     from shared.audio import AudioLimits, load_audio
     from shared.device import synchronize

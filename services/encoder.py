@@ -27,7 +27,8 @@ class EncoderOptions:
     codec: str
     output: str
     device: str = "auto"
-    max_batch_seconds: float = 240.0  # padded audio seconds per codec call
+    max_batch_seconds: float = 240.0  # padded audio seconds per codec call (on an accelerator)
+    cpu_max_batch_seconds: float = 10.0  # the cap on CPU (see batch_seconds_for)
     max_batch_items: int = 64
     decode_threads: int = 0  # 0: this node's cores shared among the encoders placed on it
     placement: str = "cpu"  # accelerator kind the actor was placed on ("npu", "cuda" or "cpu")
@@ -77,6 +78,29 @@ def default_decode_threads(placement: str) -> int:
     return max(2, (os.cpu_count() or 2) // accelerators)
 
 
+def batch_seconds_for(options: EncoderOptions, device_kind: str) -> float:
+    """The padded-seconds budget of one codec call on this device.
+
+    On a CPU, batching buys nothing (one thread per encoder does the same arithmetic either way) while big
+    padded activations cost page faults and cache misses: with the released-size codec, 10 s per call encodes
+    about twice the audio per CPU-second of 240 s and needs a third of the memory (docs/benchmarks.md,
+    benchmarks/codec_budget_sweep.py). Accelerators keep the budget they are given.
+    """
+    if device_kind == "cpu":
+        return min(options.max_batch_seconds, options.cpu_max_batch_seconds)
+    return options.max_batch_seconds
+
+
+def use_huge_pages_for_host_tensors() -> None:
+    """Ask torch's CPU allocator for 2 MB pages (THP_MEM_ALLOC_ENABLE, read once, at the process's first
+    tensor allocation: call this before anything imports qwen_tts).
+
+    Every codec call maps its activations afresh; faulting them in 4 KB pages was ~40% of a CPU encoder's time,
+    and huge pages halve that system time (docs/benchmarks.md). Host-side only; a value set by the user wins.
+    """
+    os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+
 class RateMeter:
     """Rows and audio seconds per second over a sliding window."""
 
@@ -100,6 +124,7 @@ class ShardEncoder:
     """The work of one encoder, independent of Ray so it can be driven directly too."""
 
     def __init__(self, options: EncoderOptions, name: str = "encoder-0"):
+        use_huge_pages_for_host_tensors()  # first: importing qwen_tts already allocates tensors
         import torch
 
         from shared.qwen import load_codec
@@ -109,6 +134,7 @@ class ShardEncoder:
             torch.set_num_threads(options.torch_threads)
         self.device = select_device(options.device)
         self.codec = load_codec(options.codec, self.device.torch_device)
+        self.batch_seconds = batch_seconds_for(options, self.device.kind)
         self.limits = AudioLimits(options.min_seconds, options.max_seconds)
         self.writer = ShardWriter(options.output)
         self.prefetcher = Prefetcher(options.decode_threads or default_decode_threads(options.placement),
@@ -143,7 +169,7 @@ class ShardEncoder:
             else:
                 todo.append(offset)
         durations = self.prefetcher.map(lambda o: probe_duration(entries[o]["audio"]), todo)
-        batches = form_batches(durations, self.options.max_batch_seconds, self.options.max_batch_items)
+        batches = form_batches(durations, self.batch_seconds, self.options.max_batch_items)
         for batch, futures in self.prefetcher.run(batches, lambda j: self._decode(entries[todo[j]])):
             good: list[tuple[int, Clip]] = []
             for j, future in zip(batch, futures):
