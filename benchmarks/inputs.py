@@ -52,3 +52,56 @@ def codec(work_dir: Path, size: str, seed: int = 0) -> Path:
         write_codec(root, size, seed)
         done.write_text("")
     return root
+
+
+def tiny_model(work_dir: Path, seed: int = 0) -> Path:
+    """shared.tiny's random Base model (with its speech_tokenizer/), as the tests and the demo use it."""
+    from shared.tiny import write_tiny
+
+    root = work_dir / f"tiny-seed{seed}"
+    done = root.with_name(root.name + _DONE)
+    if not done.is_file():
+        write_tiny(root, seed)
+        done.write_text("")
+    return root / "model"
+
+
+def model_1p7b(work_dir: Path, layers: int = 28, seed: int = 0) -> Path:
+    from benchmarks.model_1p7b import write_model_1p7b
+
+    root = work_dir / f"model-1p7b-{layers}layers-seed{seed}"
+    done = root.with_name(root.name + _DONE)
+    if not done.is_file():
+        write_model_1p7b(root, codec(work_dir, "tiny", seed), layers, seed)
+        done.write_text("")
+    return root
+
+
+_WORDS = "the quick brown fox jumps over a lazy dog while speech synthesis models learn from data".split()
+
+
+def train_shards(work_dir: Path, shards: int, rows_per_shard: int, min_seconds: float, max_seconds: float,
+                 seed: int = 0) -> Path:
+    """A complete encode output directory of random codes (training cost does not depend on code values):
+    utterances of uniform random length, 4-12 words of text, one shared 24 kHz reference."""
+    from shared import schema
+    from training.synthetic import write_shard, write_wav
+
+    root = work_dir / f"train-shards-{shards}x{rows_per_shard}-{min_seconds:g}-{max_seconds:g}s-seed{seed}"
+    if (root / schema.COMPLETE_MARKER).is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    ref = str(write_wav(root / "audio" / "ref.wav", 3.0, seed))
+    for shard_id in range(shards):
+        rows, codes = [], []
+        for k in range(rows_per_shard):
+            index = shard_id * rows_per_shard + k
+            seconds = float(rng.uniform(min_seconds, max_seconds))
+            frames = -(-int(seconds * 24_000) // 1920)
+            rows.append({"index": index, "id": f"utt{index:06d}", "audio": f"/unused/{index}.wav",
+                         "text": " ".join(rng.choice(_WORDS, size=int(rng.integers(4, 13)))), "ref_audio": ref,
+                         "duration": seconds, "sample_rate": 24_000, "error": None})
+            codes.append(rng.integers(0, schema.CODEBOOK_SIZE, size=(frames, schema.NUM_CODEBOOKS), dtype=np.int16))
+        write_shard(root, shard_id, rows, codes)
+    (root / schema.COMPLETE_MARKER).write_text("")
+    return root
