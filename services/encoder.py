@@ -10,11 +10,13 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
 from services.batching import Prefetcher, form_batches, probe_duration
 from services.manifest import LINE_ERROR, read_range
 from services.plan import ShardSpec, write_json_atomic
 from services.writer import ShardWriter
-from shared.audio import AudioError, AudioLimits, Clip, load_audio
+from shared.audio import SAMPLES_PER_FRAME, AudioError, AudioLimits, Clip, load_audio
 from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, select_device
 from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardStats
 
@@ -127,13 +129,16 @@ class ShardEncoder:
         use_huge_pages_for_host_tensors()  # first: importing qwen_tts already allocates tensors
         import torch
 
-        from shared.qwen import load_codec
+        from shared.qwen import encode_clips, load_codec
 
         self.options, self.name = options, name
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
         self.device = select_device(options.device)
         self.codec = load_codec(options.codec, self.device.torch_device)
+        # One small encode now, so device context, kernel loading and allocator growth are start-up cost
+        # and not charged to the first shard.
+        encode_clips(self.codec, [np.zeros(4 * SAMPLES_PER_FRAME, dtype=np.float32)])
         self.batch_seconds = batch_seconds_for(options, self.device.kind)
         self.limits = AudioLimits(options.min_seconds, options.max_seconds)
         self.writer = ShardWriter(options.output)
