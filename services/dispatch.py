@@ -46,6 +46,12 @@ def placement(kind: str, cpus: float) -> dict:
     return {"num_cpus": cpus}
 
 
+def shards_at_once(kind: str) -> int:
+    """An accelerator encoder overlaps the next shard's decoding (and this one's Parquet write) with the
+    device's work; a CPU encoder's cores are busy encoding, so it takes one shard at a time."""
+    return 1 if kind == "cpu" else 2
+
+
 def encoder_count(kind: str, fixed: int | None) -> int:
     """A fixed count, or one encoder per accelerator the cluster has now (one on CPU)."""
     if fixed:
@@ -65,7 +71,9 @@ class EncoderPool:
     def __init__(self, options: EncoderOptions, kind: str, num_encoders: int | None, cpus_per_encoder: float = 1.0,
                  max_in_flight: int = 2, max_retries: int = 2, log: Callable[[str], None] = print):
         self.options, self.kind, self.fixed_count = options, kind, num_encoders
-        self.cpus, self.max_in_flight, self.max_retries, self.log = cpus_per_encoder, max_in_flight, max_retries, log
+        self.cpus, self.max_retries, self.log = cpus_per_encoder, max_retries, log
+        # One shard queued behind those the actor works on, so it never waits for the driver's round trip.
+        self.max_in_flight = max_in_flight + shards_at_once(kind) - 1
         self.encoders: dict[str, Encoder] = {}
         self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(EncoderActor)
         self._next_index = 0
@@ -82,6 +90,7 @@ class EncoderPool:
         name = f"encoder-{self._next_index}"
         self._next_index += 1
         handle = self.actor_class.options(name=None, scheduling_strategy="SPREAD",
+                                          max_concurrency=shards_at_once(self.kind),
                                           **placement(self.kind, self.cpus)).remote(self.options, name)
         self.encoders[name] = Encoder(name, handle, handle.info.remote())
 

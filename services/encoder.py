@@ -147,7 +147,15 @@ class ShardEncoder:
         self.manifest = Path(options.output) / MANIFEST_FILE
         self.totals = {"rows": 0, "rows_error": 0, "audio_seconds": 0.0}
         self.meter = RateMeter()
-        self.current_shard: int | None = None
+        # On an accelerator the actor runs two shards at once (dispatch.shards_at_once): one decodes and
+        # writes while the other holds the device. The codec is used by one of them at a time.
+        self.active: set[int] = set()
+        self._codec_lock = threading.Lock()
+        self._count_lock = threading.Lock()
+
+    @property
+    def current_shard(self) -> int | None:
+        return min(self.active, default=None)
 
     def _decode(self, entry: dict) -> Clip | AudioError:
         try:
@@ -158,10 +166,18 @@ class ShardEncoder:
             return AudioError(entry["audio"], "decode_failed", f"{type(exc).__name__}: {exc}")
 
     def encode_shard(self, spec: ShardSpec) -> ShardStats:
+        with self._count_lock:
+            self.active.add(spec.id)
+        try:
+            return self._encode_shard(spec)
+        finally:
+            with self._count_lock:
+                self.active.discard(spec.id)
+
+    def _encode_shard(self, spec: ShardSpec) -> ShardStats:
         from shared.qwen import encode_clips
 
         started = time.time()
-        self.current_shard = spec.id
         entries = read_range(self.manifest, spec.byte_start, spec.byte_end)
         if len(entries) != spec.rows:
             raise RuntimeError(f"shard {spec.id}: manifest range holds {len(entries)} lines, plan says {spec.rows}; "
@@ -186,7 +202,9 @@ class ShardEncoder:
                     good.append((offset, result))
             if not good:
                 continue
-            codes = encode_clips(self.codec, [clip.samples for _, clip in good], exact_tail=self.options.exact_tail)
+            with self._codec_lock:
+                codes = encode_clips(self.codec, [clip.samples for _, clip in good],
+                                     exact_tail=self.options.exact_tail)
             audio_seconds = 0.0
             for (offset, clip), c in zip(good, codes):
                 entry = entries[offset]
@@ -195,17 +213,18 @@ class ShardEncoder:
                              "audio_codes": c, "num_frames": len(c), "duration": clip.duration,
                              "sample_rate": clip.source_sample_rate, "error": None})
                 audio_seconds += clip.duration
-            self.meter.add(len(good), audio_seconds)
-            self.totals["rows"] += len(good)
-            self.totals["audio_seconds"] += audio_seconds
+            with self._count_lock:
+                self.meter.add(len(good), audio_seconds)
+                self.totals["rows"] += len(good)
+                self.totals["audio_seconds"] += audio_seconds
         errors = sum(1 for r in rows if r["error"] is not None)
-        self.totals["rows_error"] += errors
+        with self._count_lock:
+            self.totals["rows_error"] += errors
         stats = ShardStats(rows=len(rows), rows_ok=len(rows) - errors, rows_error=errors,
                            audio_seconds=sum(r["duration"] or 0.0 for r in rows if r["error"] is None),
                            frames=sum(r["num_frames"] or 0 for r in rows), encode_seconds=time.time() - started,
                            worker=self.name)
         self.writer.publish(spec.id, rows, stats)
-        self.current_shard = None
         return stats
 
 

@@ -4,6 +4,7 @@ After each, the Parquet rows are checked against the manifest: every line once, 
 import os
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -128,7 +129,13 @@ class FullShardsDisk(ReadOnlyShards):
 
 
 def mount(*args) -> None:
-    subprocess.run(["mount", *map(str, args)], timeout=30, check=True, capture_output=True)
+    """mount(8), retried: a remount has been seen to fail once (exit 32) on a loaded machine."""
+    for attempt in range(3):
+        result = subprocess.run(["mount", *map(str, args)], timeout=30, capture_output=True, text=True)
+        if result.returncode == 0:
+            return
+        time.sleep(1.0)
+    raise RuntimeError(f"mount {' '.join(map(str, args))} failed ({result.returncode}): {result.stderr.strip()}")
 
 
 @pytest.mark.parametrize("fault", [ReadOnlyShards, FullShardsDisk], ids=["read-only", "disk-full"])
