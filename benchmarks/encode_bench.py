@@ -21,6 +21,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/X.py` from anywhere
 
 from benchmarks import inputs  # noqa: E402
+from benchmarks.encoder_profile import padding_factors  # noqa: E402
 from benchmarks.common import (GIB, base_parser, child_env, gib, machine_info, markdown_table, parse_last,  # noqa: E402
                                parse_result, python, ratio, ratio_lines, resolve_device, run_measured, write_json)
 
@@ -39,7 +40,8 @@ def parse_args(argv=None):
     p.add_argument("--reference-fallback-batch", type=int, default=8,
                    help="(a) re-run with this batch if the first one exceeds --memory-limit-gib (0: do not)")
     p.add_argument("--shard-size", type=int, default=0,
-                   help="(b, d) rows per shard (0: clips / 8, so that (d) has several shards per encoder)")
+                   help="(b, d) rows per shard (0: the job's default, made smaller when (d) would get fewer than "
+                        "4 shards per encoder)")
     p.add_argument("--max-batch-seconds", type=float, default=None, help="(b, c, d) padded seconds per codec call "
                    "(default: the encode job's default)")
     p.add_argument("--max-batch-items", type=int, default=None, help="(b, c, d) (default: the job's default)")
@@ -54,9 +56,15 @@ def parse_args(argv=None):
     return args
 
 
-def job_defaults(args, device_kind: str) -> None:
-    """Unset batch budgets take the encode job's own defaults, and (c) gets the budget the encoder actually
-    uses on this device, so that (c) batches like (b)."""
+def parallel_encoders(args, device: dict) -> int:
+    """(d)'s encoder count: as asked, else one per accelerator, else 2 CPU workers."""
+    return args.encoders or (device["count"] if device["kind"] != "cpu" else 2)
+
+
+def job_defaults(args, device: dict) -> None:
+    """Unset sizes take the encode job's own defaults; (c) gets the budget the encoder actually uses on this
+    device, so that (c) batches like (b). Shards are the job's default size unless (d) needs more of them to
+    keep every encoder busy (whole shards are the unit of work)."""
     from services.encode import parse_args as job_args
     from services.encoder import EncoderOptions, batch_seconds_for
 
@@ -64,8 +72,10 @@ def job_defaults(args, device_kind: str) -> None:
     args.max_batch_seconds = args.max_batch_seconds or defaults.max_batch_seconds
     args.max_batch_items = args.max_batch_items or defaults.max_batch_items
     args.encoder_batch_seconds = batch_seconds_for(EncoderOptions("", "", max_batch_seconds=args.max_batch_seconds),
-                                                   device_kind)
-    args.shard_size = args.shard_size or max(1, -(-args.clips // 8))
+                                                   device["kind"])
+    n = parallel_encoders(args, device)
+    shards_needed = 4 * n if "d" in args.flows.split(",") and n >= 2 else 1
+    args.shard_size = args.shard_size or min(defaults.shard_size, max(1, -(-args.clips // shards_needed)))
 
 
 class Bench:
@@ -143,15 +153,10 @@ class Bench:
                          # Time inside encode_shard over (phase x encoders): the rest is Ray dispatch and idling.
                          encoder_busy_fraction=ratio(busy, encode_s * encoders))
 
-    def parallel_encoders(self) -> int:
-        if self.args.encoders:
-            return self.args.encoders
-        return self.device["count"] if self.device["kind"] != "cpu" else 2
-
 
 def run(args) -> dict:
     device = resolve_device(args.device)
-    job_defaults(args, device["kind"])
+    job_defaults(args, device)
     bench = Bench(args, device)
     flows = set(args.flows.split(","))
     info = machine_info(device)
@@ -171,7 +176,7 @@ def run(args) -> dict:
         results["c"] = bench.ceiling()
     skipped = {}
     if "d" in flows:
-        n = bench.parallel_encoders()
+        n = parallel_encoders(args, device)
         if n < 2:
             skipped["d"] = f"{device['kind']} host with {device['count']} accelerator(s): nothing to scale to"
         else:
@@ -182,6 +187,8 @@ def run(args) -> dict:
               (f"d/b ({n_d} encoders)", ratio(rate("d"), rate("b")), 0.9 * n_d if n_d else None)]
     report = {"benchmark": "encode", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
               "corpus_audio_seconds": bench.total_audio, "memory_limit_gib": gib(bench.memory_limit),
+              "padding": padding_factors(bench.manifest, args.shard_size, args.encoder_batch_seconds,
+                                         args.max_batch_items),
               "results": results, "ratios": {name: value for name, value, _ in checks}, "skipped": skipped}
     print_report(report, checks)
     return report
@@ -199,6 +206,9 @@ def print_report(report: dict, checks) -> None:
         if "encoder_busy_fraction" in r:
             print(f"{key}: {r['shards']} shards; encoders busy {100 * (r['encoder_busy_fraction'] or 0):.0f}% of "
                   f"the encode phase; end-to-end wall {r['wall_seconds']:.1f} s (Ray start, plan, summary included)")
+    pad = report["padding"]
+    print(f"padding (padded / audio seconds): {pad['per_shard']:.3f} in (b, d)'s per-shard batches of "
+          f"{report['args']['shard_size']} rows, {pad['whole_corpus']:.3f} in (c)'s one sort over the corpus")
     for line in ratio_lines(checks):
         print(line)
     for key, reason in report["skipped"].items():

@@ -37,9 +37,10 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=2, help="first steps left out of the averages")
     p.add_argument("--threads-per-rank", type=int, default=1, help="torch threads per rank (CPU)")
     p.add_argument("--shards", type=int, default=4)
-    p.add_argument("--rows-per-shard", type=int, default=64)
-    p.add_argument("--min-seconds", type=float, default=1.0, help="utterance length range of the generated data")
-    p.add_argument("--max-seconds", type=float, default=6.0)
+    p.add_argument("--rows-per-shard", type=int, default=0, help="0: 64 (tiny), 256 (full)")
+    p.add_argument("--min-seconds", type=float, default=0.0, help="utterance lengths of the generated data "
+                   "(0: 1-6 s for tiny, 3-15 s for full, so that full micro-batches are not mostly overhead)")
+    p.add_argument("--max-seconds", type=float, default=0.0)
     p.add_argument("--frame-budget", type=int, default=0, help="data.frame_budget (0: the config's)")
     p.add_argument("--full-layers", type=int, default=28, help="talker layers of the full model (28 = 1.7B)")
     p.add_argument("--force-full-on-cpu", action="store_true", help="run --model-size full on CPU anyway "
@@ -50,6 +51,10 @@ def parse_args(argv=None):
     p.add_argument("--memory-limit-gib", type=float, default=0.0,
                    help="stop a variant whose process tree exceeds this RSS (0: half of this machine's RAM)")
     args = p.parse_args(argv)
+    tiny = args.model_size == "tiny"
+    args.rows_per_shard = args.rows_per_shard or (64 if tiny else 256)
+    args.min_seconds = args.min_seconds or (1.0 if tiny else 3.0)
+    args.max_seconds = args.max_seconds or (6.0 if tiny else 15.0)
     if args.quick:
         args.steps, args.checkpointing = min(args.steps, 6), "off" if args.model_size == "tiny" else args.checkpointing
     return args
