@@ -150,7 +150,7 @@ class Bench:
         busy = sum(s.encode_seconds for s in stats)
         return self._row(label, measured, sum(s.rows_ok for s in stats), sum(s.audio_seconds for s in stats), encode_s,
                          encoders=encoders, shards=len(stats),
-                         # Time inside encode_shard over (phase x encoders): the rest is Ray dispatch and idling.
+                         # Time inside encode_shard over (phase x encoders): below 1, Ray dispatch and idling.
                          encoder_busy_fraction=ratio(busy, encode_s * encoders))
 
 
@@ -204,8 +204,9 @@ def print_report(report: dict, checks) -> None:
     print(markdown_table(columns, rows))
     for key, r in report["results"].items():
         if "encoder_busy_fraction" in r:
-            print(f"{key}: {r['shards']} shards; encoders busy {100 * (r['encoder_busy_fraction'] or 0):.0f}% of "
-                  f"the encode phase; end-to-end wall {r['wall_seconds']:.1f} s (Ray start, plan, summary included)")
+            print(f"{key}: {r['shards']} shards; shard time summed = {100 * (r['encoder_busy_fraction'] or 0):.0f}% "
+                  f"of encode phase x encoders (under 100%: encoders idle; over: shards overlapped on an encoder); "
+                  f"end-to-end wall {r['wall_seconds']:.1f} s (Ray start, plan, summary included)")
     pad = report["padding"]
     print(f"padding (padded / audio seconds): {pad['per_shard']:.3f} in (b, d)'s per-shard batches of "
           f"{report['args']['shard_size']} rows, {pad['whole_corpus']:.3f} in (c)'s one sort over the corpus")

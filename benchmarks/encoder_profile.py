@@ -12,6 +12,7 @@ ceiling of encode_bench.py batches).
 """
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 import time
@@ -34,6 +35,8 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--max-batch-seconds", type=float, default=240.0)
     p.add_argument("--max-batch-items", type=int, default=64)
+    p.add_argument("--cpu-max-batch-seconds", type=float, default=0.0, help="the encoder's CPU cap (0: its default; "
+                   "240 with THP_MEM_ALLOC_ENABLE=0 in the environment reproduces the encoder before that change)")
     p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--decode-threads", type=int, default=0, help="0: the encoder's default for the device")
     args = p.parse_args(argv)
@@ -106,7 +109,8 @@ def main(argv=None) -> None:
     plan = prepare_plan(output, manifest, codec, args.shard_size, log=lambda *_: None)
     options = EncoderOptions(codec=str(codec), output=str(output), device=device["kind"], placement=device["kind"],
                              max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
-                             decode_threads=args.decode_threads, torch_threads=args.threads)
+                             decode_threads=args.decode_threads, torch_threads=args.threads,
+                             **({"cpu_max_batch_seconds": args.cpu_max_batch_seconds} if args.cpu_max_batch_seconds else {}))
     started = time.perf_counter()
     encoder = ShardEncoder(options)
     load_s = time.perf_counter() - started
@@ -119,7 +123,8 @@ def main(argv=None) -> None:
     budget = batch_seconds_for(options, device["kind"])
     padding = padding_factors(manifest, args.shard_size, budget, args.max_batch_items)
     print(f"{args.clips} clips, {total:.0f} s of audio in {len(plan.shards)} shards of {args.shard_size}; codec "
-          f"{args.codec_size} on {device['kind']}; {budget:g} padded s per call; encoder start {load_s:.1f} s")
+          f"{args.codec_size} on {device['kind']}; {budget:g} padded s per call; THP_MEM_ALLOC_ENABLE="
+          f"{os.environ.get('THP_MEM_ALLOC_ENABLE')}; encoder start {load_s:.1f} s")
     print()
     print(markdown_table(["phase", "seconds", "share of encode time"],
                          [[name, phases[name], f"{100 * phases[name] / elapsed:.1f}%"] for name in PHASES]
