@@ -38,6 +38,7 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     device = resolve_device(args.device)
+    info = machine_info(device)
     manifest, total = inputs.corpus(args.work_dir, args.clips, args.min_seconds, args.max_seconds)
     codec = inputs.codec(args.work_dir, args.codec_size)
     print(f"{args.clips} clips, {total:.0f} s of audio; codec {args.codec_size}; {args.threads} thread(s)", flush=True)
@@ -65,7 +66,7 @@ def main(argv=None) -> None:
                           "runqueue wait s", "other off-CPU s", "peak RSS GiB"], rows))
     print("runqueue wait: runnable but another process had the core; other off-CPU: blocked (I/O, page-fault "
           "stalls, locks) = wall - user - system - runqueue wait (main thread)")
-    write_json(args.json, {"benchmark": "codec_budget_sweep", "machine": machine_info(device),
+    write_json(args.json, {"benchmark": "codec_budget_sweep", "machine": info,
                            "args": {k: str(v) for k, v in vars(args).items()}, "results": results})
 
 
