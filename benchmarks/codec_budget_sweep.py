@@ -15,17 +15,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/X.py` from anywhere
 
 from benchmarks import inputs  # noqa: E402
-from benchmarks.common import (base_parser, child_env, gib, machine_info, markdown_table, parse_result,  # noqa: E402
+from benchmarks.common import (add_corpus_args, base_parser, child_env, gib, machine_info, markdown_table, parse_result,  # noqa: E402
                                python, ratio, resolve_device, run_measured, write_json)
 
 
 def parse_args(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--clips", type=int, default=40)
-    p.add_argument("--min-seconds", type=float, default=1.0)
-    p.add_argument("--max-seconds", type=float, default=20.0)
-    p.add_argument("--codec-size", choices=("tiny", "full"), default="full")
-    p.add_argument("--threads", type=int, default=1)
+    add_corpus_args(p, clips=40)
     p.add_argument("--budgets", default="20,40,80,240", help="padded audio seconds per codec call")
     p.add_argument("--max-batch-items", type=int, default=64)
     p.add_argument("--thp", default="0,1", help="THP_MEM_ALLOC_ENABLE values to try")

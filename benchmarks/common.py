@@ -36,6 +36,26 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def add_corpus_args(p: argparse.ArgumentParser, clips: int) -> None:
+    """The generated corpus and codec of the encode benchmarks, and the torch threads of each encoder."""
+    p.add_argument("--clips", type=int, default=clips)
+    p.add_argument("--min-seconds", type=float, default=1.0)
+    p.add_argument("--max-seconds", type=float, default=20.0)
+    p.add_argument("--codec-size", choices=("tiny", "full"), default="full")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per encoder (the same in every flow)")
+
+
+def timed_calls(seconds: dict, name: str, fn):
+    """`fn`, adding the wall time of each call to seconds[name]."""
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            seconds[name] += time.perf_counter() - start
+    return wrapper
+
+
 def resolve_device(preference: str) -> dict:
     """The device kind, how many accelerators this host has and their name (for MFU and the report)."""
     from shared.device import resolve_kind
@@ -264,8 +284,10 @@ def ratio_lines(checks: list[tuple[str, float | None, float | None]]) -> list[st
     """('b/a', value, target) -> 'b/a = 1.93 (target >= 1.50: met)'."""
     lines = []
     for name, value, target in checks:
-        verdict = "" if target is None else (f" (target >= {target:.2f}: "
-                                             f"{'met' if value is not None and value >= target else 'NOT met'})")
+        if value is None:
+            lines.append(f"{name}: not measured (a flow it needs was not run or did not finish)")
+            continue
+        verdict = "" if target is None else f" (target >= {target:.2f}: {'met' if value >= target else 'NOT met'})"
         lines.append(f"{name} = {fmt(value)}{verdict}")
     return lines
 

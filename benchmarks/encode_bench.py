@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import inputs  # noqa: E402
 from benchmarks.encoder_profile import padding_factors  # noqa: E402
-from benchmarks.common import (GIB, base_parser, child_env, gib, machine_info, markdown_table, parse_last,  # noqa: E402
+from benchmarks.common import (GIB, add_corpus_args, base_parser, child_env, gib, machine_info, markdown_table, parse_last,  # noqa: E402
                                parse_result, python, ratio, ratio_lines, resolve_device, run_measured, write_json)
 
 THROUGHPUT_LINE = (r"throughput this run: (\d+) shards in ([\d.]+) s \(([\d.]+) rows/s, ([\d.]+) audio-s/s\)")
@@ -31,11 +31,7 @@ PROGRESS_LINE = r"progress rows=(\d+) audio_seconds=([\d.]+) elapsed=([\d.]+)"
 
 def parse_args(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--clips", type=int, default=300)
-    p.add_argument("--min-seconds", type=float, default=1.0)
-    p.add_argument("--max-seconds", type=float, default=20.0)
-    p.add_argument("--codec-size", choices=("tiny", "full"), default="full")
-    p.add_argument("--threads", type=int, default=1, help="torch threads per encoder, the same for a, b, c")
+    add_corpus_args(p, clips=300)
     p.add_argument("--reference-batch", type=int, default=32, help="(a) paths per Qwen3TTSTokenizer.encode call")
     p.add_argument("--reference-fallback-batch", type=int, default=8,
                    help="(a) re-run with this batch if the first one exceeds --memory-limit-gib (0: do not)")
@@ -182,7 +178,7 @@ def run(args) -> dict:
         else:
             results["d"] = bench.job(f"d-job-{n}", f"(d) encode job, {n} encoders", n)
     rate = lambda k: results[k]["audio_s_per_s"] if k in results and results[k]["status"] == "ok" else None
-    n_d = results.get("d", {}).get("encoders", 0)
+    n_d = results.get("d", {}).get("encoders", 0) or parallel_encoders(args, device)
     checks = [("b/a", ratio(rate("b"), rate("a")), 1.5), ("b/c", ratio(rate("b"), rate("c")), 0.9),
               (f"d/b ({n_d} encoders)", ratio(rate("d"), rate("b")), 0.9 * n_d if n_d else None)]
     report = {"benchmark": "encode", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},

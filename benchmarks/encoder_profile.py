@@ -21,23 +21,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/X.py` from anywhere
 
 from benchmarks import inputs  # noqa: E402
-from benchmarks.common import base_parser, machine_info, markdown_table, ratio, resolve_device, write_json  # noqa: E402
+from benchmarks.common import (add_corpus_args, base_parser, machine_info, markdown_table, ratio,  # noqa: E402
+                               resolve_device, timed_calls, write_json)
 
 PHASES = ("manifest read", "header probe", "decode wait", "codec", "publish", "other")
 
 
 def parse_args(argv=None):
     p = base_parser(__doc__)
-    p.add_argument("--clips", type=int, default=120)
-    p.add_argument("--min-seconds", type=float, default=1.0)
-    p.add_argument("--max-seconds", type=float, default=20.0)
-    p.add_argument("--codec-size", choices=("tiny", "full"), default="full")
+    add_corpus_args(p, clips=120)
     p.add_argument("--shard-size", type=int, default=256)
     p.add_argument("--max-batch-seconds", type=float, default=240.0)
     p.add_argument("--max-batch-items", type=int, default=64)
     p.add_argument("--cpu-max-batch-seconds", type=float, default=0.0, help="the encoder's CPU cap (0: its default; "
                    "240 with THP_MEM_ALLOC_ENABLE=0 in the environment reproduces the encoder before that change)")
-    p.add_argument("--threads", type=int, default=1, help="torch threads")
     p.add_argument("--decode-threads", type=int, default=0, help="0: the encoder's default for the device")
     args = p.parse_args(argv)
     if args.quick:
@@ -57,25 +54,15 @@ class _TimedFuture:
             self.phases["decode wait"] += time.perf_counter() - start
 
 
-def _timed(phases: dict, name: str, fn):
-    def wrapper(*a, **k):
-        start = time.perf_counter()
-        try:
-            return fn(*a, **k)
-        finally:
-            phases[name] += time.perf_counter() - start
-    return wrapper
-
-
 def instrument(encoder, phases: dict) -> None:
     """Wrap the encoder's collaborators in place; encode_shard itself runs unchanged."""
     import services.encoder as encoder_module
     import shared.qwen
 
-    encoder_module.read_range = _timed(phases, "manifest read", encoder_module.read_range)
-    shared.qwen.encode_clips = _timed(phases, "codec", shared.qwen.encode_clips)  # imported at call time
-    encoder.prefetcher.map = _timed(phases, "header probe", encoder.prefetcher.map)
-    encoder.writer.publish = _timed(phases, "publish", encoder.writer.publish)
+    encoder_module.read_range = timed_calls(phases, "manifest read", encoder_module.read_range)
+    shared.qwen.encode_clips = timed_calls(phases, "codec", shared.qwen.encode_clips)  # imported at call time
+    encoder.prefetcher.map = timed_calls(phases, "header probe", encoder.prefetcher.map)
+    encoder.writer.publish = timed_calls(phases, "publish", encoder.writer.publish)
     run = encoder.prefetcher.run
 
     def timed_run(batches, load):

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 from benchmarks import inputs  # noqa: E402
 from benchmarks.common import (GIB, base_parser, child_env, current_rss_self, emit_result, gib,  # noqa: E402
                                machine_info, markdown_table, parse_result, peak_rss_self, python, ratio,
-                               run_measured, write_json)
+                               run_measured, timed_calls, write_json)
 
 FAKE_AUDIO_ROOT = "/nonexistent-bench-audio"
 PHASES = ("input_fingerprint", "hash_directory", "write_normalised", "plan_shards", "write_json_atomic")
@@ -50,18 +50,8 @@ def worker(manifest: Path, codec: Path, output: Path, shard_size: int) -> None:
     sys.addaudithook(lambda event, a: opened.append(a[0]) if event == "open" and isinstance(a[0], str)
                      and a[0].startswith(FAKE_AUDIO_ROOT) else None)
     phases = {name: 0.0 for name in PHASES}
-
-    def timed(name, fn):
-        def wrapper(*a, **k):
-            start = time.perf_counter()
-            try:
-                return fn(*a, **k)
-            finally:
-                phases[name] += time.perf_counter() - start
-        return wrapper
-
     for name in PHASES:
-        setattr(plan, name, timed(name, getattr(plan, name)))
+        setattr(plan, name, timed_calls(phases, name, getattr(plan, name)))
     baseline = current_rss_self()
     start = time.perf_counter()
     result = plan.prepare_plan(output, manifest, codec, shard_size, log=lambda *_: None)
