@@ -185,6 +185,23 @@ def requeued_shards(driver_log: str, encoder: str) -> list[int]:
     return [int(s) for s in lost.group(1).split(",") if s.strip()]
 
 
+def busy_encoder(out: Path, timeout: float, where=lambda beat: True) -> dict:
+    """The heartbeat of an encoder that is working on a shard now (and satisfies `where`)."""
+    from tests.raycluster import wait_for
+
+    return wait_for(lambda: next((b for b in heartbeats(out).values() if b.get("shard") is not None and where(b)),
+                                 None), timeout, "an encoder busy with a shard")
+
+
+def assert_lost_shards_redone_elsewhere(driver_log: str, victim: dict, out: Path, entries: list, codes) -> None:
+    """The victim's in-flight shards were re-queued, written by another encoder, and every row is right."""
+    requeued = requeued_shards(driver_log, victim["name"])
+    assert requeued, f"{victim['name']} was lost with no shard in flight"
+    shards = schema.published_shards(out)
+    assert all(schema.read_stats(shards[sid]).worker != victim["name"] for sid in requeued)
+    assert_rows_match(out, entries, codes)
+
+
 def repeated_corpus(clips: list[dict], rows: int) -> list[dict]:
     """`rows` manifest entries cycling over a few clips (from synth_corpus): a job with many rows and shards,
     long enough to inject faults into, for little set-up time and disk."""

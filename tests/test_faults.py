@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from shared.schema import SHARDS_DIR, published_shards, read_stats
-from tests.conftest import (assert_rows_match, encode_args, heartbeats, repeated_corpus, requeued_shards,
-                            write_manifest)
+from shared.schema import SHARDS_DIR, published_shards
+from tests.conftest import (assert_lost_shards_redone_elsewhere, assert_rows_match, busy_encoder, encode_args,
+                            heartbeats, repeated_corpus, write_manifest)
 from tests.raycluster import LocalRayCluster, wait_for
 
 # One clip per codec call, 8 rows a shard: 30 shards, a few seconds of work for two encoders.
@@ -51,15 +51,10 @@ def mtimes(out: Path) -> dict[int, int]:
 def test_encoder_killed_mid_shard_is_redone_elsewhere(cluster, job, cycled_clips, tmp_path):
     entries, args, out = job
     with cluster.driver(*args, log=tmp_path / "driver.log") as driver:
-        victim = wait_for(lambda: next((b for b in heartbeats(out).values() if b.get("shard") is not None), None), 180,
-                          "an encoder busy with a shard")
+        victim = busy_encoder(out, 180)
         os.kill(victim["pid"], signal.SIGKILL)
         assert driver.wait(timeout=240) == 0, driver.output[-4000:]
-    requeued = requeued_shards(driver.output, victim["name"])
-    assert requeued, "the encoder was killed with no shard in flight"
-    shards = published_shards(out)
-    assert all(read_stats(shards[sid]).worker != victim["name"] for sid in requeued)
-    assert_rows_match(out, entries, cycled_clips[1])
+    assert_lost_shards_redone_elsewhere(driver.output, victim, out, entries, cycled_clips[1])
 
 
 def test_driver_killed_mid_run_then_resubmitted_finishes_only_missing_shards(cluster, job, cycled_clips, tmp_path):

@@ -9,8 +9,8 @@ import pytest
 from services.finalize import iter_rows
 from services.writer import ShardWriter
 from shared.schema import SHARDS_DIR, ShardStats, published_shards, read_stats
-from tests.conftest import (assert_rows_match, encode_args, heartbeats, repeated_corpus, requeued_shards,
-                            write_manifest)
+from tests.conftest import (assert_lost_shards_redone_elsewhere, assert_rows_match, busy_encoder, encode_args,
+                            heartbeats, repeated_corpus, write_manifest)
 from tests.raycluster import LocalRayCluster, wait_for
 
 NODE = {"num_cpus": 2, "resources": {"NPU": 1}}
@@ -87,16 +87,11 @@ def test_node_that_dies_mid_run_gives_its_shards_back(cluster, cycled_clips, tin
     out = tmp_path / "out"
     job = encode_job(manifest, tiny_codec_dir, out, "--shard-size", "8", "--max-batch-items", "1")
     with cluster.submit_background(*job, log=tmp_path / "job.log") as submitted:
-        victim = wait_for(lambda: next((b for b in heartbeats(out).values() if b.get("shard") is not None
-                                        and cluster.node_of_pid(b["pid"]) == leaving), None),
-                          240, "an encoder busy on the node that will die")
+        victim = busy_encoder(out, 240, where=lambda beat: cluster.node_of_pid(beat["pid"]) == leaving)
         cluster.remove_node(leaving)
         assert submitted.wait(timeout=300) == 0, submitted.output[-4000:]
-    requeued = requeued_shards(submitted.output, victim["name"])
-    assert requeued, "the node died with no shard in flight"
-    shards = published_shards(out)
-    assert all(read_stats(shards[sid]).worker != victim["name"] for sid in requeued)
-    assert_rows_match(out, entries, cycled_clips[1])
+    assert_lost_shards_redone_elsewhere(submitted.output, victim, out, entries, cycled_clips[1])
+
 
 def test_shard_files_through_a_pyarrow_filesystem_uri(cycled_clips, tmp_path):
     """ShardWriter and the readers take a URI (here file://; s3://, gs://, hdfs:// alike) or an explicit pyarrow
