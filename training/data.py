@@ -17,6 +17,7 @@ temporary name and is invisible until its atomic rename.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import math
 import pickle
@@ -142,6 +143,7 @@ class ShardStream:
         self.position = DataPosition()
         self.verbose = True  # log each round planned (rank 0)
         self._agreements = 0
+        self._last_round: tuple[list[int] | None, list] = (None, [])
 
     def _agree(self, value):
         """Rank 0's `value` on every rank (the n-th call on every rank exchanges the n-th value)."""
@@ -186,8 +188,14 @@ class ShardStream:
             time.sleep(self.config.poll_seconds)  # follow: wait for the encode service
 
     def _round_rows(self, shard_ids: list[int]) -> list[PlannedRow]:
-        published = schema.published_shards(self.output)
-        return [row for sid in shard_ids for row in read_planned(published[sid], sid, self.builder)]
+        """Planned rows of a round (fresh objects: codes unread). The last round read is kept, so that the
+        step estimate's look at the first round is not repeated when training starts with it."""
+        if self._last_round[0] != shard_ids:
+            published = schema.published_shards(self.output)
+            self._last_round = (shard_ids, [(r.shard, r.position, r.row, r.text_ids, r.length) for sid in shard_ids
+                                            for r in read_planned(published[sid], sid, self.builder)])
+        return [PlannedRow(shard, position, dataclasses.replace(row), text_ids, length)
+                for shard, position, row, text_ids, length in self._last_round[1]]
 
     def _round_steps(self, shard_ids: list[int], epoch: int) -> list[list[MicroBatch]]:
         rows = self._round_rows(shard_ids)
