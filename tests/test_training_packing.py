@@ -114,3 +114,27 @@ def test_plans_are_deterministic_per_seed():
     lengths = realistic_lengths(500)
     assert plan_packed(lengths, 4096, 1024, random.Random(3)) == plan_packed(lengths, 4096, 1024, random.Random(3))
     assert plan_packed(lengths, 4096, 1024, random.Random(3)) != plan_packed(lengths, 4096, 1024, random.Random(4))
+
+
+def test_sample_builder_turns_shard_rows_into_packed_device_batches(tiny_dir, synthetic_encoded):
+    """The data path outside the training loop (e.g. an evaluation): shard rows with codes -> packed batches
+    within the budget, every row once, x-vectors from each row's reference, loss sums per batch."""
+    from shared import schema
+    from training.samples import SampleBuilder
+
+    model = load_tts_model(tiny_dir / "model", attn_implementation="sdpa")
+    builder = SampleBuilder.for_model(tiny_dir / "model", model)
+    rows = [r for path in schema.published_shards(synthetic_encoded).values() for r in schema.read_rows(path)
+            if r.ok]
+    batches = builder.batches(rows, frame_budget=96, device="cpu")
+    assert sum(b.shape.utterances for b in batches) == len(rows) == 10
+    assert sum(b.shape.frames for b in batches) == sum(r.num_frames for r in rows)
+    assert all(b.shape.positions <= 96 or b.shape.utterances == 1 for b in batches)
+    assert any(b.shape.utterances > 1 for b in batches)  # packed
+    assert len({tuple(v.tolist()) for b in batches for v in b.speaker}) == 2  # the two references of the data
+    trainer = TalkerForTraining(model.talker).eval()
+    with torch.no_grad():
+        outs = [trainer(b) for b in batches]
+    assert sum(o.talker_targets for o in outs) == sum(r.num_frames + 1 for r in rows)
+    for o in outs:
+        torch.testing.assert_close(o.utterance_talker_loss.sum(), o.talker_loss_sum)

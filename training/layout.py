@@ -71,8 +71,13 @@ def load_text_tokenizer(model_path):
 
 def text_token_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """(role ids, text ids) exactly as Qwen3TTSModel slices its tokenized prompt."""
-    ids = tokenizer(assistant_prompt(text))["input_ids"]
-    return ids[:ROLE_LEN], ids[ROLE_LEN:-5]
+    return batch_text_token_ids(tokenizer, [text])[0]
+
+
+def batch_text_token_ids(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """text_token_ids of many texts in one tokenizer call (no padding: each prompt is tokenized alone)."""
+    encoded = tokenizer([assistant_prompt(t) for t in texts])["input_ids"]
+    return [(ids[:ROLE_LEN], ids[ROLE_LEN:-5]) for ids in encoded]
 
 
 def sequence_length(num_text: int, num_frames: int) -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from shared.schema import ShardRow
-from training.layout import (SpecialIds, TalkerBatch, Sample, assistant_prompt, build_sample, collate,
-                             load_text_tokenizer, sequence_length, ROLE_LEN)
+from training.layout import (Sample, SpecialIds, TalkerBatch, batch_text_token_ids, build_sample, collate,
+                             load_text_tokenizer, sequence_length)
 from training.packing import plan_packed
 from training.reference import ReferenceCache
 
@@ -52,8 +52,7 @@ class SampleBuilder:
     def text_ids(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(role ids, text ids) per text, in one batched tokenizer call, sliced exactly as inference slices
         its tokenized prompt."""
-        encoded = self.tokenizer([assistant_prompt(t) for t in texts])["input_ids"]
-        return [(ids[:ROLE_LEN], ids[ROLE_LEN:-5]) for ids in encoded]
+        return batch_text_token_ids(self.tokenizer, texts)
 
     def plan_rows(self, shard: int, positions: list[int], rows: list[ShardRow]) -> list[PlannedRow]:
         """Good rows (metadata only) with their text tokens and lengths; texts tokenized in one call."""
@@ -84,6 +83,6 @@ class SampleBuilder:
     def batches(self, rows: list[ShardRow], frame_budget: int, device: torch.device | str = "cpu",
                 pack_length: int = 0, seed: int = 0) -> list[TalkerBatch]:
         """Rows with codes (e.g. a held-out split) -> packed device batches of <= frame_budget positions."""
-        planned = [p for p in self.plan_rows(-1, list(range(len(rows))), rows)]
+        planned = self.plan_rows(-1, list(range(len(rows))), rows)
         plans = plan_packed([p.length for p in planned], frame_budget, pack_length, random.Random(seed))
         return [self.collate([[planned[i] for i in seq] for seq in plan]).to(torch.device(device)) for plan in plans]
