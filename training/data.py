@@ -254,7 +254,7 @@ class ShardStream:
         steps = 0
         for start in range(0, len(order), size):  # each round's micro-batches are padded to whole steps
             round_positions = sum(stats[s].frames + stats[s].rows_ok * per_row for s in order[start:start + size])
-            steps += math.ceil(round(round_positions * per_position, 6) / per_step)
+            steps += math.ceil(max(1, round(round_positions * per_position)) / per_step)
         return max(1, steps)
 
 
