@@ -12,6 +12,9 @@ import numpy as np
 
 from benchmarks.common import REPO, child_env, python, run_measured
 
+# main just before metadata planning, packing and the background input landed (training/ and shared/ as of the
+# ShardRow change): the "before" of the training benchmarks.
+BEFORE = "c2f8353"
 _WORDS = "the quick brown fox jumps over a lazy dog while speech synthesis models learn from data".split()
 
 

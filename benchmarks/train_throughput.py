@@ -6,7 +6,8 @@ achieved FLOP/s as a fraction of this machine's fp32 matmul FLOP/s, measured in 
     python benchmarks/train_throughput.py --json throughput.json
     python benchmarks/train_throughput.py --skip-unpacked   # before and after only (~20 min here)
 
-Flows: "before" = another revision's training code (default main: right-padded, bucketed micro-batches);
+Flows: "before" = another revision's training code (default: main just before packing landed: right-padded,
+bucketed micro-batches, per-step syncs);
 "after, unpacked" = this checkout with data.packing=false (the same layout, the new loop);
 "after, packed" = this checkout as shipped. One rank, fp32, sdpa, no activation checkpointing.
 FLOP/s are training FLOPs of the useful work (training.flops: every packed position, code-predictor
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import inputs  # noqa: E402
 from benchmarks.common import GIB, REPO, base_parser, machine_info, markdown_table, ratio, write_json  # noqa: E402
-from benchmarks.train_runs import export_revision, realistic_shards, run_training  # noqa: E402
+from benchmarks.train_runs import BEFORE, export_revision, realistic_shards, run_training  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -35,7 +36,7 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1, help="first steps left out of the averages")
     p.add_argument("--threads", type=int, default=2, help="torch threads of the training process and the matmul")
-    p.add_argument("--before", default="main", help="git revision of the 'before' code ('' to skip it)")
+    p.add_argument("--before", default=BEFORE, help="git revision of the 'before' code ('' to skip it)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per flow")
     p.add_argument("--memory-limit-gib", type=float, default=17.0, help="stop a flow whose process tree exceeds "
                    "this (2 talker layers: ~10 GiB of fp32 weights, gradients and AdamW state, 13.5 GiB peak)")
