@@ -90,6 +90,26 @@ def planned_shard_ids(plan: dict | None) -> set[int] | None:
     return {s["id"] for s in plan["shards"] if isinstance(s, dict) and as_int_or_none(s.get("id")) is not None}
 
 
+def planned_published_shards(output: Path, planned_ids: set[int] | None) -> dict[int, Path]:
+    """Published shards of the current plan (all of them when there is no readable plan); a shard left by an
+    earlier plan of another size is not this job's."""
+    try:
+        shards = published_shards(output)
+    except OSError:
+        return {}
+    if planned_ids is None:
+        return shards
+    return {sid: path for sid, path in shards.items() if sid in planned_ids}
+
+
+def node_label(encoder: dict) -> str:
+    """The node an encoder record (read_encoders) runs on, as status names it."""
+    node = encoder["node"] or encoder["hostname"] or "unknown"
+    if encoder["node_id"]:  # Ray nodes can share an IP (several on one host): tell them apart
+        node = f"{node} ({encoder['node_id'][:8]})"
+    return node
+
+
 def read_encoders(output: Path, now: float) -> list[dict]:
     workers_dir = output / WORKERS_DIR
     try:
@@ -160,12 +180,7 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
     plan = read_json_object(output / PLAN_FILE)
     driver = read_json_object(output / DRIVER_FILE)
     planned_ids = planned_shard_ids(plan)
-    try:
-        shards = published_shards(output)
-    except OSError:
-        shards = {}
-    if planned_ids is not None:
-        shards = {sid: path for sid, path in shards.items() if sid in planned_ids}
+    shards = planned_published_shards(output, planned_ids)
     stats = [s for s in (SHARD_STATS_CACHE.get(p) for p in shards.values()) if s is not None]
 
     encoders = read_encoders(output, now)
@@ -195,9 +210,7 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
 
     nodes: dict[str, int] = {}
     for e in encoders:
-        node = e["node"] or e["hostname"] or "unknown"
-        if e["node_id"]:  # Ray nodes can share an IP (several on one host): tell them apart
-            node = f"{node} ({e['node_id'][:8]})"
+        node = node_label(e)
         nodes[node] = nodes.get(node, 0) + int(e["alive"])
     done = len(shards)
     return {
