@@ -1,0 +1,153 @@
+"""The status page and /metrics over a real encode output: served by a real uvicorn server, rendered by a real
+headless Chromium at desktop and phone sizes, and scraped by a real Prometheus server whose HTTP API must
+report what /status reports."""
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import soundfile as sf
+from PIL import Image
+
+from services.status import start_status_server
+from shared.schema import SUMMARY_FILE
+from shared.synth import synth_utterance
+from tests.conftest import run_encode, synth_corpus, write_manifest
+from tests.prometheus_server import PrometheusServer
+from tests.test_status import TOKEN, auth
+
+# Clip lengths spread over several histogram bins, and bad rows of four reasons.
+GOOD_SECONDS = [0.6, 0.9, 1.3, 1.7, 2.2, 2.6, 3.1, 3.4, 4.2, 4.8, 5.5, 6.5, 7.2, 1.1, 2.9, 3.8]
+BAD_ROWS = {"missing_file": 2, "silent": 1, "empty_text": 1, "undecodable": 1}
+GREEN_OK = (0x2E, 0x9D, 0x5B)  # --ok in services.page: the done segment of the progress bar
+VIEWPORTS = {"desktop": (1280, 900), "phone": (390, 844)}
+
+
+@pytest.fixture(scope="module")
+def encoded(tmp_path_factory, tiny_codec_dir) -> Path:
+    """A finished real encode (services.encode, tiny codec) of good clips and bad rows, 4 rows per shard."""
+    root = tmp_path_factory.mktemp("page-job")
+    entries = synth_corpus(root / "wav", [(s, 24_000) for s in GOOD_SECONDS])
+    sf.write(root / "wav" / "silence.wav", np.zeros(24_000, dtype=np.float32), 24_000)
+    (root / "wav" / "not_audio.wav").write_bytes(b"not a wav\n" * 40)
+    good = entries[0]
+    bad = [{**good, "id": "gone-1", "audio": str(root / "wav" / "gone-1.wav")},
+           {**good, "id": "silent-1", "audio": str(root / "wav" / "silence.wav")},
+           {**good, "id": "gone-2", "audio": str(root / "wav" / "gone-2.wav")},
+           {**good, "id": "no-text-1", "text": "  "},
+           {**good, "id": "garbage-1", "audio": str(root / "wav" / "not_audio.wav")}]
+    manifest = write_manifest(root / "raw.jsonl", entries[:6] + bad[:2] + entries[6:12] + bad[2:] + entries[12:])
+    out = root / "out"
+    job = run_encode("--manifest", str(manifest), "--codec", str(tiny_codec_dir), "--output", str(out),
+                     "--shard-size", "4", timeout=240)
+    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
+    return out
+
+
+def test_page_shows_a_real_job(encoded):
+    summary = json.loads((encoded / SUMMARY_FILE).read_text())
+    assert summary["errors_by_reason"] == BAD_ROWS  # the job itself agrees on what went wrong
+    with start_status_server(encoded, "127.0.0.1", 0, token=TOKEN) as server:
+        assert httpx.get(f"{server.url}/").status_code == 401
+        page = httpx.get(f"{server.url}/", headers=auth()).text
+        status = httpx.get(f"{server.url}/status", headers=auth()).json()
+    body = page.split("<body>", 1)[1]
+    assert status["state"] == "complete" and status["shards"]["done"] == status["shards"]["total"] == 6
+    assert f"{status['shards']['done']} / {status['shards']['total']} shards done" in body
+    assert f"{len(GOOD_SECONDS)} rows ok" in body and f"{sum(BAD_ROWS.values())} errors" in body
+    for reason, count in BAD_ROWS.items():
+        assert f"<span>{reason}</span>" in body and f'<span class="n">{count}</span>' in body, reason
+    for row_id in ("gone-1", "silent-1", "gone-2", "no-text-1", "garbage-1"):
+        assert f"<td>{row_id}</td>" in body
+    # id and reason code only: no path, no file name, no detail of the error message
+    assert str(encoded.parent) not in page and ".wav" not in page and "not a wav" not in page
+    assert "<svg" in body and "<script" not in page and "http" not in body  # nothing fetched from elsewhere
+    counted = sum(int(n) for n in _duration_bar_counts(body))
+    assert counted == len(GOOD_SECONDS)
+
+
+def _duration_bar_counts(body: str) -> list[str]:
+    section = body.split("Clip durations", 1)[1].split("</section>", 1)[0]
+    return re.findall(r'<span class="n">(\d+)</span>', section)
+
+
+def chromium() -> str:
+    path = shutil.which("chromium") or shutil.which("chromium-browser")
+    if path is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
+    return path
+
+
+def screenshot(browser: str, url: str, size: tuple[int, int], target: Path, profile: Path) -> None:
+    """Headless Chromium as a container runs it: no sandbox (root, no user namespaces), no GPU, no /dev/shm."""
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+           "--no-first-run", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
+           f"--screenshot={target}", url]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=90)
+    assert done.returncode == 0 and target.is_file(), done.stderr[-3000:]
+
+
+def test_page_in_headless_chromium_at_desktop_and_phone_size(encoded, tmp_path):
+    browser = chromium()
+    with start_status_server(encoded, "127.0.0.1", 0) as server:  # Chromium cannot send a bearer header
+        for name, size in VIEWPORTS.items():
+            target = tmp_path / f"{name}.png"
+            screenshot(browser, f"{server.url}/", size, target, tmp_path / "profile")
+            with Image.open(target) as image:
+                assert image.size == size, name
+                rgb = image.convert("RGB")
+                colours = rgb.getcolors(maxcolors=1 << 20)
+                assert len(colours) > 100, f"{name}: a near-blank screenshot ({len(colours)} colours)"
+                # the progress bar rendered with the page's stylesheet, across most of the card's width
+                row = _green_row(rgb)
+                assert row is not None, f"{name}: no progress bar in the screenshot"
+                assert _green_run(rgb, row) > 0.6 * size[0], name
+
+
+def _green_row(image: Image.Image) -> int | None:
+    width, height = image.size
+    for y in range(0, min(height, 400)):
+        if sum(1 for x in range(0, width, 4) if image.getpixel((x, y)) == GREEN_OK) > width // 16:
+            return y
+    return None
+
+
+def _green_run(image: Image.Image, y: int) -> int:
+    return sum(1 for x in range(image.size[0]) if image.getpixel((x, y)) == GREEN_OK)
+
+
+def test_prometheus_scrapes_metrics_that_match_status(encoded, tmp_path):
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    with start_status_server(encoded, "127.0.0.1", 0, token=TOKEN) as server:
+        target = f"{server.host}:{server.port}"
+        with PrometheusServer(tmp_path / "prometheus", jobs={"encode": (target, token_file),
+                                                            "no-token": (target, None)}) as prometheus:
+            status = httpx.get(f"{server.url}/status", headers=auth()).json()
+            rows = prometheus.wait_for_values('qwen3tts_encode_rows{job="encode"}', "result", timeout=30)
+            assert rows == {"ok": status["rows"]["ok"], "error": status["rows"]["error"]}
+            assert prometheus.values('qwen3tts_encode_error_rows{job="encode"}', "reason") == BAD_ROWS
+            shards = prometheus.values('qwen3tts_encode_shards{job="encode"}', "state")
+            assert shards == {k: status["shards"][k] for k in ("done", "running", "failed", "pending")}
+            assert prometheus.value('qwen3tts_encode_shards_planned{job="encode"}') == status["shards"]["total"]
+            assert prometheus.value('qwen3tts_encode_audio_seconds{job="encode"}') == pytest.approx(
+                status["audio_hours"] * 3600)
+            assert prometheus.value('qwen3tts_encode_state{job="encode",state="complete"}') == 1
+            by_encoder = {e["name"]: e for e in status["encoders"]}
+            assert by_encoder
+            for metric, key in (("encoder_rows_per_second", "rows_per_s"),
+                                ("encoder_audio_seconds_per_second", "audio_seconds_per_s")):
+                got = prometheus.values(f'qwen3tts_encode_{metric}{{job="encode"}}', "encoder")
+                assert got == pytest.approx({name: e[key] for name, e in by_encoder.items()}), metric
+            ages = prometheus.values('qwen3tts_encode_encoder_heartbeat_age_seconds{job="encode"}', "encoder")
+            now = time.time()
+            for name, e in by_encoder.items():
+                assert now - e["updated"] - 5 <= ages[name] <= now - e["updated"] + 1, name
+            # the scrape without the token was refused, and Prometheus says so
+            assert prometheus.wait_for_values('up{job="no-token"}', "job", timeout=15) == {"no-token": 0}
+            assert "401" in prometheus.target_error("no-token")
