@@ -20,17 +20,30 @@ RECENT_ERRORS_SHOWN = 15
 class Throughput:
     """Rows/s and audio-s/s per equal time bucket from `start` to `end` (Unix seconds). Each shard's rows are
     spread evenly over the time its encoder spent on it (publication time minus encode_seconds, to
-    publication), so the chart shows a rate, not a spike per shard."""
+    publication), so the chart shows a rate, not a spike per shard.
+
+    Shards still being encoded are not on disk yet, so the buckets after `measured_until` (when the oldest
+    shard in flight began: its encoder's previous publication) would read low; the heartbeats' rate stands
+    for that stretch instead."""
     start: float
     end: float
     rows_per_s: tuple[float, ...]
     audio_seconds_per_s: tuple[float, ...]
     live_rows_per_s: float | None  # the alive encoders' heartbeats now; None when none is alive
     live_audio_seconds_per_s: float | None
+    measured_until: float = math.inf
 
     @property
     def empty(self) -> bool:
         return not self.rows_per_s
+
+    @property
+    def measured_buckets(self) -> int:
+        """How many leading buckets lie wholly before `measured_until` (all of them when nothing is in flight)."""
+        n = len(self.rows_per_s)
+        if not n or self.measured_until >= self.end:
+            return n
+        return max(0, min(n, int((self.measured_until - self.start) / ((self.end - self.start) / n))))
 
 
 @dataclass(frozen=True)
@@ -105,7 +118,17 @@ def throughput(details: list[ShardDetail], progress: dict, buckets: int = THROUG
             rows[k] += n_rows * share
             audio[k] += n_audio * share
     return Throughput(start, end, tuple(r / width for r in rows), tuple(a / width for a in audio),
-                      live_rows, live_audio)
+                      live_rows, live_audio, in_flight_since(details, alive))
+
+
+def in_flight_since(details: list[ShardDetail], alive: list[dict]) -> float:
+    """When the oldest shard now being encoded began, taken as its encoder's last publication (an encoder
+    works through its shards one after another); inf when no alive encoder is busy or none has published."""
+    last_published: dict[str, float] = {}
+    for d in details:
+        last_published[d.stats.worker] = max(last_published.get(d.stats.worker, -math.inf), d.published)
+    began = [last_published[e["name"]] for e in alive if e["shard"] is not None and e["name"] in last_published]
+    return min(began, default=math.inf)
 
 
 def node_rows(encoders: list[dict]) -> list[NodeRow]:

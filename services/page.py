@@ -116,26 +116,33 @@ def chart_points(values: tuple[float, ...], peak: float) -> list[tuple[float, fl
 
 
 def throughput_svg(t: Throughput) -> str:
+    """Audio-s/s as an area and rows/s as a line, each scaled to its own peak, over the measured buckets; from
+    there to now, the heartbeats' audio-s/s as a dashed red line (Throughput says why)."""
+    n, measured = len(t.rows_per_s), t.measured_buckets
     audio_peak = max(max(t.audio_seconds_per_s), t.live_audio_seconds_per_s or 0.0) or 1.0
     rows_peak = max(max(t.rows_per_s), t.live_rows_per_s or 0.0) or 1.0
-    area = chart_points(t.audio_seconds_per_s, audio_peak)
-    line = chart_points(t.rows_per_s, rows_peak)
-    polygon = " ".join(f"{x:.1f},{y:.1f}" for x, y in [(0, CHART_HEIGHT), (0, area[0][1]), *area,
-                                                          (CHART_WIDTH, area[-1][1]), (CHART_WIDTH, CHART_HEIGHT)])
-    polyline = " ".join(f"{x:.1f},{y:.1f}" for x, y in line)
+    area = chart_points(t.audio_seconds_per_s, audio_peak)[:measured]
+    line = chart_points(t.rows_per_s, rows_peak)[:measured]
+    edge = CHART_WIDTH * measured / n
+    shapes = ""
+    if area:
+        polygon = " ".join(f"{x:.1f},{y:.1f}" for x, y in [(0, CHART_HEIGHT), (0, area[0][1]), *area,
+                                                              (edge, area[-1][1]), (edge, CHART_HEIGHT)])
+        polyline = " ".join(f"{x:.1f},{y:.1f}" for x, y in line)
+        shapes = (f'<polygon points="{polygon}" fill="#2e9d5b" fill-opacity=".35" stroke="#2e9d5b" '
+                  'vector-effect="non-scaling-stroke"/>'
+                  f'<polyline points="{polyline}" fill="none" stroke="#3b7dd8" stroke-width="2" '
+                  'vector-effect="non-scaling-stroke"/>')
     grid = "".join(f'<line x1="0" x2="{CHART_WIDTH}" y1="{CHART_HEIGHT * f:.1f}" y2="{CHART_HEIGHT * f:.1f}" '
                    'stroke="#e3e7eb" vector-effect="non-scaling-stroke"/>' for f in (0.25, 0.5, 0.75))
     live = ""
     if t.live_audio_seconds_per_s is not None:
         y = CHART_HEIGHT - CHART_HEIGHT * 0.96 * t.live_audio_seconds_per_s / audio_peak
-        live = (f'<line x1="{CHART_WIDTH - 3}" x2="{CHART_WIDTH - 3}" y1="{y:.1f}" y2="{CHART_HEIGHT}" '
-                'stroke="#c9303e" stroke-width="3" vector-effect="non-scaling-stroke"/>')
+        start = min(edge, CHART_WIDTH - 6)
+        live = (f'<line x1="{start:.1f}" x2="{CHART_WIDTH}" y1="{y:.1f}" y2="{y:.1f}" stroke="#c9303e" '
+                'stroke-width="2.5" stroke-dasharray="6 4" vector-effect="non-scaling-stroke"/>')
     return (f'<svg class="chart" viewBox="0 0 {CHART_WIDTH} {CHART_HEIGHT}" preserveAspectRatio="none" role="img" '
-            f'aria-label="throughput over time">{grid}'
-            f'<polygon points="{polygon}" fill="#2e9d5b" fill-opacity=".35" stroke="#2e9d5b" '
-            'vector-effect="non-scaling-stroke"/>'
-            f'<polyline points="{polyline}" fill="none" stroke="#3b7dd8" stroke-width="2" '
-            f'vector-effect="non-scaling-stroke"/>{live}</svg>')
+            f'aria-label="throughput over time">{grid}{shapes}{live}</svg>')
 
 
 def throughput_card(t: Throughput) -> str:
@@ -226,7 +233,7 @@ def render_page(d: Dashboard) -> str:
 {progress_card(p)}
 {throughput_card(d.throughput)}
 {duration_card(d)}
+{encoders_card(p["encoders"], p["updated"])}
 {errors_card(d)}
 {nodes_card(d.nodes)}
-{encoders_card(p["encoders"], p["updated"])}
 </main></body></html>"""

@@ -90,6 +90,9 @@ def test_throughput_spreads_each_shard_over_its_encode_time(encode_output):
     gap = [r for k, r in enumerate(t.rows_per_s) if now - 200 + width <= t.start + k * width <= now - 150 - width]
     assert gap and all(r == 0 for r in gap)  # nothing was being encoded between the 2nd and the 3rd shard
     assert (t.live_rows_per_s, t.live_audio_seconds_per_s) == (0.5, 1.0)  # from the alive heartbeat
+    # encoder-0 (which wrote every shard) is busy with shard 3 since its last publication: measured until then
+    assert t.measured_until == pytest.approx(now - 100, abs=0.01)
+    assert t.measured_buckets == int(400 / width)
 
 
 def write_shard(root, shard_id: int, rows: list[dict]) -> None:
