@@ -12,6 +12,7 @@ import httpx
 import numpy as np
 import pytest
 import soundfile as sf
+import yaml
 from PIL import Image
 
 from services.status import start_status_server
@@ -151,3 +152,37 @@ def test_prometheus_scrapes_metrics_that_match_status(encoded, tmp_path):
             # the scrape without the token was refused, and Prometheus says so
             assert prometheus.wait_for_values('up{job="no-token"}', "job", timeout=15) == {"no-token": 0}
             assert "401" in prometheus.target_error("no-token")
+
+
+def readme_prometheus_configs() -> list[dict]:
+    """The README's Prometheus YAML: the scrape config, and the annotation-driven job (a list item there)."""
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    configs = []
+    for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
+        value = yaml.safe_load(block)
+        if isinstance(value, dict) and "scrape_configs" in value:
+            configs.append(value)
+        elif isinstance(value, list) and all(isinstance(j, dict) and "job_name" in j for j in value):
+            configs.append({"scrape_configs": value})
+    return configs
+
+
+def test_readme_scrape_configs_pass_promtool(tmp_path):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.skip("promtool is not installed (apt-get install -y prometheus; .ci/run installs it)")
+    configs = readme_prometheus_configs()
+    assert len(configs) == 2, "the README shows a static scrape config and a KubeRay annotation-driven job"
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    for i, config in enumerate(configs):
+        for job in config["scrape_configs"]:
+            assert job["authorization"]["type"] == "Bearer", job["job_name"]  # /metrics needs the token
+            job["authorization"]["credentials_file"] = str(token_file)  # promtool checks that it exists
+            if job.pop("kubernetes_sd_configs", None) is not None:
+                # Debian builds Prometheus without Kubernetes discovery; the rest (auth, relabelling) is checked
+                job["static_configs"] = [{"targets": ["10.0.0.1:8000"]}]
+        path = tmp_path / f"prometheus-{i}.yml"
+        path.write_text(yaml.safe_dump(config))
+        done = subprocess.run([promtool, "check", "config", str(path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stdout + done.stderr
