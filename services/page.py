@@ -76,8 +76,9 @@ def percent(part: float, whole: float) -> float:
 
 def segments(*parts: tuple[str, float, float]) -> str:
     """A stacked bar: (css class, value, whole) per segment; what is left shows as the track."""
-    return '<div class="bar">' + "".join(
-        f'<span class="{cls}" style="width:{percent(value, whole):.2f}%"></span>' for cls, value, whole in parts) + "</div>"
+    spans = "".join(f'<span class="{cls}" style="width:{percent(value, whole):.2f}%"></span>'
+                    for cls, value, whole in parts)
+    return f'<div class="bar">{spans}</div>'
 
 
 def legend(*items: tuple[str, str]) -> str:
@@ -157,7 +158,8 @@ def throughput_card(t: Throughput) -> str:
 <div class="legend">{legend_item("ok", f"audio-s/s (peak {max(t.audio_seconds_per_s):.0f})")}
 {legend_item("run", f"rows/s (peak {max(t.rows_per_s):.1f})")}{now}</div>
 {throughput_svg(t)}
-<div class="axis"><span>{clock(t.start)}</span><span>{clock((t.start + t.end) / 2)}</span><span>{clock(t.end)}</span></div>
+<div class="axis"><span>{clock(t.start)}</span><span>{clock((t.start + t.end) / 2)}</span>
+<span>{clock(t.end)}</span></div>
 </section>"""
 
 
@@ -176,14 +178,15 @@ def errors_card(d: Dashboard) -> str:
     return f"""<section class="card"><h2>Errors by reason</h2>
 {horizontal_bars(list(d.errors_by_reason.items()), "err")}
 <h2 style="margin-top:1em">Most recent error rows</h2><div class="scroll"><table>
-<tr><th class="num">shard</th><th class="num">line</th><th>id</th><th>reason</th></tr>{recent}</table></div></section>"""
+<tr><th class="num">shard</th><th class="num">line</th><th>id</th><th>reason</th></tr>{recent}</table></div>
+</section>"""
 
 
 def duration_card(d: Dashboard) -> str:
     if not any(d.duration_counts):
         return '<section class="card"><h2>Clip durations</h2><p class="none">no clip encoded yet</p></section>'
     edges = d.duration_edges
-    labels = [f"< {edges[0]:g} s"] + [f"{lo:g}–{hi:g} s" for lo, hi in zip(edges, edges[1:])] + [f"≥ {edges[-1]:g} s"]
+    labels = [f"< {edges[0]:g} s", *(f"{lo:g}–{hi:g} s" for lo, hi in zip(edges, edges[1:])), f"≥ {edges[-1]:g} s"]
     items = list(zip(labels, d.duration_counts))
     first = next(i for i, (_, n) in enumerate(items) if n)  # trim empty bins at both ends
     last = max(i for i, (_, n) in enumerate(items) if n)
@@ -205,11 +208,12 @@ def encoders_card(encoders: list[dict], now: float) -> str:
     rows = []
     for e in encoders:
         age = "-" if e["updated"] is None else format_duration(max(0.0, now - e["updated"]))
+        shard = "-" if e["shard"] is None else e["shard"]
         badge = '<span class="badge">alive</span>' if e["alive"] else '<span class="badge stale">stale</span>'
         rows.append(
             f'<tr class="{"alive" if e["alive"] else "stale"}"><td>{esc(e["name"])}</td><td>{badge}</td>'
             f'<td>{esc(e["node"])}</td><td class="optional">{esc(e["hostname"])}</td>'
-            f'<td class="optional">{esc(e["device"])}</td><td class="num">{esc(e["shard"] if e["shard"] is not None else "-")}</td>'
+            f'<td class="optional">{esc(e["device"])}</td><td class="num">{shard}</td>'
             f'<td class="num">{e["rows"]}</td><td class="num">{e["rows_per_s"]:.1f}</td>'
             f'<td class="num">{e["audio_seconds_per_s"]:.0f}</td><td class="num">{esc(age)}</td></tr>')
     body = ('<div class="scroll"><table><tr><th>encoder</th><th>state</th><th>node</th><th class="optional">host</th>'

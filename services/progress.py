@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import threading
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from services.file_cache import FileVersionCache
 from shared.schema import (
     COMPLETE_MARKER,
     PLAN_FILE,
@@ -26,36 +27,11 @@ DRIVER_FILE = "driver.json"
 HEARTBEAT_ALIVE_SECONDS = 30.0  # docs/design.md: an older heartbeat counts as not alive
 
 
-class ShardStatsCache:
-    """Footer stats per published shard, re-read only when the file's mtime or size changes.
+class ShardStatsCache(FileVersionCache[ShardStats]):
+    """Footer stats per published shard, re-read only when the file changes (services.file_cache)."""
 
-    A status page polls every few seconds over thousands of shards; a stat() per shard is cheap,
-    opening every Parquet footer each time is not. Keyed by path so the cache never outgrows the
-    directory; thread-safe because the status server answers from a thread pool.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[int, int, ShardStats | None]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, path: Path) -> ShardStats | None:
-        """None when the file vanished or its footer cannot be read."""
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        key = str(path)
-        with self._lock:
-            cached = self._entries.get(key)
-        if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
-            return cached[2]
-        try:
-            stats = read_stats(path)
-        except Exception:  # corrupt or foreign file under a shard name: count it, but without numbers
-            stats = None
-        with self._lock:
-            self._entries[key] = (st.st_mtime_ns, st.st_size, stats)
-        return stats
+    def read(self, path: Path, st: os.stat_result) -> ShardStats:
+        return read_stats(path)
 
 
 SHARD_STATS_CACHE = ShardStatsCache()

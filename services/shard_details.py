@@ -2,21 +2,22 @@
 published, its error rows (id and reason code) and the durations of its good rows as histogram counts.
 
 A published shard never changes (it is renamed into place whole), so each is read once, keyed by its mtime
-and size like services.progress.ShardStatsCache; only the `index`, `id`, `duration` and `error` columns are
+and size (services.file_cache); only the `index`, `id`, `duration` and `error` columns are
 read, never the codes. Nothing read here is served as is: reasons are reduced to their code, ids are cut.
 """
 from __future__ import annotations
 
 import json
+import os
 import re
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
 
-from shared.schema import STATS_KEY, ShardStats
+from services.file_cache import FileVersionCache
+from shared.schema import STATS_KEY, ShardStats, shard_id_of
 
 # Upper edges (seconds) of the duration histogram's bins; a last bin holds everything longer.
 DURATION_EDGES = (1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0, 10.0, 12.0, 15.0, 20.0, 25.0, 30.0, 45.0, 60.0)
@@ -83,37 +84,17 @@ def read_shard_detail(shard: int, path: Path, published: float) -> ShardDetail:
                        duration_counts(durations[good].astype(np.float64)))
 
 
-class ShardDetailsCache:
-    """ShardDetail per published shard, re-read only when the file's mtime or size changes; thread-safe."""
+class ShardDetailsCache(FileVersionCache[ShardDetail]):
+    """ShardDetail per published shard, re-read only when the file changes (services.file_cache)."""
 
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[int, int, ShardDetail | None]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, shard: int, path: Path) -> ShardDetail | None:
-        """None when the file vanished or is not a readable shard."""
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        key = str(path)
-        with self._lock:
-            cached = self._entries.get(key)
-        if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
-            return cached[2]
-        try:
-            detail = read_shard_detail(shard, path, st.st_mtime)
-        except Exception:  # corrupt or foreign file under a shard name: status counts it, without details
-            detail = None
-        with self._lock:
-            self._entries[key] = (st.st_mtime_ns, st.st_size, detail)
-        return detail
+    def read(self, path: Path, st: os.stat_result) -> ShardDetail:
+        shard = shard_id_of(path.name)
+        if shard is None:
+            raise ValueError(f"{path.name} is not a shard name")
+        return read_shard_detail(shard, path, st.st_mtime)
 
     def details(self, shards: dict[int, Path]) -> list[ShardDetail]:
         """The readable ones among `shards`, oldest publication first; forgets files no longer listed."""
-        found = [d for d in (self.get(sid, path) for sid, path in shards.items()) if d is not None]
-        listed = {str(path) for path in shards.values()}
-        with self._lock:
-            for key in [k for k in self._entries if k not in listed]:
-                del self._entries[key]
+        found = [d for d in (self.get(path) for path in shards.values()) if d is not None]
+        self.keep_only(shards.values())
         return sorted(found, key=lambda d: (d.published, d.shard))

@@ -49,7 +49,8 @@ class ProgressCache:
         self.progress: dict = {}
         self.body = b""
         self._details = ShardDetailsCache()
-        self._view_lock = threading.Lock()  # its own lock: a first page load over many shards must not hold /status
+        # Its own lock: a first page load over many shards (reading their columns) must not hold up /status.
+        self._view_lock = threading.Lock()
         self._dashboard: Dashboard | None = None
         self._page: tuple[Dashboard | None, str] = (None, "")  # the page and the dashboard it shows
 

@@ -132,15 +132,15 @@ def test_shard_details_are_read_once_per_file_version(encode_output):
     encode_output.plan(num_shards=2)
     path = encode_output.shard(0, errors=1)
     cache = ShardDetailsCache()
-    first = cache.get(0, path)
-    assert first is not None and cache.get(0, path) is first  # unchanged file: the cached record
+    first = cache.get(path)
+    assert first is not None and cache.get(path) is first  # unchanged file: the cached record
     assert first.errors_by_reason == {"decode": 1} and sum(first.duration_counts) == 3
     encode_output.shard(0, errors=2)  # rewritten (a --replan): read again
     os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
-    second = cache.get(0, path)
+    second = cache.get(path)
     assert second is not first and second.errors_by_reason == {"decode": 2}
     (path.parent / "shard-00001.parquet").write_bytes(b"not parquet")
-    assert cache.get(1, path.parent / "shard-00001.parquet") is None  # counted by status, without details
+    assert cache.get(path.parent / "shard-00001.parquet") is None  # counted by status, without details
 
 
 def test_page_of_an_empty_directory(tmp_path):
