@@ -14,10 +14,14 @@ import yaml
 from tests.raycluster import free_port
 
 
+def prometheus_binary() -> str | None:
+    return shutil.which("prometheus")
+
+
 class PrometheusServer:
     def __init__(self, root: Path, jobs: dict[str, tuple[str, Path | None]]):
         """jobs: scrape job name -> (host:port target, bearer token file or None)."""
-        binary = shutil.which("prometheus")
+        binary = prometheus_binary()
         if binary is None:
             pytest.skip("prometheus is not installed (apt-get install -y prometheus; .ci/run installs it)")
         root.mkdir(parents=True, exist_ok=True)
@@ -69,6 +73,14 @@ class PrometheusServer:
             time.sleep(0.2)
         raise AssertionError(f"no value for {promql} within {timeout} s; targets: {self.targets()}; "
                              f"log: {self.log_tail()}")
+
+    def series(self, promql: str, start: float, end: float) -> dict[tuple, list[float]]:
+        """Every sample of each series in [start, end] at 1 s steps (query_range), keyed by its labels."""
+        response = httpx.get(f"{self.url}/api/v1/query_range",
+                             params={"query": promql, "start": start, "end": end, "step": "1s"}, timeout=10)
+        response.raise_for_status()
+        return {tuple(sorted(r["metric"].items())): [float(v) for _, v in r["values"]]
+                for r in response.json()["data"]["result"]}
 
     def values(self, promql: str, label: str) -> dict[str, float]:
         return {r["metric"][label]: float(r["value"][1]) for r in self.query(promql)}

@@ -6,6 +6,7 @@ import re
 import shutil
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -19,7 +20,8 @@ from services.status import start_status_server
 from shared.schema import SUMMARY_FILE
 from shared.synth import synth_utterance
 from tests.conftest import run_encode, synth_corpus, write_manifest
-from tests.prometheus_server import PrometheusServer
+from tests.raycluster import free_port
+from tests.prometheus_server import PrometheusServer, prometheus_binary
 from tests.test_status import TOKEN, auth
 
 # Clip lengths spread over several histogram bins, and bad rows of four reasons.
@@ -29,9 +31,20 @@ GREEN_OK = (0x2E, 0x9D, 0x5B)  # --ok in services.page: the done segment of the 
 VIEWPORTS = {"desktop": (1280, 900), "phone": (390, 844)}
 
 
+@dataclass
+class EncodedJob:
+    out: Path
+    port: int  # where the job's driver served status (free again once it exited)
+    token_file: Path
+    prometheus: PrometheusServer | None  # scraping that port since before the job started; None if not installed
+    started: float
+    finished: float
+
+
 @pytest.fixture(scope="module")
-def encoded(tmp_path_factory, tiny_codec_dir) -> Path:
-    """A finished real encode (services.encode, tiny codec) of good clips and bad rows, 4 rows per shard."""
+def job(tmp_path_factory, tiny_codec_dir):
+    """A real encode (services.encode, tiny codec) of good clips and bad rows, 4 rows per shard, whose driver
+    serves status with a token on a free port that a real Prometheus scrapes every second while it runs."""
     root = tmp_path_factory.mktemp("page-job")
     entries = synth_corpus(root / "wav", [(s, 24_000) for s in GOOD_SECONDS])
     sf.write(root / "wav" / "silence.wav", np.zeros(24_000, dtype=np.float32), 24_000)
@@ -43,11 +56,29 @@ def encoded(tmp_path_factory, tiny_codec_dir) -> Path:
            {**good, "id": "no-text-1", "text": "  "},
            {**good, "id": "garbage-1", "audio": str(root / "wav" / "not_audio.wav")}]
     manifest = write_manifest(root / "raw.jsonl", entries[:6] + bad[:2] + entries[6:12] + bad[2:] + entries[12:])
-    out = root / "out"
-    job = run_encode("--manifest", str(manifest), "--codec", str(tiny_codec_dir), "--output", str(out),
-                     "--shard-size", "4", timeout=240)
-    assert job.returncode == 0, job.stdout[-3000:] + job.stderr[-3000:]
-    return out
+    token_file = root / "token"
+    token_file.write_text(TOKEN)
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    prometheus = None
+    if prometheus_binary() is not None:
+        prometheus = PrometheusServer(root / "prometheus", jobs={"encode": (target, token_file),
+                                                                 "no-token": (target, None)})
+    try:
+        started = time.time()
+        done = run_encode("--manifest", str(manifest), "--codec", str(tiny_codec_dir), "--output", str(root / "out"),
+                          "--shard-size", "4", "--status-port", str(port), "--status-token-file", str(token_file),
+                          timeout=240)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+        yield EncodedJob(root / "out", port, token_file, prometheus, started, time.time())
+    finally:
+        if prometheus is not None:
+            prometheus.stop()
+
+
+@pytest.fixture
+def encoded(job) -> Path:
+    return job.out
 
 
 def test_page_shows_a_real_job(encoded):
@@ -122,36 +153,47 @@ def _green_run(image: Image.Image, y: int) -> int:
     return sum(1 for x in range(image.size[0]) if image.getpixel((x, y)) == GREEN_OK)
 
 
-def test_prometheus_scrapes_metrics_that_match_status(encoded, tmp_path):
-    token_file = tmp_path / "token"
-    token_file.write_text(TOKEN)
-    with start_status_server(encoded, "127.0.0.1", 0, token=TOKEN) as server:
-        target = f"{server.host}:{server.port}"
-        with PrometheusServer(tmp_path / "prometheus", jobs={"encode": (target, token_file),
-                                                            "no-token": (target, None)}) as prometheus:
-            status = httpx.get(f"{server.url}/status", headers=auth()).json()
-            rows = prometheus.wait_for_values('qwen3tts_encode_rows{job="encode"}', "result", timeout=30)
-            assert rows == {"ok": status["rows"]["ok"], "error": status["rows"]["error"]}
-            assert prometheus.values('qwen3tts_encode_error_rows{job="encode"}', "reason") == BAD_ROWS
-            shards = prometheus.values('qwen3tts_encode_shards{job="encode"}', "state")
-            assert shards == {k: status["shards"][k] for k in ("done", "running", "failed", "pending")}
-            assert prometheus.value('qwen3tts_encode_shards_planned{job="encode"}') == status["shards"]["total"]
-            assert prometheus.value('qwen3tts_encode_audio_seconds{job="encode"}') == pytest.approx(
-                status["audio_hours"] * 3600)
-            assert prometheus.value('qwen3tts_encode_state{job="encode",state="complete"}') == 1
-            by_encoder = {e["name"]: e for e in status["encoders"]}
-            assert by_encoder
-            for metric, key in (("encoder_rows_per_second", "rows_per_s"),
-                                ("encoder_audio_seconds_per_second", "audio_seconds_per_s")):
-                got = prometheus.values(f'qwen3tts_encode_{metric}{{job="encode"}}', "encoder")
-                assert got == pytest.approx({name: e[key] for name, e in by_encoder.items()}), metric
-            ages = prometheus.values('qwen3tts_encode_encoder_heartbeat_age_seconds{job="encode"}', "encoder")
-            now = time.time()
-            for name, e in by_encoder.items():
-                assert now - e["updated"] - 5 <= ages[name] <= now - e["updated"] + 1, name
-            # the scrape without the token was refused, and Prometheus says so
-            assert prometheus.wait_for_values('up{job="no-token"}', "job", timeout=15) == {"no-token": 0}
-            assert "401" in prometheus.target_error("no-token")
+def test_prometheus_scraped_the_job_while_it_ran(job):
+    prometheus = job.prometheus or pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
+    window = (job.started, job.finished)
+    running = prometheus.series('qwen3tts_encode_state{job="encode",state="running"}', *window)
+    assert 1 in [v for values in running.values() for v in values], "never scraped the job as running"
+    alive = prometheus.series('qwen3tts_encode_encoder_alive{job="encode"}', *window)
+    assert any(1 in values for values in alive.values()), f"never scraped a live encoder: {alive}"
+    (done,) = prometheus.series('qwen3tts_encode_shards{job="encode",state="done"}', *window).values()
+    assert done == sorted(done) and len(done) >= 2, done  # progress never goes backwards
+    (planned,) = prometheus.series('qwen3tts_encode_shards_planned{job="encode"}', *window).values()
+    assert set(planned) == {6}
+
+
+def test_prometheus_scrapes_metrics_that_match_status(job):
+    prometheus = job.prometheus or pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
+    # the job's driver (and its server) are gone: a standalone server takes over the same port
+    with start_status_server(job.out, "127.0.0.1", job.port, token=TOKEN) as server:
+        status = httpx.get(f"{server.url}/status", headers=auth()).json()
+        assert status["state"] == "complete"
+        prometheus.wait_for_values('qwen3tts_encode_state{job="encode",state="complete"} == 1', "state", timeout=30)
+        rows = prometheus.values('qwen3tts_encode_rows{job="encode"}', "result")
+        assert rows == {"ok": status["rows"]["ok"], "error": status["rows"]["error"]}
+        assert prometheus.values('qwen3tts_encode_error_rows{job="encode"}', "reason") == BAD_ROWS
+        shards = prometheus.values('qwen3tts_encode_shards{job="encode"}', "state")
+        assert shards == {k: status["shards"][k] for k in ("done", "running", "failed", "pending")}
+        assert prometheus.value('qwen3tts_encode_shards_planned{job="encode"}') == status["shards"]["total"]
+        assert prometheus.value('qwen3tts_encode_audio_seconds{job="encode"}') == pytest.approx(
+            status["audio_hours"] * 3600)
+        by_encoder = {e["name"]: e for e in status["encoders"]}
+        assert by_encoder
+        for metric, key in (("encoder_rows_per_second", "rows_per_s"),
+                            ("encoder_audio_seconds_per_second", "audio_seconds_per_s")):
+            got = prometheus.values(f'qwen3tts_encode_{metric}{{job="encode"}}', "encoder")
+            assert got == pytest.approx({name: e[key] for name, e in by_encoder.items()}), metric
+        ages = prometheus.values('qwen3tts_encode_encoder_heartbeat_age_seconds{job="encode"}', "encoder")
+        now = time.time()
+        for name, e in by_encoder.items():
+            assert now - e["updated"] - 5 <= ages[name] <= now - e["updated"] + 1, name
+        # the scrape without the token was refused, and Prometheus says so
+        assert prometheus.value('up{job="no-token"}') == 0
+        assert "401" in prometheus.target_error("no-token")
 
 
 def readme_prometheus_configs() -> list[dict]:
