@@ -95,10 +95,10 @@ def test_throughput_spreads_each_shard_over_its_encode_time(encode_output):
     assert t.measured_buckets == int(400 / width)
 
 
-def write_shard(root, shard_id: int, rows: list[dict]) -> None:
-    stats = schema.ShardStats(rows=len(rows), rows_ok=sum(r.get("error") is None for r in rows),
-                              rows_error=sum(r.get("error") is not None for r in rows), audio_seconds=0.0,
-                              frames=0, encode_seconds=1.0, worker="encoder-0")
+def write_shard(root, shard_id: int, rows: list[schema.ShardRow]) -> None:
+    stats = schema.ShardStats(rows=len(rows), rows_ok=sum(r.ok for r in rows), rows_error=sum(not r.ok for r in rows),
+                              audio_seconds=sum(r.duration or 0.0 for r in rows if r.ok), frames=0,
+                              encode_seconds=1.0, worker="encoder-0")
     path = root / schema.SHARDS_DIR / schema.shard_name(shard_id)
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(schema.build_table(rows, stats), path)
@@ -108,11 +108,12 @@ def test_error_rows_show_an_id_and_a_reason_code_only(encode_output):
     encode_output.plan(num_shards=1)
     secret = f"/data/{SENTINEL}/clip.wav"
     long_id = "x" * 500
+    row = schema.ShardRow.from_entry
     write_shard(encode_output.root, 0, [
-        {"index": 0, "id": "<b>bold</b>", "audio": secret, "error": f"missing_file: {secret}: check the path"},
-        {"index": 1, "id": long_id, "audio": secret, "error": f"Not A Code {SENTINEL}: whatever"},
-        {"index": 2, "id": "ctl\x1b[31m", "audio": secret, "error": f"undecodable: {secret}: {SENTINEL}"},
-        {"index": 3, "id": "ok", "audio": secret, "audio_codes": [[1] * 16] * 3, "num_frames": 3, "duration": 0.24},
+        row(0, {"id": "<b>bold</b>", "audio": secret}, error=f"missing_file: {secret}: check the path"),
+        row(1, {"id": long_id, "audio": secret}, error=f"Not A Code {SENTINEL}: whatever"),
+        row(2, {"id": "ctl\x1b[31m", "audio": secret}, error=f"undecodable: {secret}: {SENTINEL}"),
+        row(3, {"id": "ok", "audio": secret}, codes=[[1] * 16] * 3, duration=0.24, sample_rate=24000),
     ])
     with start_status_server(encode_output.root, "127.0.0.1", 0) as server:
         page = httpx.get(f"{server.url}/").text
