@@ -292,6 +292,24 @@ def test_rayjob_runs_the_encode_cli_with_flags_it_accepts():
     assert served["containerPort"] == args.status_port
 
 
+def test_podmonitor_scrapes_the_drivers_metrics_with_the_status_token():
+    monitor, cluster, job = the("PodMonitor"), the("RayCluster"), the("RayJob")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["spec"]["selector"]["matchLabels"] == {"ray.io/cluster": cluster["metadata"]["name"],
+                                                          "ray.io/node-type": "head"}
+    (endpoint,) = monitor["spec"]["podMetricsEndpoints"]
+    assert endpoint["path"] == "/metrics"
+    (head,) = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"]
+    (served,) = [p for p in head["ports"] if p["name"] == endpoint["port"]]
+    assert served["containerPort"] == parse_encode_args(shlex.split(job["spec"]["entrypoint"])[3:]).status_port
+    credentials = endpoint["authorization"]["credentials"]
+    assert endpoint["authorization"]["type"] == "Bearer"
+    assert credentials["key"] in kuberay_objects()[("Secret", credentials["name"])]["stringData"]
+    # the Secret the driver reads its token from (mounted at --status-token-file)
+    volumes = cluster["spec"]["headGroupSpec"]["template"]["spec"]["volumes"]
+    assert credentials["name"] in {v["secret"]["secretName"] for v in volumes if "secret" in v}
+
+
 # ------------------------------------------------------------------------------------------------- scripts
 
 
