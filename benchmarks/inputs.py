@@ -80,14 +80,21 @@ def model_1p7b(work_dir: Path, layers: int = 28, seed: int = 0) -> Path:
 _WORDS = "the quick brown fox jumps over a lazy dog while speech synthesis models learn from data".split()
 
 
+def speech_seconds(rng: np.random.Generator) -> float:
+    """One utterance duration of a speech-corpus mix: lognormal, median 5 s, clipped to 1-20 s."""
+    return float(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.0, 20.0))
+
+
 def train_shards(work_dir: Path, shards: int, rows_per_shard: int, min_seconds: float, max_seconds: float,
-                 seed: int = 0) -> Path:
-    """A complete encode output directory of random codes (training cost does not depend on code values):
-    utterances of uniform random length, 4-12 words of text, one shared 24 kHz reference."""
+                 seed: int = 0, speech_mix: bool = False) -> Path:
+    """A complete encode output directory of random codes (training cost does not depend on code values),
+    one shared 24 kHz reference. Utterances of uniform random length in [min, max] seconds with 4-12 words of
+    text, or with `speech_mix` the lengths of speech_seconds and 3-40 words."""
     from shared import schema
     from training.synthetic import write_shard, write_wav
 
-    root = work_dir / f"train-shards-{shards}x{rows_per_shard}-{min_seconds:g}-{max_seconds:g}s-seed{seed}"
+    lengths = "speech" if speech_mix else f"{min_seconds:g}-{max_seconds:g}s"
+    root = work_dir / f"train-shards-{shards}x{rows_per_shard}-{lengths}-seed{seed}"
     if (root / schema.COMPLETE_MARKER).is_file():
         return root
     rng = np.random.default_rng(seed)
@@ -96,10 +103,11 @@ def train_shards(work_dir: Path, shards: int, rows_per_shard: int, min_seconds: 
         rows = []
         for k in range(rows_per_shard):
             index = shard_id * rows_per_shard + k
-            seconds = float(rng.uniform(min_seconds, max_seconds))
+            seconds = speech_seconds(rng) if speech_mix else float(rng.uniform(min_seconds, max_seconds))
             frames = -(-int(seconds * 24_000) // 1920)
+            words = int(rng.integers(3, 41) if speech_mix else rng.integers(4, 13))
             entry = {"id": f"utt{index:06d}", "audio": f"/unused/{index}.wav",
-                     "text": " ".join(rng.choice(_WORDS, size=int(rng.integers(4, 13)))), "ref_audio": ref}
+                     "text": " ".join(rng.choice(_WORDS, size=words)), "ref_audio": ref}
             codes = rng.integers(0, schema.CODEBOOK_SIZE, size=(frames, schema.NUM_CODEBOOKS), dtype=np.int16)
             rows.append(schema.ShardRow.from_entry(index, entry, codes=codes, duration=seconds, sample_rate=24_000))
         write_shard(root, shard_id, rows)

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import inputs  # noqa: E402
 from benchmarks.common import GIB, REPO, base_parser, machine_info, markdown_table, ratio, write_json  # noqa: E402
-from benchmarks.train_runs import BEFORE, export_revision, realistic_shards, run_training  # noqa: E402
+from benchmarks.train_runs import BEFORE, export_revision, run_training  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -62,6 +62,32 @@ def matmul_gflops(threads: int, size: int = 2048, seconds: float = 5.0) -> float
     return best / 1e9
 
 
+def plan_padding(rows: int = 20_000, seed: int = 0) -> list[dict]:
+    """Micro-batches and padded share of computed positions when planning `rows` utterances of the speech mix
+    (3-40 words ~ 4-50 text tokens) at the shipped 1.7B config's budget, packed and unpacked: no model needed."""
+    import random
+
+    import numpy as np
+
+    from benchmarks.inputs import speech_seconds
+    from training.packing import batch_shape, plan_packed, plan_unpacked
+
+    rng = np.random.default_rng(seed)
+    lengths = [-(-int(speech_seconds(rng) * 24_000) // 1920) + int(rng.integers(4, 51)) + 11 for _ in range(rows)]
+    layouts = {"packed, 16384 / rows of 4096": plan_packed(lengths, 16384, 4096, random.Random(seed)),
+               "packed, 16384 / one row": plan_packed(lengths, 16384, 0, random.Random(seed)),
+               "unpacked, 16384, <= 32 rows (main before)": plan_unpacked(lengths, 16384, 32, 512, random.Random(seed)),
+               "unpacked, 16384, <= 1024 rows": plan_unpacked(lengths, 16384, 1024, 512, random.Random(seed))}
+    out = []
+    for name, plans in layouts.items():
+        shapes = [batch_shape([[lengths[i] for i in seq] for seq in plan], [[0] * len(seq) for seq in plan])
+                  for plan in plans]
+        computed = sum(s.positions for s in shapes)
+        out.append(dict(layout=name, micro_batches=len(plans), positions_per_micro_batch=computed / len(plans),
+                        padding=sum(s.padding for s in shapes) / computed))
+    return out
+
+
 def summarise(name: str, run, warmup: int) -> dict:
     timed = run.records[warmup:]
     row = dict(flow=name, status="ok" if timed else f"failed (exit {run.returncode})", peak_rss_gib=run.peak_rss_gib)
@@ -83,7 +109,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     peak_before = matmul_gflops(args.threads)
     model = inputs.model_1p7b(args.work_dir, args.layers)
-    shards = realistic_shards(args.work_dir, 2, 400)
+    shards = inputs.train_shards(args.work_dir, 2, 400, 0.0, 0.0, speech_mix=True)
     flows = [("after, packed", REPO, ["data.pack_length=0"])]
     if not args.skip_unpacked:
         flows.append(("after, unpacked", REPO, ["data.packing=false", "data.pack_length=0"]))
@@ -117,12 +143,19 @@ def main(argv=None) -> None:
                          [[r["flow"], r["status"], r.get("frames_per_s"), r.get("step_s"), r.get("frames_per_step"),
                            r.get("padding"), r.get("data_wait_s"), r.get("gflops"), r.get("of_matmul_peak"),
                            r["peak_rss_gib"]] for r in rows]))
+    planning = plan_padding()
+    print()
+    print("Planning 20,000 utterances of the speech mix at the 1.7B config's budget (16384 positions):")
+    print(markdown_table(["layout", "micro-batches", "positions per micro-batch", "padding"],
+                         [[p["layout"], p["micro_batches"], p["positions_per_micro_batch"], p["padding"]]
+                          for p in planning]))
     ok = {r["flow"]: r for r in rows if "frames_per_s" in r}
     for name in ("after, unpacked", "after, packed"):
         if name in ok and "before" in ok:
             print(f"{name} / before: frames/s x{ratio(ok[name]['frames_per_s'], ok['before']['frames_per_s']):.2f}")
     write_json(args.json, {"benchmark": "train_throughput", "machine": machine_info(), "args": vars(args) | {
-        "work_dir": str(args.work_dir), "json": str(args.json)}, "matmul_gflops": peak, "results": rows})
+        "work_dir": str(args.work_dir), "json": str(args.json)}, "matmul_gflops": peak, "results": rows,
+                "planning": planning})
 
 
 if __name__ == "__main__":
