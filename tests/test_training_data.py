@@ -54,6 +54,7 @@ def good_ids(encoded):
 def test_error_rows_are_skipped(encoded, builder):
     rows = read_planned(schema.published_shards(encoded)[0], 0, builder)
     assert len(rows) == 4 and all(p.row.codes is None and p.frames > 0 for p in rows)  # metadata only
+    assert builder.plan_rows(0, [], []) == []  # a shard of error rows only plans to nothing
     steps = list(stream(encoded, builder).epoch_steps())
     assert set(ids_of(steps)) == good_ids(encoded)
     for step in steps:  # codes are read for every row the rank trains on

@@ -76,6 +76,8 @@ def text_token_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
 
 def batch_text_token_ids(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
     """text_token_ids of many texts in one tokenizer call (no padding: each prompt is tokenized alone)."""
+    if not texts:  # a shard of error rows only; the fast tokenizer fails on an empty batch
+        return []
     encoded = tokenizer([assistant_prompt(t) for t in texts])["input_ids"]
     return [(ids[:ROLE_LEN], ids[ROLE_LEN:-5]) for ids in encoded]
 
