@@ -99,7 +99,8 @@ def cuda_available() -> bool:
 
 
 def missing_accelerator(kind: str, what: str) -> AcceleratorMissing:
-    """The error for `what` (e.g. "device 'npu' requested") that needs an accelerator of `kind` torch cannot use here."""
+    """The error for `what` (e.g. "device 'npu' requested"), which needs an accelerator of `kind` that torch
+    cannot use here: what was expected, what was found, and the fix."""
     reason = npu_missing_reason() if kind == "npu" else cuda_missing_reason()
     var = VISIBLE_DEVICES_VAR[kind]
     return AcceleratorMissing(f"{what}: expected {ACCELERATOR_NAME[kind]}, but {reason} ({var}="
