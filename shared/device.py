@@ -247,7 +247,8 @@ def attention_for(requested: str, kind: str, compute_dtype: str) -> str:
 
 
 def precision_problem(kind: str, device_name: str, bf16_supported: bool, dtypes: dict[str, str]) -> str | None:
-    """Why this chip cannot train with `dtypes` ({"fsdp.param_dtype": "bfloat16", ...}), with the fix; None if it can."""
+    """Why this chip cannot train with `dtypes` ({"fsdp.param_dtype": "bfloat16", ...}), with the fix; None if
+    it can."""
     asked = [key for key, dtype in dtypes.items() if dtype == "bfloat16"]
     if not asked or bf16_supported or kind == "cpu":
         return None
