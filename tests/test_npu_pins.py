@@ -84,7 +84,7 @@ def test_published_torch_npu_wheels_require_the_pinned_torch(tmp_path):
     torch = pinned(proj["dependencies"], "torch")
     numpy_both = SpecifierSet(str(pinned(proj["dependencies"], "numpy").specifier)) & pinned(npu, "numpy").specifier
     pythons = supported_pythons()
-    assert pythons == ["3.10", "3.11", "3.12"], pythons  # a new Python in pyproject must be checked here too
+    assert pythons, f"no Python 3.x matches requires-python {proj['requires-python']!r}"
     checked = []
     for arch in ARCHES:
         for python in pythons:
