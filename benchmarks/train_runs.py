@@ -1,5 +1,5 @@
 """What the training benchmarks share: a copy of another revision's code to run "before" beside "after", and
-one measured `python -m training.train` run."""
+one measured `python -m training.train` run (their shards: benchmarks.inputs.train_shards)."""
 from __future__ import annotations
 
 import io

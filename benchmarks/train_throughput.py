@@ -69,11 +69,12 @@ def plan_padding(rows: int = 20_000, seed: int = 0) -> list[dict]:
 
     import numpy as np
 
-    from benchmarks.inputs import speech_seconds
+    from benchmarks.inputs import REALISTIC_LENGTHS
     from training.packing import batch_shape, plan_packed, plan_unpacked
 
     rng = np.random.default_rng(seed)
-    lengths = [-(-int(speech_seconds(rng) * 24_000) // 1920) + int(rng.integers(4, 51)) + 11 for _ in range(rows)]
+    lengths = [-(-int(REALISTIC_LENGTHS.seconds(rng) * 24_000) // 1920) + int(rng.integers(4, 51)) + 11
+               for _ in range(rows)]
     layouts = {"packed, 16384 / rows of 4096": plan_packed(lengths, 16384, 4096, random.Random(seed)),
                "packed, 16384 / one row": plan_packed(lengths, 16384, 0, random.Random(seed)),
                "unpacked, 16384, <= 32 rows (main before)": plan_unpacked(lengths, 16384, 32, 512, random.Random(seed)),
@@ -109,7 +110,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     peak_before = matmul_gflops(args.threads)
     model = inputs.model_1p7b(args.work_dir, args.layers)
-    shards = inputs.train_shards(args.work_dir, 2, 400, 0.0, 0.0, speech_mix=True)
+    shards = inputs.train_shards(args.work_dir, 2, 400, inputs.REALISTIC_LENGTHS)
     flows = [("after, packed", REPO, ["data.pack_length=0"])]
     if not args.skip_unpacked:
         flows.append(("after, unpacked", REPO, ["data.packing=false", "data.pack_length=0"]))
