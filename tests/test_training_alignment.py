@@ -1,5 +1,9 @@
 """Training matches inference: greedy generation's codes, replayed through the training forward, are the
-argmax of both heads at every frame (the proof that the four upstream bugs are absent)."""
+argmax of both heads at every frame (the proof that the four upstream bugs are absent). Both codec prefixes are
+replayed: inference's "auto" (nothink, think_bos, think_eos) and an explicit language (think, think_bos,
+language id, think_eos), which moves the speaker slot and everything after it one position on."""
+from typing import NamedTuple
+
 import numpy as np
 import pytest
 import torch
@@ -13,9 +17,10 @@ TEXT = "hello world the quick brown fox"
 MAX_NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def replay(tiny_dir):
+@pytest.fixture(scope="module", params=["auto", "english"])
+def replay(tiny_dir, request):
     """Greedy non-streaming generation with an x-vector prompt, then our training forward on its codes."""
+    language = request.param
     torch.manual_seed(0)
     inference = load_inference_model(tiny_dir / "model")
     model = inference.model
@@ -23,19 +28,59 @@ def replay(tiny_dir):
     items = inference.create_voice_clone_prompt(ref_audio=(ref, 24000), x_vector_only_mode=True)
     prompt = inference._prompt_items_to_voice_clone_prompt(items)
     input_ids = inference._tokenize_texts([f"<|im_start|>assistant\n{TEXT}<|im_end|>\n<|im_start|>assistant\n"])
-    codes, _ = model.generate(input_ids=input_ids, voice_clone_prompt=prompt, languages=["auto"],
+    codes, hidden = model.generate(input_ids=input_ids, voice_clone_prompt=prompt, languages=[language],
                               non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
                               repetition_penalty=1.0, max_new_tokens=MAX_NEW_TOKENS)
-    codes = codes[0]
+    codes, hidden = codes[0], hidden[0]  # hidden[j]: the talker state that predicted frame j
     ids = SpecialIds.from_config(model.config)
     role, text_ids = text_token_ids(inference.processor.tokenizer, TEXT)
     xvector = speaker_embedding(model.speaker_encoder, speaker_mel(ref))
     torch.testing.assert_close(xvector, items[0].ref_spk_embedding.float(), rtol=0, atol=1e-6)
-    batch = collate([build_sample(role, text_ids, codes.numpy(), ids)], xvector.unsqueeze(0), ids.tts_pad)
+    sample = build_sample(role, text_ids, codes.numpy(), ids, language)
+    assert sample.speaker_pos == (6 if language == "auto" else 7)
+    assert list(sample.codec_ids[3:sample.speaker_pos, 0]) == (
+        [ids.codec_nothink, ids.codec_think_bos, ids.codec_think_eos] if language == "auto" else
+        [ids.codec_think, ids.codec_think_bos, model.config.talker_config.codec_language_id[language],
+         ids.codec_think_eos])
+    batch = collate([sample], xvector.unsqueeze(0), ids.tts_pad)
     trainer = TalkerForTraining(model.talker).eval()
     with torch.no_grad():
         out = trainer(batch, return_logits=True)
-    return codes, batch, out, trainer, ids, model
+    return Replay(codes, batch, out, trainer, ids, model, language, hidden, role, text_ids, xvector)
+
+
+class Replay(NamedTuple):
+    codes: torch.Tensor
+    batch: object
+    out: object
+    trainer: TalkerForTraining
+    ids: SpecialIds
+    model: object
+    language: str
+    hidden: torch.Tensor  # generation's talker hidden states, one per frame
+    role: list
+    text_ids: list
+    xvector: torch.Tensor
+
+
+def predicting_hidden(replay: Replay, language: str) -> torch.Tensor:
+    """The training forward's talker hidden states at the positions that predict each frame, for `language`."""
+    sample = build_sample(replay.role, replay.text_ids, replay.codes.numpy(), replay.ids, language)
+    batch = collate([sample], replay.xvector.unsqueeze(0), replay.ids.tts_pad)
+    trainer = replay.trainer
+    with torch.no_grad():
+        hidden = trainer.talker.model(inputs_embeds=trainer.input_embeddings(batch),
+                                      attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
+    return hidden[0, batch.predictor_index[:, 1]]
+
+
+def test_talker_hidden_states_equal_generation_and_the_other_prefix_differs(replay):
+    """Every hidden state generation computed is reproduced (to float rounding) with the row's prefix; the
+    other prefix (language id present or absent) shifts them far beyond rounding, so this test tells the two
+    apart even where the tiny model's argmax does not."""
+    torch.testing.assert_close(predicting_hidden(replay, replay.language), replay.hidden, rtol=0, atol=1e-5)
+    other = "auto" if replay.language != "auto" else "chinese"
+    assert (predicting_hidden(replay, other) - replay.hidden).abs().max() > 1e-3
 
 
 def test_generation_is_not_degenerate(replay):
@@ -45,7 +90,7 @@ def test_generation_is_not_degenerate(replay):
 
 
 def test_talker_argmax_reproduces_codebook_0_and_eos(replay):
-    codes, batch, out, _, ids, model = replay
+    codes, batch, out, _, ids, model = replay[:6]
     logits = out.talker_logits[0].clone()
     # Generation never emits special ids other than eos (suppress_tokens), nor eos in its first 2 steps.
     logits[:, 2048:] = float("-inf")
@@ -95,12 +140,13 @@ def test_training_tokenizes_text_exactly_as_inference(tiny_dir):
 
 
 def test_padding_does_not_change_any_sample_loss(replay):
-    """Right padding, the attention mask and the per-frame predictor index: a batch's loss sums are the sums of
-    its samples' losses computed alone, whatever their lengths."""
-    _, batch, _, trainer, ids, model = replay
+    """Right padding, the attention mask, the per-frame predictor index and per-row speaker slots (rows with and
+    without a language id mixed): a batch's loss sums are the sums of its samples' losses computed alone."""
+    _, batch, _, trainer, ids, model = replay[:6]
     rng = np.random.default_rng(0)
     samples = [build_sample([151644, 358, 198], list(rng.integers(300, 400, size=n)),
-                            rng.integers(0, 2048, size=(t, 16)), ids) for n, t in ((2, 5), (7, 12), (4, 1))]
+                            rng.integers(0, 2048, size=(t, 16)), ids, language)
+               for n, t, language in ((2, 5, None), (7, 12, "Chinese"), (4, 1, "auto"))]
     speakers = torch.randn(3, model.config.talker_config.hidden_size)
     with torch.no_grad():
         together = trainer(collate(samples, speakers, ids.tts_pad))

@@ -5,7 +5,7 @@ so it runs outside FSDP in the data path and its x-vectors arrive in the batch. 
 `talker.*`, the same names as in the full Qwen3TTSForConditionalGeneration state dict, so a checkpoint
 loads straight into a full model for export.
 
-Correctness points (each an upstream bug, notes §5):
+Correctness points (each an upstream bug; README, "What the loss is"):
 - text embeddings go through `text_projection`, as in inference;
 - talker labels are shifted once, in `training.layout`; the cross-entropy here does not shift;
 - the sub-talker gets the hidden state of the position that *predicted* the frame (p-1), not of the frame;
@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.layout import IGNORE, SPEAKER_POS, TalkerBatch
+from training.layout import IGNORE, TalkerBatch
 
 
 @dataclass
@@ -46,10 +46,8 @@ class TalkerForTraining(nn.Module):
             codec = codec + embedding(batch.codec_ids[..., k]) * frame
         codec = codec * batch.codec_on.unsqueeze(-1).to(codec.dtype)
         # The speaker slot carries the x-vector itself as its codec-channel input.
-        speaker = batch.speaker.to(codec.dtype).unsqueeze(1)
-        is_speaker = torch.zeros_like(batch.codec_on)
-        is_speaker[:, SPEAKER_POS] = True
-        codec = torch.where(is_speaker.unsqueeze(-1), speaker, codec)
+        slot = (batch.speaker_index[:, 0], batch.speaker_index[:, 1])
+        codec = codec.index_put(slot, batch.speaker.to(codec.dtype))
         return text + codec
 
     def sub_talker_inputs(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
