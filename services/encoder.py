@@ -18,7 +18,7 @@ from services.plan import ShardSpec, write_json_atomic
 from services.writer import ShardWriter
 from shared.audio import SAMPLES_PER_FRAME, AudioError, AudioLimits, Clip, load_audio
 from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, select_device
-from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardStats
+from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardRow, ShardStats
 
 HEARTBEAT_SECONDS = 2.0
 RATE_WINDOW_SECONDS = 30.0
@@ -41,10 +41,8 @@ class EncoderOptions:
     torch_threads: int = 0  # 0: leave torch's default
 
 
-def _error_row(index: int, entry: dict, message: str) -> dict:
-    return {"index": index, "id": str(entry.get("id") or index), "audio": entry.get("audio"),
-            "text": entry.get("text"), "ref_audio": entry.get("ref_audio"), "audio_codes": None,
-            "num_frames": None, "duration": None, "sample_rate": None, "error": message}
+def _error_row(index: int, entry: dict, message: str) -> ShardRow:
+    return ShardRow.from_entry(index, {k: v for k, v in entry.items() if k != LINE_ERROR}, error=message)
 
 
 def check_entry(entry: dict) -> str | None:
@@ -208,21 +206,19 @@ class ShardEncoder:
             audio_seconds = 0.0
             for (offset, clip), c in zip(good, codes):
                 entry = entries[offset]
-                rows.append({"index": spec.start + offset, "id": str(entry.get("id") or Path(entry["audio"]).stem),
-                             "audio": entry["audio"], "text": entry["text"], "ref_audio": entry.get("ref_audio"),
-                             "audio_codes": c, "num_frames": len(c), "duration": clip.duration,
-                             "sample_rate": clip.source_sample_rate, "error": None})
+                rows.append(ShardRow.from_entry(spec.start + offset, entry, codes=c, duration=clip.duration,
+                                                sample_rate=clip.source_sample_rate))
                 audio_seconds += clip.duration
             with self._count_lock:
                 self.meter.add(len(good), audio_seconds)
                 self.totals["rows"] += len(good)
                 self.totals["audio_seconds"] += audio_seconds
-        errors = sum(1 for r in rows if r["error"] is not None)
+        errors = sum(1 for r in rows if not r.ok)
         with self._count_lock:
             self.totals["rows_error"] += errors
         stats = ShardStats(rows=len(rows), rows_ok=len(rows) - errors, rows_error=errors,
-                           audio_seconds=sum(r["duration"] or 0.0 for r in rows if r["error"] is None),
-                           frames=sum(r["num_frames"] or 0 for r in rows), encode_seconds=time.time() - started,
+                           audio_seconds=sum(r.duration or 0.0 for r in rows if r.ok),
+                           frames=sum(r.num_frames or 0 for r in rows), encode_seconds=time.time() - started,
                            worker=self.name)
         self.writer.publish(spec.id, rows, stats)
         return stats

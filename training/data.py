@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from shared import schema
 from training.config import DataConfig
@@ -28,7 +27,7 @@ from training.layout import sequence_length
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ["id", "text", "ref_audio", "audio_codes", "num_frames", "error"]
+_COLUMNS = ["id", "text", "ref_audio", "codes", "error"]
 
 
 @dataclass
@@ -74,20 +73,8 @@ def is_complete(output: Path) -> bool:
 
 def read_shard(path: Path, tokenize: Callable[[str], list[int]]) -> list[Row]:
     """Good rows of one published shard (error rows skipped), in file order."""
-    schema.check_schema(path)
-    table = pq.read_table(path, columns=_COLUMNS)
-    errors = table.column("error").to_pylist()
-    ids, texts, refs = (table.column(c).to_pylist() for c in ("id", "text", "ref_audio"))
-    codes = table.column("audio_codes")
-    rows = []
-    for i, error in enumerate(errors):
-        if error is not None or not refs[i]:
-            continue
-        frames = schema.codes_of(codes, i)
-        if len(frames) == 0:
-            continue
-        rows.append(Row(ids[i], tokenize(texts[i] or ""), refs[i], frames))
-    return rows
+    return [Row(r.id, tokenize(r.text or ""), r.ref_audio, r.codes) for r in schema.read_rows(path, _COLUMNS)
+            if r.ok and r.ref_audio and len(r.codes)]
 
 
 def pack(rows: list[Row], config: DataConfig, rng: random.Random) -> list[list[Row]]:
