@@ -27,7 +27,7 @@ from training.layout import sequence_length
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ["id", "text", "ref_audio", "codes", "error"]
+_COLUMNS = ["id", "text", "ref_audio", "speaker", "language", "codes", "error"]
 
 
 @dataclass
@@ -36,10 +36,12 @@ class Row:
     text_ids: list[int]  # text tokens only (the prompt's [3:-5])
     ref_audio: str
     codes: np.ndarray  # (frames, 16) int64
+    speaker: str | None = None  # manifest speaker (None: the run's unnamed speaker)
+    language: str | None = None  # manifest language: picks the codec prefix
 
     @property
     def length(self) -> int:
-        return sequence_length(len(self.text_ids), len(self.codes))
+        return sequence_length(len(self.text_ids), len(self.codes), self.language)
 
 
 @dataclass
@@ -73,8 +75,8 @@ def is_complete(output: Path) -> bool:
 
 def read_shard(path: Path, tokenize: Callable[[str], list[int]]) -> list[Row]:
     """Good rows of one published shard (error rows skipped), in file order."""
-    return [Row(r.id, tokenize(r.text or ""), r.ref_audio, r.codes) for r in schema.read_rows(path, _COLUMNS)
-            if r.ok and r.ref_audio and len(r.codes)]
+    return [Row(r.id, tokenize(r.text or ""), r.ref_audio, r.codes, r.speaker, r.language)
+            for r in schema.read_rows(path, _COLUMNS) if r.ok and r.ref_audio and len(r.codes)]
 
 
 def pack(rows: list[Row], config: DataConfig, rng: random.Random) -> list[list[Row]]:

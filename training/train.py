@@ -21,12 +21,12 @@ from shared.device import peak_memory_bytes, select_device, synchronize
 from shared.qwen import load_tts_model
 from training import checkpoint
 from training.config import Config, dump_config, load_config
-from training.data import DataPosition, Row, ShardStream
+from training.data import DataPosition, Row, ShardStream, resolve_output_dir
 from training.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
 from training.metrics import MetricsLog
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
-from training.reference import ReferenceCache
+from training.reference import ReferenceCache, SpeakerTable, scan_speakers
 
 log = logging.getLogger("training")
 
@@ -65,8 +65,8 @@ class StepBuilder:
         self.ids, self.role_ids, self.references, self.device = ids, role_ids, references, device
 
     def __call__(self, rows: list[Row]):
-        samples = [build_sample(self.role_ids, r.text_ids, r.codes, self.ids) for r in rows]
-        speakers = self.references.batch([r.ref_audio for r in rows])
+        samples = [build_sample(self.role_ids, r.text_ids, r.codes, self.ids, r.language) for r in rows]
+        speakers = self.references.batch([(r.speaker, r.ref_audio) for r in rows])
         return collate(samples, speakers, self.ids.tts_pad).to(self.device)
 
 
@@ -80,9 +80,15 @@ def train(config: Config) -> None:
         dump_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.train.seed)
 
+    def agree(value):
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
     model = load_tts_model(config.model.path, "cpu", torch.float32, config.model.attn_implementation)
     ids = SpecialIds.from_config(model.config)
-    references = ReferenceCache(model.speaker_encoder.to(device.torch_device))
+    speakers = _speakers(config, ids, agree, rank)
+    references = ReferenceCache(model.speaker_encoder.to(device.torch_device), speakers)
     module = TalkerForTraining(model.talker).to(device.torch_device).train()
     del model
     parallelize(module, config.fsdp, build_mesh(device))
@@ -91,11 +97,6 @@ def train(config: Config) -> None:
 
     tokenizer = load_text_tokenizer(config.model.path)
     role_ids = text_token_ids(tokenizer, "")[0]
-
-    def agree(value):
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
 
     stream = ShardStream(config.data, lambda text: text_token_ids(tokenizer, text)[1], t.seed, rank, world,
                          t.grad_accum, agree)
@@ -141,6 +142,17 @@ def train(config: Config) -> None:
         _save(run_dir, step, module, optimizer, scheduler, stream, config)
     log.info("finished at step %d", step)
     dist.destroy_process_group()
+
+
+def _speakers(config: Config, ids: SpecialIds, agree, rank: int) -> SpeakerTable:
+    """Rank 0's view of the shards' speakers (every rank must average the same references), with every
+    manifest language checked against the model before any step runs."""
+    table = agree(scan_speakers(resolve_output_dir(config.data.shards)) if rank == 0 else None)
+    for language in sorted(table.languages):
+        ids.codec_prefix(language)  # raises, naming the language and the model's languages
+    log.info("speakers: %s", ", ".join(f"{k or '(unnamed)'}: {len(v)} reference(s)"
+                                       for k, v in sorted(table.references.items(), key=lambda kv: kv[0] or "")))
+    return table
 
 
 def _setup_logging(rank: int) -> None:
