@@ -65,6 +65,15 @@ def test_codes_equal_upstream_tokenizer(corpus, tiny_codec_dir, tmp_path):
         assert codes.min() >= 0 and codes.max() < CODEBOOK_SIZE
         assert len(np.unique(codes)) > 1, "a codec that emits one code proves nothing"
     assert partial_tails >= 5
+    # Upstream's batched prepare_data.py (every file in one `encode` call): the default's codes on every frame
+    # but the last frame of the batch's longest clip.
+    batched = reference_encode(codec, [entry["audio"] for entry in entries])
+    longest = max(range(len(entries)), key=lambda i: len(batched[i]))
+    for i, (row, upstream) in enumerate(zip(padded_rows, batched)):
+        codes = row["audio_codes"]
+        assert codes.shape == upstream.shape
+        last = len(codes) - 1 if i == longest else len(codes)
+        assert np.array_equal(codes[:last], upstream[:last]), row["id"]
 
 
 def test_resume_redoes_only_missing_shard(corpus, tiny_codec_dir, tmp_path):
