@@ -142,3 +142,40 @@ def test_each_speaker_generates_its_own_trained_codes(two_speakers):
                                            max_new_tokens=len(expected) + 8, **GREEDY)
     decoded, _ = load_codec(voices / "speech_tokenizer").decode([{"audio_codes": expected}])
     np.testing.assert_allclose(wavs[0], decoded[0], atol=1e-5)
+
+
+def test_export_speaker_choice_and_its_errors():
+    from training.export import ExportError, choose_speakers
+    from training.reference import SpeakerTable
+
+    named = SpeakerTable()
+    for speaker, ref in (("Alice", "a.wav"), ("BOB", "b1.wav"), ("bob", "b2.wav")):
+        named.add(speaker, ref)
+    assert named.references == {"alice": ["a.wav"], "bob": ["b1.wav", "b2.wav"]}  # one speaker, any case
+    assert choose_speakers(named, None, all_speakers=True) == {"alice": "alice", "bob": "bob"}
+    assert choose_speakers(named, "Bob", all_speakers=False) == {"bob": "bob"}
+    with pytest.raises(ExportError, match="pass --all-speakers, or --speaker-name with one of them"):
+        choose_speakers(named, "carol", all_speakers=False)
+
+    mixed = SpeakerTable()
+    mixed.add(None, "u.wav")
+    mixed.add("alice", "a.wav")
+    assert choose_speakers(mixed, "Narrator", all_speakers=True) == {"alice": "alice", "narrator": None}
+    assert choose_speakers(mixed, "Narrator", all_speakers=False) == {"narrator": None}  # as single-speaker runs
+    with pytest.raises(ExportError, match="name it with --speaker-name"):
+        choose_speakers(mixed, None, all_speakers=True)
+    with pytest.raises(ExportError, match="also a manifest speaker"):
+        choose_speakers(mixed, "ALICE", all_speakers=True)
+
+
+def test_an_unknown_language_is_refused_with_the_model_languages(tiny_dir):
+    from shared.qwen import Qwen3TTSConfig
+    from training.layout import SpecialIds
+
+    ids = SpecialIds.from_config(Qwen3TTSConfig.from_pretrained(tiny_dir / "model"))
+    assert ids.codec_prefix("ENGLISH") == (ids.codec_think, ids.codec_think_bos, 2050, ids.codec_think_eos)
+    assert ids.codec_prefix("Auto") == ids.codec_prefix(None) == (ids.codec_nothink, ids.codec_think_bos,
+                                                                  ids.codec_think_eos)
+    with pytest.raises(ValueError, match=r"language 'Klingon' is not one of this model's languages \(chinese, "
+                                         r"english\); fix the manifest's `language`"):
+        ids.codec_prefix("Klingon")
