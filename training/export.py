@@ -45,8 +45,8 @@ def run_config(checkpoint: Path) -> dict:
 def choose_speakers(table: SpeakerTable, speaker_name: str | None, all_speakers: bool) -> dict[str, str | None]:
     """Exported name -> speaker key of the run (None: the unnamed speaker), in row order (sorted names)."""
     if not table.references:
-        raise ExportError("the run's shards hold no good row with a reference; pass --ref-audio with "
-                          "--speaker-name")
+        raise ExportError("the run's shards (data.shards of its config.yaml) hold no good row with a reference; "
+                          "pass --ref-audio with --speaker-name")
     named = table.named
     if all_speakers:
         chosen = {name: name for name in named}
