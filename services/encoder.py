@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from services.manifest import LINE_ERROR, read_range
 from services.plan import ShardSpec, write_json_atomic
 from services.writer import ShardWriter
 from shared.audio import SAMPLES_PER_FRAME, AudioError, AudioLimits, Clip, load_audio
-from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, select_device
+from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, apply_codec_numerics, placed_device
 from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardRow, ShardStats
 
 HEARTBEAT_SECONDS = 2.0
@@ -28,12 +28,13 @@ RATE_WINDOW_SECONDS = 30.0
 class EncoderOptions:
     codec: str
     output: str
-    device: str = "auto"
     max_batch_seconds: float = 240.0  # padded audio seconds per codec call (on an accelerator)
     cpu_max_batch_seconds: float = 10.0  # the cap on CPU (see batch_seconds_for)
     max_batch_items: int = 64
     decode_threads: int = 0  # 0: this node's cores shared among the encoders placed on it
-    placement: str = "cpu"  # accelerator kind the actor was placed on ("npu", "cuda" or "cpu")
+    # The accelerator kind the driver placed the actor on ("npu", "cuda" or "cpu"): the actor uses exactly that
+    # device and fails when it is missing, so a card Ray reserved for it never sits idle behind a CPU encoder.
+    placement: str = "cpu"
     prefetch_batches: int = 2
     exact_tail: bool = False
     min_seconds: float = 0.1
@@ -132,7 +133,8 @@ class ShardEncoder:
         self.options, self.name = options, name
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
-        self.device = select_device(options.device)
+        self.device = placed_device(options.placement, f"{name} on {socket.gethostname()}")
+        self.numerics = apply_codec_numerics(self.device)  # before the codec's first kernel
         self.codec = load_codec(options.codec, self.device.torch_device)
         # One small encode now, so device context, kernel loading and allocator growth are start-up cost
         # and not charged to the first shard.
@@ -243,6 +245,7 @@ class EncoderActor:
         visible = {var: os.environ.get(var) for var in VISIBLE_DEVICES_VAR.values() if os.environ.get(var) is not None}
         return {"name": self.encoder.name, "node": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
                 "pid": os.getpid(), "device": dev.describe(), "visible_devices": visible,
+                "numerics": asdict(self.encoder.numerics),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def encode_shard(self, spec: ShardSpec) -> ShardStats:

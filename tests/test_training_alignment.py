@@ -1,8 +1,9 @@
 """Training matches inference: greedy generation's codes, replayed through the training forward, are the
-argmax of both heads at every frame (the proof that the four upstream bugs are absent). Both codec prefixes are
+argmax of both heads at every frame (the proof that the four upstream bugs are absent), alone in its batch and
+packed between other utterances (each with its own positions, attending only to itself). Both codec prefixes are
 replayed: inference's "auto" (nothink, think_bos, think_eos) and an explicit language (think, think_bos,
 language id, think_eos), which moves the speaker slot and everything after it one position on."""
-from typing import NamedTuple
+from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -17,10 +18,43 @@ TEXT = "hello world the quick brown fox"
 MAX_NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module", params=["auto", "english"])
+@dataclass
+class Replay:
+    codes: torch.Tensor  # (T, 16) generated
+    sample: object  # its training sample
+    batch: object
+    out: object  # the forward's output, logits included
+    row: int  # where the generated utterance sits in the batch
+    offset: int
+    utterance: int
+    trainer: TalkerForTraining
+    ids: SpecialIds
+    model: object
+    language: str
+    hidden: torch.Tensor  # (T, D) generation's talker hidden states: the one that predicted each frame
+
+    @property
+    def talker_logits(self):  # (L, vocab) of the generated utterance's positions
+        return self.out.talker_logits[self.row, self.offset:self.offset + len(self.sample)]
+
+    @property
+    def sub_logits(self):  # (T, 15, 2048) of its frames
+        return self.out.sub_logits[self.batch.frame_utterance == self.utterance]
+
+
+def other_samples(ids, sizes, seed, languages=None):
+    rng = np.random.default_rng(seed)
+    languages = languages or [None] * len(sizes)
+    return [build_sample([151644, 358, 198], list(rng.integers(300, 400, size=n)),
+                         rng.integers(0, 2048, size=(t, 16)), ids, language)
+            for (n, t), language in zip(sizes, languages)]
+
+
+@pytest.fixture(scope="module", params=[("auto", "alone"), ("auto", "packed"), ("english", "alone"),
+                                        ("english", "packed")], ids="-".join)
 def replay(tiny_dir, request):
     """Greedy non-streaming generation with an x-vector prompt, then our training forward on its codes."""
-    language = request.param
+    language, placement = request.param
     torch.manual_seed(0)
     inference = load_inference_model(tiny_dir / "model")
     model = inference.model
@@ -29,9 +63,9 @@ def replay(tiny_dir, request):
     prompt = inference._prompt_items_to_voice_clone_prompt(items)
     input_ids = inference._tokenize_texts([f"<|im_start|>assistant\n{TEXT}<|im_end|>\n<|im_start|>assistant\n"])
     codes, hidden = model.generate(input_ids=input_ids, voice_clone_prompt=prompt, languages=[language],
-                              non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
-                              repetition_penalty=1.0, max_new_tokens=MAX_NEW_TOKENS)
-    codes, hidden = codes[0], hidden[0]  # hidden[j]: the talker state that predicted frame j
+                                   non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
+                                   repetition_penalty=1.0, max_new_tokens=MAX_NEW_TOKENS)
+    codes, hidden = codes[0], hidden[0]
     ids = SpecialIds.from_config(model.config)
     role, text_ids = text_token_ids(inference.processor.tokenizer, TEXT)
     xvector = speaker_embedding(model.speaker_encoder, speaker_mel(ref))
@@ -42,60 +76,57 @@ def replay(tiny_dir, request):
         [ids.codec_nothink, ids.codec_think_bos, ids.codec_think_eos] if language == "auto" else
         [ids.codec_think, ids.codec_think_bos, model.config.talker_config.codec_language_id[language],
          ids.codec_think_eos])
-    batch = collate([sample], xvector.unsqueeze(0), ids.tts_pad)
+    if placement == "alone":
+        rows, where = [[sample]], (0, 0, 0)
+    else:  # second in a row of three (neighbours with and without a language), beside a shorter row
+        before, after, other = other_samples(ids, [(4, 9), (3, 5), (2, 6)], seed=1,
+                                             languages=[None, "Chinese", "auto"])
+        rows, where = [[other], [before, sample, after]], (1, len(before), 2)
+    speakers = torch.randn(sum(len(r) for r in rows), xvector.shape[0])
+    speakers[where[2]] = xvector
+    batch = collate(rows, speakers, ids.tts_pad)
     trainer = TalkerForTraining(model.talker).eval()
     with torch.no_grad():
         out = trainer(batch, return_logits=True)
-    return Replay(codes, batch, out, trainer, ids, model, language, hidden, role, text_ids, xvector)
+    return Replay(codes, sample, batch, out, *where, trainer, ids, model, language, hidden)
 
 
-class Replay(NamedTuple):
-    codes: torch.Tensor
-    batch: object
-    out: object
-    trainer: TalkerForTraining
-    ids: SpecialIds
-    model: object
-    language: str
-    hidden: torch.Tensor  # generation's talker hidden states, one per frame
-    role: list
-    text_ids: list
-    xvector: torch.Tensor
-
-
-def predicting_hidden(replay: Replay, language: str) -> torch.Tensor:
-    """The training forward's talker hidden states at the positions that predict each frame, for `language`."""
-    sample = build_sample(replay.role, replay.text_ids, replay.codes.numpy(), replay.ids, language)
-    batch = collate([sample], replay.xvector.unsqueeze(0), replay.ids.tts_pad)
-    trainer = replay.trainer
+def predicting_hidden(trainer: TalkerForTraining, batch, utterance: int) -> torch.Tensor:
+    """The training forward's hidden states at the positions that predict each frame of one utterance."""
     with torch.no_grad():
-        hidden = trainer.talker.model(inputs_embeds=trainer.input_embeddings(batch),
-                                      attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-    return hidden[0, batch.predictor_index[:, 1]]
+        hidden = trainer.hidden_states(batch)
+    index = batch.predictor_index[batch.frame_utterance == utterance]
+    return hidden[index[:, 0], index[:, 1]]
 
 
 def test_talker_hidden_states_equal_generation_and_the_other_prefix_differs(replay):
     """Every hidden state generation computed is reproduced (to float rounding) with the row's prefix; the
-    other prefix (language id present or absent) shifts them far beyond rounding, so this test tells the two
+    other prefix (language id present or absent) shifts them far beyond rounding, so the replay tells the two
     apart even where the tiny model's argmax does not."""
-    torch.testing.assert_close(predicting_hidden(replay, replay.language), replay.hidden, rtol=0, atol=1e-5)
-    other = "auto" if replay.language != "auto" else "chinese"
-    assert (predicting_hidden(replay, other) - replay.hidden).abs().max() > 1e-3
+    torch.testing.assert_close(predicting_hidden(replay.trainer, replay.batch, replay.utterance), replay.hidden,
+                               rtol=0, atol=1e-5)
+    text_ids = replay.sample.text_ids
+    role = text_ids[:3].tolist()
+    text = text_ids[replay.sample.speaker_pos + 2:len(text_ids) - len(replay.codes) - 3].tolist()
+    other = build_sample(role, text, replay.codes.numpy(), replay.ids,
+                         "auto" if replay.language != "auto" else "chinese")
+    batch = collate([[other]], replay.batch.speaker[replay.utterance:replay.utterance + 1], replay.ids.tts_pad)
+    assert (predicting_hidden(replay.trainer, batch, 0) - replay.hidden).abs().max() > 1e-3
 
 
 def test_generation_is_not_degenerate(replay):
-    codes = replay[0]
+    codes = replay.codes
     assert len(codes) >= 8
     assert len(torch.unique(codes[:, 0])) > 3 and len(torch.unique(codes[:, 1:])) > 20
 
 
 def test_talker_argmax_reproduces_codebook_0_and_eos(replay):
-    codes, batch, out, _, ids, model = replay[:6]
-    logits = out.talker_logits[0].clone()
+    codes, ids = replay.codes, replay.ids
+    logits = replay.talker_logits.clone()
     # Generation never emits special ids other than eos (suppress_tokens), nor eos in its first 2 steps.
     logits[:, 2048:] = float("-inf")
-    logits[:, ids.codec_eos] = out.talker_logits[0][:, ids.codec_eos]
-    labels = batch.labels[0]
+    logits[:, ids.codec_eos] = replay.talker_logits[:, ids.codec_eos]
+    labels = torch.from_numpy(replay.sample.labels)
     positions = torch.nonzero(labels != IGNORE).squeeze(1)
     logits[positions[:2], ids.codec_eos] = float("-inf")
     predicted = logits[positions].argmax(-1)
@@ -108,28 +139,31 @@ def test_talker_argmax_reproduces_codebook_0_and_eos(replay):
 
 
 def test_sub_talker_argmax_reproduces_codebooks_1_to_15(replay):
-    codes, batch, out, *_ = replay
-    assert torch.equal(out.sub_logits.argmax(-1), codes[:, 1:])  # 100 % of codebooks 1..15, head k vs codebook k
+    assert torch.equal(replay.sub_logits.argmax(-1), replay.codes[:, 1:])  # 100 % of codebooks 1..15, head k vs codebook k
 
 
 def test_upstream_hidden_state_bug_would_be_caught(replay):
     """Feeding the hidden state of the frame's own position (upstream bug 4) does not reproduce generation,
     so the exact-match test above distinguishes the right input from the wrong one."""
-    codes, batch, _, trainer, *_ = replay
+    codes, batch, trainer = replay.codes, replay.batch, replay.trainer
+    mine = batch.frame_utterance == replay.utterance
     with torch.no_grad():
-        hidden = trainer.talker.model(inputs_embeds=trainer.input_embeddings(batch),
-                                      attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-        own = hidden[0, batch.predictor_index[:, 1] + 1]
+        hidden = trainer.hidden_states(batch)
+        index = batch.predictor_index[mine]
+        own = hidden[index[:, 0], index[:, 1] + 1]
         logits = trainer.talker.code_predictor.forward_finetune(
-            inputs_embeds=trainer.sub_talker_inputs(own, batch.frames)).logits
+            inputs_embeds=trainer.sub_talker_inputs(own, batch.frames[mine])).logits
     assert (logits.argmax(-1) == codes[:, 1:]).float().mean() < 1.0
 
 
 def test_losses_are_token_sums(replay):
-    codes, batch, out, *_ = replay
-    assert out.talker_targets == len(codes) + 1  # every frame's c0 plus eos
-    assert out.sub_targets == len(codes) * 15
+    codes, batch, out = replay.codes, replay.batch, replay.out
+    frames = batch.frames.shape[0]
+    assert out.talker_targets == frames + batch.speaker.shape[0]  # every frame's c0 plus one eos per utterance
+    assert out.sub_targets == frames * 15
+    assert (batch.target_utterance == replay.utterance).sum() == len(codes) + 1
     assert torch.isfinite(out.talker_loss_sum) and torch.isfinite(out.sub_loss_sum)
+    torch.testing.assert_close(out.utterance_talker_loss.sum(), out.talker_loss_sum)
 
 
 def test_training_tokenizes_text_exactly_as_inference(tiny_dir):
@@ -140,17 +174,15 @@ def test_training_tokenizes_text_exactly_as_inference(tiny_dir):
 
 
 def test_padding_does_not_change_any_sample_loss(replay):
-    """Right padding, the attention mask, the per-frame predictor index and per-row speaker slots (rows with and
-    without a language id mixed): a batch's loss sums are the sums of its samples' losses computed alone."""
-    _, batch, _, trainer, ids, model = replay[:6]
-    rng = np.random.default_rng(0)
-    samples = [build_sample([151644, 358, 198], list(rng.integers(300, 400, size=n)),
-                            rng.integers(0, 2048, size=(t, 16)), ids, language)
-               for n, t, language in ((2, 5, None), (7, 12, "Chinese"), (4, 1, "auto"))]
+    """Right padding, per-utterance positions and the per-frame predictor index: a batch's loss sums are the sums
+    of its samples' losses computed alone, whatever their lengths (tests/test_training_packing.py checks
+    gradients too)."""
+    trainer, ids, model = replay.trainer, replay.ids, replay.model
+    samples = other_samples(ids, ((2, 5), (7, 12), (4, 1)), seed=0)
     speakers = torch.randn(3, model.config.talker_config.hidden_size)
     with torch.no_grad():
-        together = trainer(collate(samples, speakers, ids.tts_pad))
-        alone = [trainer(collate([s], speakers[i:i + 1], ids.tts_pad)) for i, s in enumerate(samples)]
+        together = trainer(collate([[s] for s in samples], speakers, ids.tts_pad))
+        alone = [trainer(collate([[s]], speakers[i:i + 1], ids.tts_pad)) for i, s in enumerate(samples)]
     torch.testing.assert_close(together.talker_loss_sum, sum(a.talker_loss_sum for a in alone), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(together.sub_loss_sum, sum(a.sub_loss_sum for a in alone), rtol=1e-5, atol=1e-4)
     assert together.talker_targets == sum(a.talker_targets for a in alone) == 5 + 12 + 1 + 3
