@@ -58,6 +58,8 @@ class SampleBuilder:
 
     def plan_rows(self, shard: int, positions: list[int], rows: list[ShardRow]) -> list[PlannedRow]:
         """Good rows (metadata only) with their text tokens and lengths; texts tokenized in one call."""
+        if not rows:  # a shard of error rows only: the tokenizer fails on an empty batch
+            return []
         tokens = self.text_ids([r.text or "" for r in rows])
         return [PlannedRow(shard, p, r, t, self.length(r, t)) for p, r, (_, t) in zip(positions, rows, tokens)]
 
