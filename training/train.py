@@ -20,13 +20,14 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device, synchronize
 from shared.qwen import load_tts_model
 from training import checkpoint
-from training.config import Config, dump_config, load_config
+from training.config import Config, dump_config
 from training.data import DataPosition, Row, ShardStream
 from training.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
 from training.metrics import MetricsLog
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
 from training.reference import ReferenceCache
+from training.validate import validate_or_exit
 
 log = logging.getLogger("training")
 
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML config (see training/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
     args = parser.parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    train(validate_or_exit(args.config, args.overrides))  # one line and exit 2 on a bad input, nothing written
 
 
 if __name__ == "__main__":
