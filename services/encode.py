@@ -6,6 +6,7 @@ local Ray. Re-running with the same arguments finishes only the shards that are 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import socket
 import subprocess
@@ -100,15 +101,26 @@ class PlanInBackground:
         self._thread.start()
 
     def _run(self, driver: "Driver") -> None:
-        args = driver.args
         try:
-            self.plan = prepare_plan(driver.output, args.manifest, args.codec, args.shard_size,
-                                     exact_tail=args.exact_tail, min_seconds=args.min_seconds,
-                                     max_seconds=args.max_seconds, ref_audio=args.ref_audio, replan=args.replan,
-                                     log=driver.log)
+            try:
+                self.plan = self._prepare(driver, driver.args.replan)
+            except PlanMismatch:
+                # A plan nothing was published under (its job stopped at start-up, e.g. on a codec that would not
+                # load) holds nothing to keep: the corrected command replans instead of asking for --replan.
+                if published_shards(driver.output):
+                    raise
+                driver.log("the plan there is for other inputs and has no published shard: replanning")
+                self.plan = self._prepare(driver, True)
         except BaseException as exc:  # re-raised on the main thread by result()
             self.error = exc
         self.seconds = time.time() - self.started
+
+    @staticmethod
+    def _prepare(driver: "Driver", replan: bool):
+        args = driver.args
+        return prepare_plan(driver.output, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
+                            min_seconds=args.min_seconds, max_seconds=args.max_seconds, ref_audio=args.ref_audio,
+                            replan=replan, log=driver.log)
 
     def result(self):
         self._thread.join()
@@ -169,6 +181,8 @@ class Driver:
     def run(self) -> int:
         """Plan (on a thread) while Ray and the encoders start, unless the job is already complete."""
         planning = PlanInBackground(self)
+        # The encoder pool's imports (torch among them) load on a thread while Ray starts on this one.
+        threading.Thread(target=importlib.import_module, args=("services.dispatch",), daemon=True).start()
         try:
             if not (self.output / COMPLETE_MARKER).exists():
                 # On a fresh output the actors start now too. A resubmit's plan may turn out to be for other

@@ -10,7 +10,7 @@ import soundfile as sf
 
 from services.encode import DEVICE_CHOICES, main
 from shared.synth import synth_utterance
-from tests.conftest import REPO, write_manifest
+from tests.conftest import REPO, run_encode, write_manifest
 
 
 @pytest.fixture
@@ -99,3 +99,23 @@ def test_the_cli_exits_2_with_one_line_and_its_device_list_is_shared_devices():
     assert result.returncode == 2 and result.stderr.strip().splitlines() == [
         "error: --manifest /no/m.jsonl: no such file; pass a JSONL manifest (one {\"audio\", \"text\", \"ref_audio\"} "
         "object a line) or a directory of audio files"], result.stderr
+
+
+def test_an_encoder_start_up_error_ends_the_job_with_its_reason_and_the_fixed_command_runs(tiny_codec_dir, inputs):
+    """A codec the checks cannot tell from a good one (its config says 960 samples a frame) fails in the actor's
+    start-up: the same on every try, so the job ends (exit 2) with the exception's own line, not Ray's first one.
+    Nothing was published under that plan, so the corrected command replans instead of asking for --replan."""
+    root, manifest = inputs
+    odd = shutil.copytree(tiny_codec_dir, root / "odd_codec")
+    config = json.loads((odd / "config.json").read_text())
+    (odd / "config.json").write_text(json.dumps({**config, "encode_downsample_rate": 960}))
+    out = root / "out"
+    failed = run_encode("--manifest", str(manifest), "--codec", str(odd), "--output", str(out), "--status-port", "-1")
+    assert failed.returncode == 2, failed.stderr[-3000:]
+    assert failed.stderr.strip().splitlines()[-1] == (f"error: encoder-0 could not start: ValueError: {odd} is not a "
+                                                      "12 Hz codec (input rate 24000, downsample 960); use "
+                                                      "Qwen3-TTS-Tokenizer-12Hz")
+    fixed = run_encode("--manifest", str(manifest), "--codec", str(tiny_codec_dir), "--output", str(out),
+                       "--status-port", "-1")
+    assert fixed.returncode == 0, fixed.stderr[-3000:]
+    assert "has no published shard: replanning" in fixed.stdout
