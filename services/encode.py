@@ -17,7 +17,7 @@ from pathlib import Path
 
 from services.lock import OutputLock, OutputLocked
 from services.manifest import ManifestError
-from services.plan import PlanMismatch, prepare_plan, write_json_atomic
+from services.plan import PlanMismatch, prepare_plan, record_encode_run, write_json_atomic
 from services.preflight import InputProblem, check_inputs
 from services.progress import read_json_object
 from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, write_failure
@@ -134,6 +134,7 @@ class Driver:
         self.args, self.output = args, args.output.resolve()
         self.started = time.time()
         self.pool = None  # the EncoderPool once Ray is up
+        self.kind = "cpu"  # the accelerator kind encoders are placed on, once Ray is up
         self.ray_up = False
         self.reaper: subprocess.Popen | None = None
         self.encode_seconds = 0.0  # time spent with encoders running, for the throughput line
@@ -201,10 +202,10 @@ class Driver:
         args = self.args
         self.reaper = connect_ray(args.address, args.ray_dashboard)
         self.ray_up = True
-        kind = cluster_kind(args.device)
+        kind = self.kind = cluster_kind(args.device)
         self.log(f"Ray ready after {self.since_start()}")
         options = EncoderOptions(
-            codec=str(args.codec.resolve()), output=str(self.output), device=args.device,
+            codec=str(args.codec.resolve()), output=str(self.output),
             max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
             decode_threads=args.decode_threads, placement=kind, exact_tail=args.exact_tail,
             min_seconds=args.min_seconds, max_seconds=args.max_seconds,
@@ -250,7 +251,7 @@ class Driver:
             status = self.start_status()
             try:
                 writer.check_writable()  # fail now, not after the encoders have taken shards
-                self.encode(pending)
+                self.encode(plan, pending)
                 writer.remove_temporaries()  # of encoders killed mid-shard this run; ours are stopped now
             finally:
                 if status is not None:
@@ -270,11 +271,13 @@ class Driver:
             self.log(f"exported {export_jsonl(self.output, args.export_jsonl)} rows to {args.export_jsonl}")
         return 0 if summary["complete"] else 1
 
-    def encode(self, pending) -> None:
+    def encode(self, plan, pending) -> None:
         from services.progress import collect_progress, format_progress_line
+        from shared.device import codec_numerics
 
         if not self.ray_up:
             self.start_encoders(spawn=True)
+        record_encode_run(self.output, plan, codec_numerics(self.kind), self.log)  # plan.json: which hardware
         pool = self.pool
         pool.scale()
         self.heartbeat("running")

@@ -20,6 +20,8 @@ SCHEDULES = ("cosine", "constant")
 @dataclass
 class ModelConfig:
     path: str = ""  # a Base model directory (config.json, model.safetensors, tokenizer, speech_tokenizer/)
+    # auto | eager | sdpa | flash_attention_2; auto: flash_attention_2 (npu_fusion_attention) on an NPU with
+    # bf16/fp16 compute, sdpa elsewhere (shared.device.attention_for)
     attn_implementation: str = "sdpa"
 
 
@@ -27,11 +29,14 @@ class ModelConfig:
 class DataConfig:
     shards: str = ""  # the encode output directory, or its shards/ subdirectory
     follow: bool = False  # train while the encode service publishes; stop when its plan is complete
-    frame_budget: int = 8192  # max padded positions (text + frames) per micro-batch
-    max_batch_size: int = 64  # rows per micro-batch at most, whatever the budget
+    frame_budget: int = 8192  # max computed positions (text + frames + padding) per micro-batch
+    packing: bool = True  # several utterances per sequence, each attending only to itself
+    pack_length: int = 0  # packed: max positions per sequence (0 = frame_budget: one sequence per micro-batch)
+    max_batch_size: int = 64  # unpacked: rows per micro-batch at most, whatever the budget
     shards_per_round: int = 8  # shards shuffled and batched together (bounds memory; the unit of follow mode)
-    bucket_size: int = 512  # rows sorted by length together before packing (length bucketing)
+    bucket_size: int = 512  # unpacked: rows sorted by length together before batching (length bucketing)
     poll_seconds: float = 10.0  # follow mode: wait between looks for new shards
+    prefetch_steps: int = 2  # steps of input prepared in the background (0: prepared inline)
 
 
 @dataclass
@@ -49,7 +54,8 @@ class TrainConfig:
     seed: int = 0
     sub_talker_weight: float = 0.3  # loss = talker + weight x sub-talker
     device: str = "auto"  # auto | npu | cuda | cpu
-    log_interval: int = 1
+    log_interval: int = 1  # steps between metrics lines (the only device->host sync of the loop)
+    peak_tflops: float = 0.0  # device peak for mfu (0: from training.flops's table by device name)
 
 
 @dataclass
@@ -88,18 +94,36 @@ class Config:
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self.fsdp, name) not in DTYPES:
                 problems.append(f"fsdp.{name} must be one of {DTYPES}")
+        from shared.device import ATTENTION_CHOICES
+
+        if self.model.attn_implementation not in ATTENTION_CHOICES:
+            problems.append(f"model.attn_implementation must be one of {ATTENTION_CHOICES}")
         for name, value in (("train.grad_accum", self.train.grad_accum), ("data.frame_budget", self.data.frame_budget),
                             ("checkpoint.interval", self.checkpoint.interval), ("checkpoint.keep", self.checkpoint.keep),
                             ("data.max_batch_size", self.data.max_batch_size),
                             ("data.shards_per_round", self.data.shards_per_round)):
             if value < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.data.pack_length < 0 or self.data.prefetch_steps < 0 or self.train.log_interval < 1:
+            problems.append("data.pack_length and data.prefetch_steps must be >= 0, train.log_interval >= 1")
+        if self.data.pack_length > self.data.frame_budget:
+            problems.append("data.pack_length must not exceed data.frame_budget (a micro-batch holds whole sequences)")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
         return self
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_chip(self, device) -> str:
+        """Check this config against the chip `device` (a shared.device.DeviceInfo) before anything is loaded,
+        failing with the fix when it lacks a dtype asked for (910A: no bf16); returns the attention
+        implementation to load the model with (`auto` resolved for this device and compute dtype)."""
+        from shared.device import attention_for, check_training_precision
+
+        check_training_precision(device, {"fsdp.param_dtype": self.fsdp.param_dtype,
+                                          "fsdp.reduce_dtype": self.fsdp.reduce_dtype})
+        return attention_for(self.model.attn_implementation, device.kind, self.fsdp.param_dtype)
 
 
 def _coerce(value, annotation, key: str):

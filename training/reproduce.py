@@ -14,30 +14,25 @@ import argparse
 import sys
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from shared import schema
 
 
-def first_good_row(output: Path) -> dict:
+def first_good_row(output: Path) -> schema.ShardRow:
     for path in schema.published_shards(output).values():
-        table = pq.read_table(path)
-        for i, error in enumerate(table.column("error").to_pylist()):
-            if error is None:
-                row = {name: table.column(name)[i].as_py() for name in table.column_names if name != "audio_codes"}
-                row["audio_codes"] = schema.codes_of(table.column("audio_codes"), i)
-                return row
+        good = [row for row in schema.read_rows(path) if row.ok]
+        if good:
+            return good[0]
     raise SystemExit(f"error: {output} holds no good row; run the encode service on it first")
 
 
-def pick(shards: Path, output: Path) -> dict:
+def pick(shards: Path, output: Path) -> schema.ShardRow:
     """Write the first good row of `shards` as a complete one-row encode output in `output`."""
+    from dataclasses import replace
+
     from training.synthetic import write_shard
 
-    row = first_good_row(shards)
-    codes = row.pop("audio_codes")
-    row["index"] = 0
-    write_shard(output, 0, [row], [codes])
+    row = replace(first_good_row(shards), index=0)
+    write_shard(output, 0, [row])
     (output / schema.COMPLETE_MARKER).write_text("")
     return row
 
@@ -50,9 +45,9 @@ def check(voice: Path, shards: Path, speaker: str) -> float:
     from shared.qwen import load_inference_model
 
     row = first_good_row(shards)
-    expected = torch.from_numpy(row["audio_codes"])
+    expected = torch.from_numpy(row.codes)
     tts = load_inference_model(voice)
-    input_ids = tts._tokenize_texts([tts._build_assistant_text(row["text"])])
+    input_ids = tts._tokenize_texts([tts._build_assistant_text(row.text)])
     generated, _ = tts.model.generate(input_ids=input_ids, languages=["auto"], speakers=[speaker],
                                       non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
                                       repetition_penalty=1.0, max_new_tokens=len(expected) + 8)
@@ -60,7 +55,7 @@ def check(voice: Path, shards: Path, speaker: str) -> float:
     frames = min(len(got), len(expected))
     equal = int((got[:frames] == expected[:frames]).sum())
     total = max(len(got), len(expected)) * expected.shape[1]
-    print(f"greedy generation of {row['id']!r} ({row['text']!r}) from {voice}: {equal}/{total} codes equal to the "
+    print(f"greedy generation of {row.id!r} ({row.text!r}) from {voice}: {equal}/{total} codes equal to the "
           f"trained ones ({100.0 * equal / total:.1f}%), {len(got)} frames generated for {len(expected)} trained")
     return equal / total
 
@@ -80,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.command == "pick":
         row = pick(args.shards, args.output)
-        print(f"picked {row['id']!r} ({len(row['text'])} characters of text) into {args.output}")
+        print(f"picked {row.id!r} ({len(row.text)} characters of text, {row.num_frames} frames) into {args.output}")
         return 0
     return 0 if check(args.voice, args.shards, args.speaker.lower()) >= args.min_share else 1
 
