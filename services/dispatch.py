@@ -16,14 +16,17 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError,
+                            RayTaskError, WorkerCrashedError)
 
 from services.encoder import EncoderActor, EncoderOptions
 from services.writer import OutputWriteError
 from services.plan import ShardSpec
 from shared.device import RAY_RESOURCE
 
-LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+# The encoder's process is gone: killed, crashed, its node lost, or killed by Ray's memory monitor (seen here killing
+# an encoder in start-up while another job filled the machine's memory).
+LOST = (RayActorError, ActorDiedError, ActorUnavailableError, OutOfMemoryError, WorkerCrashedError)
 START_TIMEOUT_SECONDS = 180.0  # the first encoders' start (codec load) is waited for this long at most
 
 
