@@ -51,7 +51,7 @@ step "proof the pipeline works: overfit one encoded utterance, export it, genera
 python -m training.reproduce pick --shards "$work/shards" --output "$work/proof/data"
 torchrun --standalone --nproc_per_node 1 -m training.train --config training/configs/tiny.yaml \
   model.path="$work/tiny/model" data.shards="$work/proof/data" checkpoint.dir="$work/proof/run" \
-  train.steps="${DEMO_PROOF_STEPS:-80}" train.lr=5e-3 train.lr_schedule=constant train.warmup_steps=0 \
+  train.steps="${DEMO_PROOF_STEPS:-150}" train.lr=5e-3 train.lr_schedule=constant train.warmup_steps=0 \
   train.weight_decay=0 checkpoint.interval=1000
 last="$(ls -d "$work"/proof/run/step-* | sort | tail -1)"
 python -m training.export --checkpoint "$last" --output "$work/proof/voice" --speaker-name demo_voice

@@ -1,7 +1,7 @@
 """Proof that encode -> train -> export works end to end, for the demo: overfit one encoded utterance, then
 generate it back greedily from the exported custom voice and compare the codes.
 
-    python -m training.reproduce pick --shards demo/shards --output demo/one     # one good row -> its own output
+    python -m training.reproduce pick --shards demo/shards --output demo/one     # the shortest good row
     (train on demo/one, export it as a custom voice)
     python -m training.reproduce check --voice demo/one_voice --shards demo/one  # prints the share of codes equal
 
@@ -18,15 +18,19 @@ from shared import schema
 
 
 def first_good_row(output: Path) -> schema.ShardRow:
+    """The shortest good row (fewest frames; the first of those): the quickest to learn by heart."""
+    best = None
     for path in schema.published_shards(output).values():
-        good = [row for row in schema.read_rows(path) if row.ok]
-        if good:
-            return good[0]
-    raise SystemExit(f"error: {output} holds no good row; run the encode service on it first")
+        for row in schema.read_rows(path):
+            if row.ok and (best is None or row.num_frames < best.num_frames):
+                best = row
+    if best is None:
+        raise SystemExit(f"error: {output} holds no good row; run the encode service on it first")
+    return best
 
 
 def pick(shards: Path, output: Path) -> schema.ShardRow:
-    """Write the first good row of `shards` as a complete one-row encode output in `output`."""
+    """Write the shortest good row of `shards` as a complete one-row encode output in `output`."""
     from dataclasses import replace
 
     from training.synthetic import write_shard
@@ -64,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m training.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("pick", help="write the first good row of --shards as its own one-row output")
+    p = sub.add_parser("pick", help="write the shortest good row of --shards as its own one-row output")
     p.add_argument("--shards", type=Path, required=True)
     p.add_argument("--output", type=Path, required=True)
     c = sub.add_parser("check", help="generate the row back with the voice and compare codes")
