@@ -17,7 +17,6 @@ from pathlib import Path
 
 from services.lock import OutputLock, OutputLocked
 from services.manifest import ManifestError
-from services.plan import PlanMismatch, prepare_plan, record_encode_run, write_json_atomic
 from services.preflight import InputProblem, check_inputs
 from services.progress import read_json_object
 from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, write_failure
@@ -101,6 +100,8 @@ class PlanInBackground:
         self._thread.start()
 
     def _run(self, driver: "Driver") -> None:
+        from services.plan import PlanMismatch  # imports torch (shared.device): here, beside Ray's start
+
         try:
             try:
                 self.plan = self._prepare(driver, driver.args.replan)
@@ -117,6 +118,8 @@ class PlanInBackground:
 
     @staticmethod
     def _prepare(driver: "Driver", replan: bool):
+        from services.plan import prepare_plan
+
         args = driver.args
         return prepare_plan(driver.output, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
                             min_seconds=args.min_seconds, max_seconds=args.max_seconds, ref_audio=args.ref_audio,
@@ -150,6 +153,8 @@ class Driver:
     def heartbeat(self, state: str, message: str = "") -> None:
         """driver.json: read by /status. Failures, retries and lost encoders are live: the pool asks for a
         heartbeat as soon as one happens."""
+        from services.plan import write_json_atomic
+
         pool = self.pool
         write_json_atomic(self.output / "driver.json", {
             "pid": os.getpid(), "host": socket.gethostname(), "state": state, "started": self.started,
@@ -182,10 +187,10 @@ class Driver:
     def run(self) -> int:
         """Plan (on a thread) while Ray and the encoders start, unless the job is already complete."""
         planning = PlanInBackground(self)
-        # The encoder pool's imports (torch among them) load on a thread while Ray starts on this one.
-        threading.Thread(target=importlib.import_module, args=("services.dispatch",), daemon=True).start()
         try:
             if not (self.output / COMPLETE_MARKER).exists():
+                # The encoder pool's imports (torch among them) load on a thread while Ray starts on this one.
+                threading.Thread(target=importlib.import_module, args=("services.dispatch",), daemon=True).start()
                 # On a fresh output the actors start now too. A resubmit's plan may turn out to be for other
                 # inputs (refused) or be moved aside (--replan): its actors wait for the plan.
                 self.start_encoders(spawn=not (self.output / PLAN_FILE).exists())
@@ -273,6 +278,7 @@ class Driver:
 
     def encode(self, plan, pending) -> None:
         from services.progress import collect_progress, format_progress_line
+        from services.plan import record_encode_run
         from shared.device import codec_numerics
 
         if not self.ray_up:
@@ -320,13 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     except OutputLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (PlanMismatch, ManifestError, FileNotFoundError) as exc:
+    except (ManifestError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except RuntimeError as exc:
         from services.dispatch import EncoderStartError
+        from services.plan import PlanMismatch
 
-        if not isinstance(exc, EncoderStartError):
+        if not isinstance(exc, (PlanMismatch, EncoderStartError)):
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
