@@ -1,12 +1,12 @@
 """EncoderPool: places encoder actors on the cluster's accelerators and keeps them fed with shards.
 
-A lost actor (its process or node died, while it works or while it starts) gives its in-flight shards
-back to the queue and is replaced at once; only an error raised by the actor's own start-up code (the
-same on every try) ends the job, and only before any encoder came up. An application error in a shard is retried a few times and then reported as failed; a shard
-that cannot be written stops the job (the storage is at fault, not the shard). Unless a fixed count is
-asked for, accelerators that join the cluster mid-run get encoders too. The first encoders are waited
-for; later ones are given shards only once started, so a slow or never-placed actor holds no work that
-others could do.
+A lost actor (its process or node died, while it works or while it starts) gives its in-flight shards back to
+the queue and is replaced at once; only an error raised by the actor's own start-up code (the same on every
+try) ends the job, and only before any encoder came up. An application error in a shard is retried a few times
+and then reported as failed; a shard that cannot be written stops the job (the storage is at fault, not the
+shard). Unless a fixed count is asked for, accelerators that join the cluster mid-run get encoders too. The
+first encoders are waited for; later ones are given shards only once started, so a slow or never-placed actor
+holds no work that others could do.
 """
 from __future__ import annotations
 

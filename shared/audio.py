@@ -107,7 +107,8 @@ def load_audio(path: str, limits: AudioLimits = AudioLimits(), data: bytes | Non
     try:
         samples, rate = sf.read(source, dtype="float32", always_2d=False)
     except Exception as exc:
-        raise AudioError(path, "undecodable", f"decoding failed ({exc}); the file is truncated or corrupt, re-export it") from None
+        raise AudioError(path, "undecodable",
+                         f"decoding failed ({exc}); the file is truncated or corrupt, re-export it") from None
     samples = to_mono(samples)
     if samples.size == 0:
         raise AudioError(path, "empty_audio", "file holds no samples; re-record or drop it from the manifest")

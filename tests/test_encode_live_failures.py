@@ -1,8 +1,9 @@
 """Failures and retries reach driver.json, and so GET /status, while the job runs (not when it ends).
 
 A shard is made to fail for real: after planning, the test joins two lines of shard 0's range in the job's
-manifest.jsonl (same bytes, one line fewer, not JSON any more), so the encoder raises on that shard. The status polled over HTTP must show it failed while the other shards are still being encoded; a rerun
-shows the retry while it runs, and once the line is restored the retry succeeds and the job completes."""
+manifest.jsonl (same bytes, one line fewer, not JSON any more), so the encoder raises on that shard. The status
+polled over HTTP must show it failed while the other shards are still being encoded; a rerun shows the retry while
+it runs, and once the line is restored the retry succeeds and the job completes."""
 import json
 import os
 import re

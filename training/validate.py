@@ -99,8 +99,8 @@ def check_shards(shards_text: str, follow: bool) -> None:
     output = resolve_output_dir(shards_text)
     encode = ("run the encode service first (python -m services.encode ... --output DIR) and pass data.shards=DIR")
     if not output.is_dir():
-        raise TrainingInputProblem(f"data.shards={shards_text}: {'is a file' if output.exists() else 'no such directory'}"
-                                   f"; {encode}")
+        what = "is a file" if output.exists() else "no such directory"
+        raise TrainingInputProblem(f"data.shards={shards_text}: {what}; {encode}")
     if not ((output / schema.SHARDS_DIR).is_dir() or (output / schema.PLAN_FILE).is_file()):
         raise TrainingInputProblem(f"data.shards={shards_text}: not an encode output directory (no "
                                    f"{schema.SHARDS_DIR}/ and no {schema.PLAN_FILE}); {encode}")
