@@ -186,14 +186,15 @@ class Driver:
 
     def run(self) -> int:
         """Plan (on a thread) while Ray and the encoders start, unless the job is already complete."""
+        # On a fresh output the actors start with Ray. A resubmit's plan may turn out to be for other inputs
+        # (refused) or be moved aside (--replan): its actors wait for the plan. (Read before the plan is written.)
+        fresh = not (self.output / PLAN_FILE).exists()
         planning = PlanInBackground(self)
         try:
             if not (self.output / COMPLETE_MARKER).exists():
                 # The encoder pool's imports (torch among them) load on a thread while Ray starts on this one.
                 threading.Thread(target=importlib.import_module, args=("services.dispatch",), daemon=True).start()
-                # On a fresh output the actors start now too. A resubmit's plan may turn out to be for other
-                # inputs (refused) or be moved aside (--replan): its actors wait for the plan.
-                self.start_encoders(spawn=not (self.output / PLAN_FILE).exists())
+                self.start_encoders(spawn=fresh)
             plan = planning.result()
             self.log(f"planned in {planning.seconds:.1f} s")
             return self.finish(plan)
