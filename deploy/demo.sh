@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole flow end to end on the embedded default, on one machine with no cluster:
-# tiny random codec + model, a generated KAN-TTS corpus, the Ray encode service (private local Ray,
-# GET /status served while it runs), FSDP2 training with torchrun on the shards, export as a custom
-# voice, and one generated utterance. Everything lands in ./demo (or $1).
+# tiny random codec + model, a generated two-speaker KAN-TTS corpus, the Ray encode service (private local
+# Ray, GET /status served while it runs), FSDP2 training with torchrun on the shards (both speakers in one
+# run), export of both as one custom-voice model, and one generated utterance. Everything lands in ./demo
+# (or $1).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source deploy/setup.sh
@@ -12,10 +13,11 @@ mkdir -p "$work"
 step() { printf '\n==> %s\n' "$*"; }
 
 step "tiny random codec and Base model (same from_pretrained path as real weights)"
-python -m shared.tiny --output "$work/tiny"
+# --distinct-speakers: a random speaker encoder gives every voice nearly the same x-vector; this one tells them apart.
+python -m shared.tiny --output "$work/tiny" --distinct-speakers
 
-step "generated speech corpus in the KAN-TTS layout, converted to the raw manifest"
-python -m shared.synth --kantts "$work/opentts_data" --count "${DEMO_UTTERANCES:-48}"
+step "generated two-speaker corpus in the KAN-TTS layout (speaker1/, speaker2/), converted to the raw manifest"
+python -m shared.synth --kantts "$work/opentts_data" --speakers 2 --count "${DEMO_UTTERANCES:-48}"
 python -m services.kantts --root "$work/opentts_data" --output "$work/train_raw.jsonl" --seed 0
 
 step "encode service on a private local Ray (GET /status on port $status_port while it runs, if the port is free)"
@@ -32,15 +34,15 @@ step "FSDP2 training on the shards: torchrun, 2 CPU ranks (gloo)"
 torchrun --standalone --nproc_per_node "${DEMO_RANKS:-2}" -m training.train --config training/configs/tiny.yaml \
   model.path="$work/tiny/model" data.shards="$work/shards" checkpoint.dir="$work/run" train.steps="${DEMO_STEPS:-12}"
 
-step "export the last checkpoint as a custom voice and synthesise with it"
+step "export the last checkpoint with both speakers as one custom-voice model and synthesise with it"
 last="$(ls -d "$work"/run/step-* | sort | tail -1)"
-python -m training.export --checkpoint "$last" --output "$work/my_voice" --speaker-name demo_voice
+python -m training.export --checkpoint "$last" --output "$work/my_voice" --all-speakers
 python - "$work/my_voice" "$work/my_voice.wav" <<'PY'
 import sys
 import soundfile as sf
 from shared.qwen import load_inference_model
 model = load_inference_model(sys.argv[1])
-wavs, rate = model.generate_custom_voice(text="今天天气很好", speaker="demo_voice", max_new_tokens=40)
+wavs, rate = model.generate_custom_voice(text="今天天气很好", speaker="speaker1", max_new_tokens=40)
 sf.write(sys.argv[2], wavs[0], rate)
 print(f"wrote {sys.argv[2]}: {len(wavs[0]) / rate:.2f} s at {rate} Hz (random tiny weights: noise, not speech)")
 PY
@@ -54,6 +56,6 @@ torchrun --standalone --nproc_per_node 1 -m training.train --config training/con
   train.steps="${DEMO_PROOF_STEPS:-150}" train.lr=5e-3 train.lr_schedule=constant train.warmup_steps=0 \
   train.weight_decay=0 checkpoint.interval=1000
 last="$(ls -d "$work"/proof/run/step-* | sort | tail -1)"
-python -m training.export --checkpoint "$last" --output "$work/proof/voice" --speaker-name demo_voice
+python -m training.export --checkpoint "$last" --output "$work/proof/voice" --all-speakers
 python -m training.reproduce check --voice "$work/proof/voice" --shards "$work/proof/data"
 step "done: shards in $work/shards, checkpoints in $work/run, model in $work/my_voice, proof in $work/proof"

@@ -274,7 +274,8 @@ class Driver:
                  f"{summary['errors_by_reason']}, {summary['audio_hours']:.4f} h audio; "
                  f"{'complete' if summary['complete'] else 'INCOMPLETE'} -> {self.output}")
         if args.export_jsonl and summary["complete"]:
-            self.log(f"exported {export_jsonl(self.output, args.export_jsonl)} rows to {args.export_jsonl}")
+            for line in export_jsonl(self.output, args.export_jsonl).describe(args.export_jsonl):
+                self.log(line)
         return 0 if summary["complete"] else 1
 
     def encode(self, plan, pending) -> None:

@@ -173,7 +173,7 @@ def test_references_of_any_rate_and_length_are_cached_once(tiny_dir, tmp_path):
     short, long = tmp_path / "short16k.wav", tmp_path / "long24k.wav"
     sf.write(short, tone(0.8, 1, 16000), 16000, subtype="FLOAT")
     sf.write(long, tone(2.1, 2), 24000, subtype="FLOAT")
-    batch = cache.batch([str(short), str(long), str(short)])
+    batch = cache.batch([("a", str(short)), ("b", str(long)), ("A", str(short))])  # speaker names: any case
     assert batch.shape == (3, model.config.talker_config.hidden_size)
     assert torch.equal(batch[0], batch[2]) and not torch.equal(batch[0], batch[1])
     assert len(cache.mels) == 2

@@ -51,6 +51,7 @@ def check(voice: Path, shards: Path, speaker: str) -> float:
     row = first_good_row(shards)
     expected = torch.from_numpy(row.codes)
     tts = load_inference_model(voice)
+    speaker = (row.speaker or speaker).lower()  # the exported name of the row's speaker
     input_ids = tts._tokenize_texts([tts._build_assistant_text(row.text)])
     generated, _ = tts.model.generate(input_ids=input_ids, languages=["auto"], speakers=[speaker],
                                       non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
@@ -74,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("check", help="generate the row back with the voice and compare codes")
     c.add_argument("--voice", type=Path, required=True)
     c.add_argument("--shards", type=Path, required=True)
-    c.add_argument("--speaker", default="demo_voice")
+    c.add_argument("--speaker", default="demo_voice", help="the voice's name for a row without `speaker`")
     c.add_argument("--min-share", type=float, default=0.0, help="exit 1 below this share of equal codes")
     args = parser.parse_args(argv)
     if args.command == "pick":
         row = pick(args.shards, args.output)
         print(f"picked {row.id!r} ({len(row.text)} characters of text, {row.num_frames} frames) into {args.output}")
         return 0
-    return 0 if check(args.voice, args.shards, args.speaker.lower()) >= args.min_share else 1
+    return 0 if check(args.voice, args.shards, args.speaker) >= args.min_share else 1
 
 
 if __name__ == "__main__":
