@@ -20,7 +20,7 @@ step "generated two-speaker corpus in the KAN-TTS layout (speaker1/, speaker2/),
 python -m shared.synth --kantts "$work/opentts_data" --speakers 2 --count "${DEMO_UTTERANCES:-48}"
 python -m services.kantts --root "$work/opentts_data" --output "$work/train_raw.jsonl" --seed 0
 
-step "encode service (status at http://127.0.0.1:$status_port/status while it runs)"
+step "encode service on a private local Ray (GET /status on port $status_port while it runs, if the port is free)"
 python -m services.encode --manifest "$work/train_raw.jsonl" --codec "$work/tiny/codec" --output "$work/shards" \
   --shard-size 8 --status-port "$status_port" --export-jsonl "$work/train_with_codes.jsonl"
 python - "$work/shards" <<'PY'
@@ -44,6 +44,18 @@ from shared.qwen import load_inference_model
 model = load_inference_model(sys.argv[1])
 wavs, rate = model.generate_custom_voice(text="今天天气很好", speaker="speaker1", max_new_tokens=40)
 sf.write(sys.argv[2], wavs[0], rate)
-print(f"wrote {sys.argv[2]}: {len(wavs[0]) / rate:.2f} s at {rate} Hz")
+print(f"wrote {sys.argv[2]}: {len(wavs[0]) / rate:.2f} s at {rate} Hz (random tiny weights: noise, not speech)")
 PY
-step "done: shards in $work/shards, checkpoints in $work/run, model in $work/my_voice"
+
+step "proof the pipeline works: overfit one encoded utterance, export it, generate it back greedily"
+# Tiny random weights cannot make speech. What a trained model can do is give back the codes it was trained on,
+# which needs the encoded codes, the text, the loss alignment and the export to agree: this prints how many do.
+python -m training.reproduce pick --shards "$work/shards" --output "$work/proof/data"
+torchrun --standalone --nproc_per_node 1 -m training.train --config training/configs/tiny.yaml \
+  model.path="$work/tiny/model" data.shards="$work/proof/data" checkpoint.dir="$work/proof/run" \
+  train.steps="${DEMO_PROOF_STEPS:-150}" train.lr=5e-3 train.lr_schedule=constant train.warmup_steps=0 \
+  train.weight_decay=0 checkpoint.interval=1000
+last="$(ls -d "$work"/proof/run/step-* | sort | tail -1)"
+python -m training.export --checkpoint "$last" --output "$work/proof/voice" --all-speakers
+python -m training.reproduce check --voice "$work/proof/voice" --shards "$work/proof/data"
+step "done: shards in $work/shards, checkpoints in $work/run, model in $work/my_voice, proof in $work/proof"

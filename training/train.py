@@ -27,7 +27,7 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from training import checkpoint
-from training.config import Config, dump_config, load_config
+from training.config import Config, dump_config
 from training.data import DataPosition, ShardStream, Step, resolve_output_dir
 from training.flops import FlopModel, accelerator_name, peak_tflops
 from training.layout import SpecialIds, TalkerBatch
@@ -37,6 +37,7 @@ from training.parallelize import build_mesh, parallelize
 from training.prefetch import Prefetcher
 from training.reference import SpeakerTable, scan_speakers
 from training.samples import SampleBuilder
+from training.validate import validate_or_exit
 
 log = logging.getLogger("training")
 
@@ -233,7 +234,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML config (see training/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
     args = parser.parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    train(validate_or_exit(args.config, args.overrides))  # one line and exit 2 on a bad input, nothing written
 
 
 if __name__ == "__main__":
