@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 from shared import schema
 from training.config import DataConfig
 from training.layout import sequence_length
+from training.split import RowFilter
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +38,7 @@ class Row:
     text_ids: list[int]  # text tokens only (the prompt's [3:-5])
     ref_audio: str
     codes: np.ndarray  # (frames, 16) int64
+    speaker: str | None = None
 
     @property
     def length(self) -> int:
@@ -72,21 +74,26 @@ def is_complete(output: Path) -> bool:
     return (output / schema.COMPLETE_MARKER).exists()
 
 
-def read_shard(path: Path, tokenize: Callable[[str], list[int]]) -> list[Row]:
-    """Good rows of one published shard (error rows skipped), in file order."""
+def read_shard(path: Path, tokenize: Callable[[str], list[int]], row_filter: RowFilter | None = None) -> list[Row]:
+    """Good rows of one published shard (error rows skipped), in file order; only those `row_filter` keeps."""
     schema.check_schema(path)
-    table = pq.read_table(path, columns=_COLUMNS)
+    names = pq.read_schema(path).names
+    table = pq.read_table(path, columns=_COLUMNS + (["speaker"] if "speaker" in names else []))
     errors = table.column("error").to_pylist()
     ids, texts, refs = (table.column(c).to_pylist() for c in ("id", "text", "ref_audio"))
+    speakers = table.column("speaker").to_pylist() if "speaker" in names else [None] * len(ids)
+    shard_id = schema.shard_id_of(Path(path).name)
     codes = table.column("audio_codes")
     rows = []
     for i, error in enumerate(errors):
         if error is not None or not refs[i]:
             continue
+        if row_filter is not None and not row_filter.keeps(shard_id, ids[i], speakers[i]):
+            continue
         frames = schema.codes_of(codes, i)
         if len(frames) == 0:
             continue
-        rows.append(Row(ids[i], tokenize(texts[i] or ""), refs[i], frames))
+        rows.append(Row(ids[i], tokenize(texts[i] or ""), refs[i], frames, speakers[i]))
     return rows
 
 
@@ -141,6 +148,7 @@ class ShardStream:
         self.output = resolve_output_dir(config.shards)
         self.position = DataPosition()
         self.verbose = True  # log each round planned (rank 0)
+        self.row_filter: RowFilter | None = None  # the training side of the eval split, when there is one
 
     def _published(self) -> tuple[list[int], bool]:
         complete = is_complete(self.output)  # read before listing: _COMPLETE is written after the last shard
@@ -171,7 +179,7 @@ class ShardStream:
 
     def _round_steps(self, shard_ids: list[int]) -> list[list[list[Row]]]:
         published = schema.published_shards(self.output)
-        rows = [row for sid in shard_ids for row in read_shard(published[sid], self.tokenize)]
+        rows = [row for sid in shard_ids for row in read_shard(published[sid], self.tokenize, self.row_filter)]
         steps = plan_round(rows, self.config, self.seed, self.position.epoch, shard_ids, self.world, self.grad_accum)
         if self.verbose and self.rank == 0:
             log.info("epoch %d round: shards %s, %d rows, %d steps", self.position.epoch, shard_ids, len(rows),

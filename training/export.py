@@ -21,7 +21,7 @@ import yaml
 from shared import schema
 from shared.audio import AudioLimits, load_audio
 from shared.qwen import load_tts_model, save_model_dir, speaker_mel
-from training.checkpoint import load_model_weights
+from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.data import read_shard, resolve_output_dir
 from training.model import TalkerForTraining, speaker_embedding
 
@@ -59,6 +59,7 @@ def copy_base_files(base: Path, out: Path) -> None:
 
 def export(checkpoint: Path, output: Path, model_path: str | None = None, speaker_name: str | None = None,
            ref_audio: str | None = None, dtype: str = "auto") -> Path:
+    checkpoint = resolve_checkpoint(checkpoint)  # RUN/best -> the step with the lowest eval loss
     config = run_config(checkpoint)
     base = Path(model_path or config.get("model", {}).get("path", ""))
     model = load_tts_model(base, "cpu", torch.float32)
@@ -97,7 +98,8 @@ def _target_dtype(base: Path, dtype: str) -> torch.dtype:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a step-NNNNNN/ folder of a run")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a step-NNNNNN/ folder of a run, or RUN/best (the lowest eval loss)")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--speaker-name", help="export the single-speaker custom-voice form under this name")
     parser.add_argument("--ref-audio", help="reference wav for the speaker x-vector (default: the run's most "
@@ -106,8 +108,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype to write")
     args = parser.parse_args(argv)
     out = export(args.checkpoint, args.output, args.model, args.speaker_name, args.ref_audio, args.dtype)
-    print(f"exported {args.checkpoint} to {out}" + (f" (custom voice {args.speaker_name!r})" if args.speaker_name
-                                                     else " (Base model)"))
+    kind = f" (custom voice {args.speaker_name!r})" if args.speaker_name else " (Base model)"
+    print(f"exported {resolve_checkpoint(args.checkpoint)} to {out}{kind}")
 
 
 if __name__ == "__main__":

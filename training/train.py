@@ -20,13 +20,16 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device, synchronize
 from shared.qwen import load_tts_model
 from training import checkpoint
+from training.board import Board
 from training.config import Config, dump_config, load_config
 from training.data import DataPosition, Row, ShardStream
+from training.evaluate import evaluator_for
 from training.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
 from training.metrics import MetricsLog
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
 from training.reference import ReferenceCache
+from training.split import HeldOut, training_rows
 
 log = logging.getLogger("training")
 
@@ -99,6 +102,8 @@ def train(config: Config) -> None:
 
     stream = ShardStream(config.data, lambda text: text_token_ids(tokenizer, text)[1], t.seed, rank, world,
                          t.grad_accum, agree)
+    if config.eval.enabled:  # held-out rows are never trained on
+        stream.row_filter = training_rows(HeldOut.from_config(config.eval))
     total_steps = t.steps or _estimate_total_steps(config, stream)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
 
@@ -108,6 +113,9 @@ def train(config: Config) -> None:
         step, stream.position = resumed["step"], DataPosition.from_dict(resumed["data"])
     build = StepBuilder(ids, role_ids, references, device.torch_device)
     metrics = MetricsLog(run_dir, rank == 0)
+    board = Board(run_dir, rank == 0, step)
+    evaluator = evaluator_for(config, run_dir, stream.tokenize, build, agree, metrics, board, references,
+                              device.torch_device)
     log.info("training on %s x %d (%s), %s, run dir %s", device.describe(), world, device.backend,
              f"{t.steps} steps" if t.steps else f"{t.epochs} epochs (~{total_steps} steps)", run_dir)
 
@@ -127,18 +135,26 @@ def train(config: Config) -> None:
                           peak_memory_bytes=peak_memory_bytes(device))
             if step % t.log_interval == 0:
                 metrics.write(record)
-            if step % config.checkpoint.interval == 0:
+                board.train(record)
+            evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None
+            if step % config.checkpoint.interval == 0 or (evaluation and evaluation.new_best):
                 _save(run_dir, step, module, optimizer, scheduler, stream, config)
                 last_saved = step
+            if evaluation:
+                evaluator.mark_best(evaluation)  # a new lowest eval loss was just checkpointed
             if t.steps and step >= t.steps:
                 break
         else:
             stream.next_epoch()
             if config.data.follow:
                 break  # the plan is complete and every shard has been trained on
+    evaluation = evaluator.run(step, module) if evaluator and evaluator.last_step != step else None
     # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
     if last_saved != step:
         _save(run_dir, step, module, optimizer, scheduler, stream, config)
+    if evaluation:
+        evaluator.mark_best(evaluation)
+    board.close()
     log.info("finished at step %d", step)
     dist.destroy_process_group()
 
@@ -167,6 +183,7 @@ def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
     probe = ShardStream(config.data, stream.tokenize, stream.seed, stream.rank, stream.world, stream.grad_accum,
                         stream.agree)
     probe.verbose = False
+    probe.row_filter = stream.row_filter
     return sum(1 for _ in probe.epoch_steps()) * config.train.epochs
 
 
