@@ -2,8 +2,8 @@
 
 Scalars: train/* (loss, talker and sub-talker loss, lr, grad norm, frames per second, step time), eval/* (the
 same losses, and eval/loss/<speaker>), samples/* (similarity, cer, wer: the mean, and per speaker); audio:
-samples/<speaker>-<k>. A resumed run opens the writer with purge_step at its checkpoint's step, so
-TensorBoard drops what the interrupted run logged after that step instead of drawing it twice.
+samples/<speaker>-<k>. A resumed run opens the writer with purge_step just after its checkpoint's step, so
+TensorBoard drops what the interrupted run logged after the checkpoint instead of drawing it twice.
 """
 from __future__ import annotations
 
@@ -18,11 +18,19 @@ BOARD_DIR = "tensorboard"
 
 class Board:
     def __init__(self, run_dir: Path, enabled: bool, resumed_step: int = 0):
-        self.writer = None
-        if enabled:
+        self.path, self.enabled, self.resumed_step = run_dir / BOARD_DIR, enabled, resumed_step
+        self._writer = None
+
+    @property
+    def writer(self):
+        """Opened at the first value, so a start that fails early leaves no event file (and no purge)."""
+        if self._writer is None and self.enabled:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(run_dir / BOARD_DIR), purge_step=resumed_step or None, flush_secs=10)
+            # The resumed run logs again from the step after its checkpoint: only those steps are stale.
+            purge = self.resumed_step + 1 if self.resumed_step else None
+            self._writer = SummaryWriter(str(self.path), purge_step=purge, flush_secs=10)
+        return self._writer
 
     def train(self, record: dict) -> None:
         if self.writer is None:
@@ -56,5 +64,5 @@ class Board:
         self.writer.flush()
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        if self._writer is not None:
+            self._writer.close()

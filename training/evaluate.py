@@ -21,7 +21,7 @@ from shared import schema
 from training import checkpoint
 from training.config import Config
 from training.data import Row, pack, read_shard, resolve_output_dir
-from training.split import HeldOut, check_same_rule, eval_rows, speaker_of, write_split
+from training.split import HeldOut, eval_rows, speaker_of, write_split
 
 log = logging.getLogger(__name__)
 
@@ -133,14 +133,8 @@ class Evaluator:
         self.best_loss = best["eval_loss"] if best else float("inf")
         self.last_step = -1
 
-    def prepare(self) -> None:
-        """Refuse a changed rule on restart; read the held-out rows of the shards published now."""
-        if self.rank == 0:
-            check_same_rule(self.run_dir, self.held_out)
-        dist.barrier()
-        self._refresh()
-
-    def _refresh(self) -> None:
+    def refresh(self) -> None:
+        """Read the held-out rows of the shards published now (again in follow mode, as shards arrive)."""
         output = resolve_output_dir(self.config.data.shards)
         shard_ids = self.agree(sorted(schema.published_shards(output)))  # rank 0's listing for every rank
         if shard_ids == self.shards_read:
@@ -163,7 +157,7 @@ class Evaluator:
     def run(self, step: int, module) -> EvalResult:
         """Collective. Returns the result on every rank (the loss is all-reduced; samples exist on rank 0)."""
         if self.config.data.follow:
-            self._refresh()  # held-out rows of shards published since the last eval
+            self.refresh()  # held-out rows of shards published since the last eval
         result = eval_loss(module, self.speakers, self.build, self.config, step)
         self.last_step = step
         result.new_best = result.loss < self.best_loss
@@ -202,5 +196,5 @@ def evaluator_for(config: Config, run_dir: Path, tokenize, build, agree, metrics
 
     voice_check = VoiceCheck(config, run_dir, references, device) if config.eval.samples else None
     evaluator = Evaluator(config, run_dir, tokenize, build, agree, metrics, board, voice_check)
-    evaluator.prepare()
+    evaluator.refresh()
     return evaluator

@@ -29,7 +29,7 @@ from training.metrics import MetricsLog
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
 from training.reference import ReferenceCache
-from training.split import HeldOut, training_rows
+from training.split import HeldOut, check_same_rule, training_rows
 
 log = logging.getLogger("training")
 
@@ -80,6 +80,7 @@ def train(config: Config) -> None:
     run_dir = Path(config.checkpoint.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        check_same_rule(run_dir, HeldOut.from_config(config.eval))  # before config.yaml is replaced
         dump_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.train.seed)
 

@@ -50,6 +50,7 @@ class SampleScore:
     index: int
     sentence: str
     path: str
+    reference: str  # the reference audio whose x-vector conditioned the sample and is compared with it
     seconds: float
     similarity: float | None  # None when the sample is too short to embed
     transcript: str | None = None
@@ -119,7 +120,8 @@ class VoiceCheck:
                 wav, rate = self._generate(sentence, reference, seed=self.config.train.seed + k)
                 path = out_dir / f"{file_name(speaker.name)}-{k}.wav"
                 sf.write(path, wav, rate)
-                scores.append(self._score(speaker.name, k, sentence, path, wav, rate, reference))
+                wav, rate = sf.read(path, dtype="float32")  # score what was written (16-bit PCM)
+                scores.append(self._score(speaker, k, sentence, path, wav, rate, reference))
         (out_dir / "scores.json").write_text(json.dumps([s.to_dict() for s in scores], indent=1, ensure_ascii=False))
         return scores
 
@@ -133,14 +135,14 @@ class VoiceCheck:
                                                        non_streaming_mode=True, **extra)
         return np.asarray(wavs[0], dtype=np.float32), int(rate)
 
-    def _score(self, speaker: str, k: int, sentence: str, path: Path, wav: np.ndarray, rate: int,
+    def _score(self, speaker, k: int, sentence: str, path: Path, wav: np.ndarray, rate: int,
                reference: torch.Tensor) -> SampleScore:
         similarity = None
         if len(wav) >= _MIN_SCORED_SAMPLES:
             audio = wav if rate == CODEC_SAMPLE_RATE else _resample(wav, rate)
             sample = speaker_embedding(self.references.speaker_encoder, speaker_mel(audio))
             similarity = cosine(sample.cpu(), reference)
-        score = SampleScore(speaker, k, sentence, str(path), len(wav) / rate, similarity)
+        score = SampleScore(speaker.name, k, sentence, str(path), speaker.reference, len(wav) / rate, similarity)
         if self.transcriber is not None:
             score.transcript = self.transcriber(wav, rate)
             score.cer, score.wer = cer(sentence, score.transcript), wer(sentence, score.transcript)
