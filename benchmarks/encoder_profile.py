@@ -94,7 +94,7 @@ def main(argv=None) -> None:
     output = args.work_dir / "runs" / "encoder-profile"
     shutil.rmtree(output, ignore_errors=True)
     plan = prepare_plan(output, manifest, codec, args.shard_size, log=lambda *_: None)
-    options = EncoderOptions(codec=str(codec), output=str(output), device=device["kind"], placement=device["kind"],
+    options = EncoderOptions(codec=str(codec), output=str(output), placement=device["kind"],
                              max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
                              decode_threads=args.decode_threads, torch_threads=args.threads,
                              **({"cpu_max_batch_seconds": args.cpu_max_batch_seconds} if args.cpu_max_batch_seconds else {}))

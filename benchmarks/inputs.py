@@ -93,15 +93,15 @@ def train_shards(work_dir: Path, shards: int, rows_per_shard: int, min_seconds: 
     rng = np.random.default_rng(seed)
     ref = str(write_wav(root / "audio" / "ref.wav", 3.0, seed))
     for shard_id in range(shards):
-        rows, codes = [], []
+        rows = []
         for k in range(rows_per_shard):
             index = shard_id * rows_per_shard + k
             seconds = float(rng.uniform(min_seconds, max_seconds))
             frames = -(-int(seconds * 24_000) // 1920)
-            rows.append({"index": index, "id": f"utt{index:06d}", "audio": f"/unused/{index}.wav",
-                         "text": " ".join(rng.choice(_WORDS, size=int(rng.integers(4, 13)))), "ref_audio": ref,
-                         "duration": seconds, "sample_rate": 24_000, "error": None})
-            codes.append(rng.integers(0, schema.CODEBOOK_SIZE, size=(frames, schema.NUM_CODEBOOKS), dtype=np.int16))
-        write_shard(root, shard_id, rows, codes)
+            entry = {"id": f"utt{index:06d}", "audio": f"/unused/{index}.wav",
+                     "text": " ".join(rng.choice(_WORDS, size=int(rng.integers(4, 13)))), "ref_audio": ref}
+            codes = rng.integers(0, schema.CODEBOOK_SIZE, size=(frames, schema.NUM_CODEBOOKS), dtype=np.int16)
+            rows.append(schema.ShardRow.from_entry(index, entry, codes=codes, duration=seconds, sample_rate=24_000))
+        write_shard(root, shard_id, rows)
     (root / schema.COMPLETE_MARKER).write_text("")
     return root

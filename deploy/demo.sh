@@ -28,13 +28,22 @@ p = collect_progress(sys.argv[1])
 print(json.dumps({k: p[k] for k in ("state", "shards", "rows", "audio_hours")}, indent=1))
 PY
 
-step "FSDP2 training on the shards: torchrun, 2 CPU ranks (gloo)"
+step "FSDP2 training on the shards: torchrun, 2 CPU ranks (gloo), 10% held out, eval every 4 steps"
+python -m shared.tiny_asr --output "$work/tiny/asr"
 torchrun --standalone --nproc_per_node "${DEMO_RANKS:-2}" -m training.train --config training/configs/tiny.yaml \
-  model.path="$work/tiny/model" data.shards="$work/shards" checkpoint.dir="$work/run" train.steps="${DEMO_STEPS:-12}"
+  model.path="$work/tiny/model" data.shards="$work/shards" checkpoint.dir="$work/run" train.steps="${DEMO_STEPS:-12}" \
+  eval.fraction=0.1 eval.interval=4 eval.max_new_tokens=24 eval.asr_model="$work/tiny/asr"
+ls "$work"/run/samples/*/
+python - "$work/run" <<'PY'
+import sys
+from training.metrics import read_metrics
+for r in read_metrics(sys.argv[1], "eval"):
+    scores = ", ".join(f"{k[7:]} {r[k]:.3f}" for k in ("sample_similarity", "sample_cer") if k in r)
+    print(f"step {r['step']}: eval loss {r['eval_loss']:.4f} over {r['eval_rows']} rows; samples: {scores}")
+PY
 
-step "export the last checkpoint as a custom voice and synthesise with it"
-last="$(ls -d "$work"/run/step-* | sort | tail -1)"
-python -m training.export --checkpoint "$last" --output "$work/my_voice" --speaker-name demo_voice
+step "export the checkpoint with the lowest eval loss (RUN/best) as a custom voice and synthesise with it"
+python -m training.export --checkpoint "$work/run/best" --output "$work/my_voice" --speaker-name demo_voice
 python - "$work/my_voice" "$work/my_voice.wav" <<'PY'
 import sys
 import soundfile as sf
@@ -44,4 +53,4 @@ wavs, rate = model.generate_custom_voice(text="今天天气很好", speaker="dem
 sf.write(sys.argv[2], wavs[0], rate)
 print(f"wrote {sys.argv[2]}: {len(wavs[0]) / rate:.2f} s at {rate} Hz")
 PY
-step "done: shards in $work/shards, checkpoints in $work/run, model in $work/my_voice"
+step "done: shards in $work/shards, checkpoints in $work/run (samples/, tensorboard/: tensorboard --logdir $work/run/tensorboard), model in $work/my_voice"

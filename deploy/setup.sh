@@ -12,7 +12,12 @@ if [ ! -f "$stamp" ]; then
   echo "[setup] installing into $venv (first run: torch, qwen-tts, ray; several minutes)"
   [ -x "$venv/bin/python" ] || "$python_bin" -m venv "$venv"
   "$venv/bin/python" -m pip install --quiet --upgrade pip
-  "$venv/bin/python" -m pip install --quiet -e "$repo[$extras]"
+  index_args=()
+  # torch_npu's x86_64 wheels require torch's +cpu build, published only on PyTorch's CPU index (aarch64 uses PyPI's).
+  if [[ ",$extras," == *,npu,* && "$(uname -m)" == x86_64 ]]; then
+    index_args=(--extra-index-url "${TORCH_CPU_INDEX_URL:-https://download.pytorch.org/whl/cpu}")
+  fi
+  "$venv/bin/python" -m pip install --quiet "${index_args[@]}" -e "$repo[$extras]"
   rm -f "$venv"/.installed-*
   touch "$stamp"
 fi

@@ -32,7 +32,5 @@ if [ "${NNODES:-1}" -gt 1 ] && [ -z "${MASTER_ADDR:-}" ]; then
   fail "NNODES=$NNODES: set MASTER_ADDR to the address of the node with NODE_RANK=0, the same on every node."
 fi
 
-# CANN's environment first: deploy/train.sh asks torch which device this node has, and torch_npu only loads
-# with CANN's libraries on the path.
-source "$repo/deploy/node_env.sh"
+# deploy/train.sh sources deploy/node_env.sh (CANN, the Ascend variables, the venv) itself.
 exec bash "$repo/deploy/train.sh" "$config" "${overrides[@]}" "$@"

@@ -15,9 +15,9 @@ from pathlib import Path
 from services.encoder import EncoderOptions
 from services.lock import OutputLock, OutputLocked
 from services.manifest import ManifestError
-from services.plan import PlanMismatch, prepare_plan, write_json_atomic
+from services.plan import PlanMismatch, prepare_plan, record_encode_run, write_json_atomic
 from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, write_failure
-from shared.device import DEVICE_CHOICES
+from shared.device import DEVICE_CHOICES, codec_numerics
 from shared.schema import published_shards
 from shared.storage import local_path
 
@@ -113,6 +113,7 @@ class Driver:
         plan = prepare_plan(self.output, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
                             min_seconds=args.min_seconds, max_seconds=args.max_seconds, ref_audio=args.ref_audio,
                             replan=args.replan, log=self.log)
+        self.plan = plan
         writer = ShardWriter(self.output)
         removed = writer.remove_temporaries()  # safe: we hold the lock and no encoder of ours runs yet
         if removed:
@@ -154,9 +155,10 @@ class Driver:
         args = self.args
         connect_ray(args.address)
         kind = cluster_kind(args.device)
+        record_encode_run(self.output, self.plan, codec_numerics(kind), self.log)  # plan.json: which hardware
         fixed = args.num_encoders or None
         options = EncoderOptions(
-            codec=str(args.codec.resolve()), output=str(self.output), device=args.device,
+            codec=str(args.codec.resolve()), output=str(self.output),
             max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
             decode_threads=args.decode_threads, placement=kind, exact_tail=args.exact_tail,
             min_seconds=args.min_seconds, max_seconds=args.max_seconds,

@@ -7,7 +7,7 @@ import socket
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +17,8 @@ from services.manifest import LINE_ERROR, read_range
 from services.plan import ShardSpec, write_json_atomic
 from services.writer import ShardWriter
 from shared.audio import SAMPLES_PER_FRAME, AudioError, AudioLimits, Clip, load_audio
-from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, select_device
-from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardStats
+from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, apply_codec_numerics, placed_device
+from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardRow, ShardStats
 
 HEARTBEAT_SECONDS = 2.0
 RATE_WINDOW_SECONDS = 30.0
@@ -28,12 +28,13 @@ RATE_WINDOW_SECONDS = 30.0
 class EncoderOptions:
     codec: str
     output: str
-    device: str = "auto"
     max_batch_seconds: float = 240.0  # padded audio seconds per codec call (on an accelerator)
     cpu_max_batch_seconds: float = 10.0  # the cap on CPU (see batch_seconds_for)
     max_batch_items: int = 64
     decode_threads: int = 0  # 0: this node's cores shared among the encoders placed on it
-    placement: str = "cpu"  # accelerator kind the actor was placed on ("npu", "cuda" or "cpu")
+    # The accelerator kind the driver placed the actor on ("npu", "cuda" or "cpu"): the actor uses exactly that
+    # device and fails when it is missing, so a card Ray reserved for it never sits idle behind a CPU encoder.
+    placement: str = "cpu"
     prefetch_batches: int = 2
     exact_tail: bool = False
     min_seconds: float = 0.1
@@ -41,10 +42,8 @@ class EncoderOptions:
     torch_threads: int = 0  # 0: leave torch's default
 
 
-def _error_row(index: int, entry: dict, message: str) -> dict:
-    return {"index": index, "id": str(entry.get("id") or index), "audio": entry.get("audio"),
-            "text": entry.get("text"), "ref_audio": entry.get("ref_audio"), "audio_codes": None,
-            "num_frames": None, "duration": None, "sample_rate": None, "error": message}
+def _error_row(index: int, entry: dict, message: str) -> ShardRow:
+    return ShardRow.from_entry(index, {k: v for k, v in entry.items() if k != LINE_ERROR}, error=message)
 
 
 def check_entry(entry: dict) -> str | None:
@@ -134,7 +133,8 @@ class ShardEncoder:
         self.options, self.name = options, name
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
-        self.device = select_device(options.device)
+        self.device = placed_device(options.placement, f"{name} on {socket.gethostname()}")
+        self.numerics = apply_codec_numerics(self.device)  # before the codec's first kernel
         self.codec = load_codec(options.codec, self.device.torch_device)
         # One small encode now, so device context, kernel loading and allocator growth are start-up cost
         # and not charged to the first shard.
@@ -208,21 +208,19 @@ class ShardEncoder:
             audio_seconds = 0.0
             for (offset, clip), c in zip(good, codes):
                 entry = entries[offset]
-                rows.append({"index": spec.start + offset, "id": str(entry.get("id") or Path(entry["audio"]).stem),
-                             "audio": entry["audio"], "text": entry["text"], "ref_audio": entry.get("ref_audio"),
-                             "audio_codes": c, "num_frames": len(c), "duration": clip.duration,
-                             "sample_rate": clip.source_sample_rate, "error": None})
+                rows.append(ShardRow.from_entry(spec.start + offset, entry, codes=c, duration=clip.duration,
+                                                sample_rate=clip.source_sample_rate))
                 audio_seconds += clip.duration
             with self._count_lock:
                 self.meter.add(len(good), audio_seconds)
                 self.totals["rows"] += len(good)
                 self.totals["audio_seconds"] += audio_seconds
-        errors = sum(1 for r in rows if r["error"] is not None)
+        errors = sum(1 for r in rows if not r.ok)
         with self._count_lock:
             self.totals["rows_error"] += errors
         stats = ShardStats(rows=len(rows), rows_ok=len(rows) - errors, rows_error=errors,
-                           audio_seconds=sum(r["duration"] or 0.0 for r in rows if r["error"] is None),
-                           frames=sum(r["num_frames"] or 0 for r in rows), encode_seconds=time.time() - started,
+                           audio_seconds=sum(r.duration or 0.0 for r in rows if r.ok),
+                           frames=sum(r.num_frames or 0 for r in rows), encode_seconds=time.time() - started,
                            worker=self.name)
         self.writer.publish(spec.id, rows, stats)
         return stats
@@ -247,6 +245,7 @@ class EncoderActor:
         visible = {var: os.environ.get(var) for var in VISIBLE_DEVICES_VAR.values() if os.environ.get(var) is not None}
         return {"name": self.encoder.name, "node": ray.util.get_node_ip_address(), "hostname": socket.gethostname(),
                 "pid": os.getpid(), "device": dev.describe(), "visible_devices": visible,
+                "numerics": asdict(self.encoder.numerics),
                 "node_id": ray.get_runtime_context().get_node_id()}
 
     def encode_shard(self, spec: ShardSpec) -> ShardStats:

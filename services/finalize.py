@@ -7,19 +7,14 @@ import os
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
 from services.plan import Plan, write_json_atomic
-from shared.schema import COMPLETE_MARKER, ERRORS_FILE, SUMMARY_FILE, codes_of, published_shards, read_stats
+from shared.schema import COMPLETE_MARKER, ERRORS_FILE, SUMMARY_FILE, ShardRow, published_shards, read_rows, read_stats
 
 
 def iter_rows(output: Path, columns: list[str]):
-    """Every row of every published shard, in shard order, as dicts of the asked columns."""
+    """Every row of every published shard, in shard order, with the asked ShardRow fields read."""
     for _, path in published_shards(output).items():
-        table = pq.read_table(path, columns=columns)
-        data = {name: table.column(name) for name in columns}
-        for i in range(table.num_rows):
-            yield {name: (codes_of(col, i) if name == "audio_codes" else col[i].as_py()) for name, col in data.items()}
+        yield from read_rows(path, columns)
 
 
 def write_summary(output: Path, plan: Plan, elapsed: float) -> dict:
@@ -31,9 +26,10 @@ def write_summary(output: Path, plan: Plan, elapsed: float) -> dict:
     reasons: dict[str, int] = {}
     with open(tmp, "w", encoding="utf-8") as f:
         for row in iter_rows(output, ["index", "id", "audio", "error"]):
-            if row["error"] is not None:
-                reasons[row["error"].split(":", 1)[0]] = reasons.get(row["error"].split(":", 1)[0], 0) + 1
-                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            if not row.ok:
+                reasons[row.reason] = reasons.get(row.reason, 0) + 1
+                f.write(json.dumps({"index": row.index, "id": row.id, "audio": row.audio, "error": row.error},
+                                   ensure_ascii=False) + "\n")
     os.replace(tmp, errors_path)
     complete = len(shards) == len(plan.shards)
     summary = {
@@ -54,10 +50,10 @@ def export_jsonl(output: Path, destination: Path) -> int:
     tmp = destination.with_name(destination.name + ".tmp")
     count = 0
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in iter_rows(output, ["audio", "text", "ref_audio", "audio_codes", "error"]):
-            if row["error"] is None:
-                f.write(json.dumps({"audio": row["audio"], "text": row["text"], "ref_audio": row["ref_audio"],
-                                    "audio_codes": row["audio_codes"].tolist()}, ensure_ascii=False) + "\n")
+        for row in iter_rows(output, ["audio", "text", "ref_audio", "codes", "error"]):
+            if row.ok:
+                f.write(json.dumps({"audio": row.audio, "text": row.text, "ref_audio": row.ref_audio,
+                                    "audio_codes": row.codes.tolist()}, ensure_ascii=False) + "\n")
                 count += 1
     os.replace(tmp, destination)
     return count

@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from services.manifest import input_fingerprint, write_normalised
+from shared.device import CodecNumerics
 from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR, SUMMARY_FILE,
                            WORKERS_DIR)
 
@@ -56,6 +57,21 @@ class ShardSpec:
         return self.end - self.start
 
 
+@dataclass(frozen=True)
+class EncodeRun:
+    """One run of the encoders on this plan: when, and with which device kind and codec numerics. Not part of
+    the plan's identity (a resumed job may run on other hardware), but kept so that a mix is visible."""
+    started: float
+    numerics: CodecNumerics
+
+    def to_json(self) -> dict:
+        return {"started": self.started, **asdict(self.numerics)}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "EncodeRun":
+        return cls(data["started"], CodecNumerics(**{k: v for k, v in data.items() if k != "started"}))
+
+
 @dataclass
 class Plan:
     config_hash: str
@@ -64,16 +80,19 @@ class Plan:
     shards: list[ShardSpec]
     created: float = field(default_factory=time.time)
     version: int = PLAN_VERSION
+    runs: list[EncodeRun] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return {"version": self.version, "config_hash": self.config_hash, "created": self.created,
                 "inputs": asdict(self.inputs), "num_rows": self.num_rows, "num_shards": len(self.shards),
-                "shards": [asdict(s) for s in self.shards]}
+                "encode_runs": [r.to_json() for r in self.runs], "shards": [asdict(s) for s in self.shards]}
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
+        # Plans written before encode runs were recorded have none: they load with an empty history.
         return cls(config_hash=data["config_hash"], inputs=PlanInputs(**data["inputs"]), num_rows=data["num_rows"],
-                   shards=[ShardSpec(**s) for s in data["shards"]], created=data["created"], version=data["version"])
+                   shards=[ShardSpec(**s) for s in data["shards"]], created=data["created"], version=data["version"],
+                   runs=[EncodeRun.from_json(r) for r in data.get("encode_runs", [])])
 
 
 def hash_directory(path: Path) -> str:
@@ -151,3 +170,21 @@ def prepare_plan(output: Path, inputs_source: Path, codec: Path, shard_size: int
     plan = Plan(inputs.config_hash(), inputs, num_rows, shards)
     write_json_atomic(output / PLAN_FILE, plan.to_json())
     return plan
+
+
+def record_encode_run(output: Path, plan: Plan, numerics: CodecNumerics, log=print) -> list[str]:
+    """Append this run's device kind and codec numerics to plan.json; returns (and logs as a warning) how they
+    differ from earlier runs' on the same plan.
+
+    A resubmit on other hardware is allowed, not refused: the shards already published stay valid codes, and
+    the fp32 codec with HF32/TF32 off differs between devices only in the rounding of near-tie codebook choices.
+    But the output is then no longer from one kind of machine, and plan.json says so.
+    """
+    differences = sorted({d for run in plan.runs for d in numerics.differs_from(run.numerics)})
+    if differences:
+        log(f"warning: {output} holds shards encoded with other codec numerics than this run's "
+            f"({'; '.join(differences)}); codes of rare near-tie frames may differ between those shards. "
+            f"For one kind of machine throughout, use a new --output (or --replan) on that hardware")
+    plan.runs.append(EncodeRun(time.time(), numerics))
+    write_json_atomic(output / PLAN_FILE, plan.to_json())
+    return differences

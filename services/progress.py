@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import json
 import math
-import threading
+import os
 import time
 from pathlib import Path
 from typing import Any
 
+from services.file_cache import FileVersionCache
 from shared.schema import (
     COMPLETE_MARKER,
     PLAN_FILE,
@@ -26,36 +27,11 @@ DRIVER_FILE = "driver.json"
 HEARTBEAT_ALIVE_SECONDS = 30.0  # docs/design.md: an older heartbeat counts as not alive
 
 
-class ShardStatsCache:
-    """Footer stats per published shard, re-read only when the file's mtime or size changes.
+class ShardStatsCache(FileVersionCache[ShardStats]):
+    """Footer stats per published shard, re-read only when the file changes (services.file_cache)."""
 
-    A status page polls every few seconds over thousands of shards; a stat() per shard is cheap,
-    opening every Parquet footer each time is not. Keyed by path so the cache never outgrows the
-    directory; thread-safe because the status server answers from a thread pool.
-    """
-
-    def __init__(self) -> None:
-        self._entries: dict[str, tuple[int, int, ShardStats | None]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, path: Path) -> ShardStats | None:
-        """None when the file vanished or its footer cannot be read."""
-        try:
-            st = path.stat()
-        except OSError:
-            return None
-        key = str(path)
-        with self._lock:
-            cached = self._entries.get(key)
-        if cached is not None and cached[:2] == (st.st_mtime_ns, st.st_size):
-            return cached[2]
-        try:
-            stats = read_stats(path)
-        except Exception:  # corrupt or foreign file under a shard name: count it, but without numbers
-            stats = None
-        with self._lock:
-            self._entries[key] = (st.st_mtime_ns, st.st_size, stats)
-        return stats
+    def read(self, path: Path, st: os.stat_result) -> ShardStats:
+        return read_stats(path)
 
 
 SHARD_STATS_CACHE = ShardStatsCache()
@@ -88,6 +64,26 @@ def planned_shard_ids(plan: dict | None) -> set[int] | None:
     if plan is None or not isinstance(plan.get("shards"), list):
         return None
     return {s["id"] for s in plan["shards"] if isinstance(s, dict) and as_int_or_none(s.get("id")) is not None}
+
+
+def planned_published_shards(output: Path, planned_ids: set[int] | None) -> dict[int, Path]:
+    """Published shards of the current plan (all of them when there is no readable plan); a shard left by an
+    earlier plan of another size is not this job's."""
+    try:
+        shards = published_shards(output)
+    except OSError:
+        return {}
+    if planned_ids is None:
+        return shards
+    return {sid: path for sid, path in shards.items() if sid in planned_ids}
+
+
+def node_label(encoder: dict) -> str:
+    """The node an encoder record (read_encoders) runs on, as status names it."""
+    node = encoder["node"] or encoder["hostname"] or "unknown"
+    if encoder["node_id"]:  # Ray nodes can share an IP (several on one host): tell them apart
+        node = f"{node} ({encoder['node_id'][:8]})"
+    return node
 
 
 def read_encoders(output: Path, now: float) -> list[dict]:
@@ -160,12 +156,7 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
     plan = read_json_object(output / PLAN_FILE)
     driver = read_json_object(output / DRIVER_FILE)
     planned_ids = planned_shard_ids(plan)
-    try:
-        shards = published_shards(output)
-    except OSError:
-        shards = {}
-    if planned_ids is not None:
-        shards = {sid: path for sid, path in shards.items() if sid in planned_ids}
+    shards = planned_published_shards(output, planned_ids)
     stats = [s for s in (SHARD_STATS_CACHE.get(p) for p in shards.values()) if s is not None]
 
     encoders = read_encoders(output, now)
@@ -195,9 +186,7 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
 
     nodes: dict[str, int] = {}
     for e in encoders:
-        node = e["node"] or e["hostname"] or "unknown"
-        if e["node_id"]:  # Ray nodes can share an IP (several on one host): tell them apart
-            node = f"{node} ({e['node_id'][:8]})"
+        node = node_label(e)
         nodes[node] = nodes.get(node, 0) + int(e["alive"])
     done = len(shards)
     return {

@@ -1,4 +1,5 @@
-"""HTTP status of an encode job: JSON at /status, a self-refreshing page at /, liveness at /healthz.
+"""HTTP status of an encode job: JSON at /status, a self-refreshing page at / (services.page), Prometheus
+metrics at /metrics (services.metrics), liveness at /healthz.
 
     python -m services.status --output DIR --port P [--host 127.0.0.1] [--token-file F]
 
@@ -10,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import hmac
-import html
 import ipaddress
 import json
 import os
@@ -18,18 +18,20 @@ import signal
 import sys
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
-from services.progress import collect_progress, format_duration, format_progress_line
+from services.dashboard import Dashboard, collect_dashboard
+from services.metrics import exposition, job_registry
+from services.page import render_page
+from services.progress import collect_progress
+from services.shard_details import ShardDetailsCache
 
 TOKEN_ENV = "QWEN3TTS_STATUS_TOKEN"
 OPEN_PATHS = {"/healthz"}  # liveness probes (load balancers, k8s) carry no credentials
-PAGE_REFRESH_SECONDS = 5
 
 
 class ProgressCache:
@@ -46,6 +48,11 @@ class ProgressCache:
         self._at = 0.0
         self.progress: dict = {}
         self.body = b""
+        self._details = ShardDetailsCache()
+        # Its own lock: a first page load over many shards (reading their columns) must not hold up /status.
+        self._view_lock = threading.Lock()
+        self._dashboard: Dashboard | None = None
+        self._page: tuple[Dashboard | None, str] = (None, "")  # the page and the dashboard it shows
 
     def _fingerprint(self) -> tuple:
         stamps = []
@@ -64,6 +71,21 @@ class ProgressCache:
                 self.body = json.dumps(self.progress).encode()
                 self._key, self._at = key, now
             return self.progress, self.body
+
+    def dashboard(self) -> Dashboard:
+        """The page's and /metrics' view of the same snapshot; the shards' columns are read once per shard."""
+        progress = self.get()[0]
+        with self._view_lock:
+            if self._dashboard is None or self._dashboard.progress is not progress:
+                self._dashboard = collect_dashboard(self.output, progress, self._details)
+            return self._dashboard
+
+    def page(self) -> str:
+        dashboard = self.dashboard()
+        with self._view_lock:
+            if self._page[0] is not dashboard:
+                self._page = (dashboard, render_page(dashboard))
+            return self._page[1]
 
 
 def create_app(output_dir: str | Path, token: str | None = None) -> FastAPI:
@@ -98,34 +120,16 @@ def create_app(output_dir: str | Path, token: str | None = None) -> FastAPI:
 
     @app.get("/", response_class=HTMLResponse)
     def page() -> HTMLResponse:
-        return HTMLResponse(render_page(cache.get()[0]))
+        return HTMLResponse(cache.page())
+
+    registry = job_registry(cache)
+
+    @app.get("/metrics")
+    def metrics(request: Request) -> Response:
+        body, content_type = exposition(registry, request.headers.get("accept"))
+        return Response(body, media_type=content_type)
 
     return app
-
-
-def render_page(progress: dict) -> str:
-    """Rendered on the server with a meta refresh, so a proxy that adds the bearer header serves it as is."""
-    esc = lambda value: html.escape("" if value is None else str(value))  # noqa: E731
-    rows = "".join(
-        f"<tr><td>{esc(e['name'])}</td><td>{esc(e['node'])}</td><td>{esc(e['hostname'])}</td>"
-        f"<td>{esc(e['device'])}</td><td>{esc(e['shard'])}</td><td>{esc(e['rows'])}</td>"
-        f"<td>{e['rows_per_s']:.1f}</td><td>{e['audio_seconds_per_s']:.0f}</td>"
-        f"<td>{'yes' if e['alive'] else 'no'}</td><td>{esc(format_timestamp(e['updated']))}</td></tr>"
-        for e in progress["encoders"])
-    return f"""<!doctype html>
-<html><head><meta charset="utf-8"><meta http-equiv="refresh" content="{PAGE_REFRESH_SECONDS}">
-<title>encode: {esc(progress['state'])}</title>
-<style>body{{font-family:sans-serif;margin:2em}}td,th{{padding:.2em .8em;text-align:left}}</style></head>
-<body><h1>Encode job: {esc(progress['state'])}</h1>
-<p>{esc(format_progress_line(progress))}</p>
-<p>ETA {esc(format_duration(progress['eta_seconds']))}, updated {esc(format_timestamp(progress['updated']))}</p>
-<table><tr><th>encoder</th><th>node</th><th>host</th><th>device</th><th>shard</th><th>rows</th>
-<th>rows/s</th><th>audio-s/s</th><th>alive</th><th>updated</th></tr>{rows}</table>
-</body></html>"""
-
-
-def format_timestamp(seconds: float | None) -> str:
-    return "-" if seconds is None else datetime.fromtimestamp(seconds).strftime("%Y-%m-%d %H:%M:%S")
 
 
 class StatusServer:

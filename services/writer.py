@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from shared.schema import SHARDS_DIR, ShardStats, build_table, shard_name
+from shared.schema import SHARDS_DIR, ShardRow, ShardStats, build_table, shard_name
 from shared.storage import is_uri
 
 TEMPORARY_GLOB = ".shard-*.tmp-*"
@@ -58,14 +58,14 @@ class ShardWriter:
             return self.directory / shard_name(shard_id)
         return f"{self.directory}/{shard_name(shard_id)}"
 
-    def publish(self, shard_id: int, rows: list[dict], stats: ShardStats) -> Path | str:
+    def publish(self, shard_id: int, rows: list[ShardRow], stats: ShardStats) -> Path | str:
         """Write under a hidden temporary name, then rename into place.
 
         A retried shard rewrites identical rows under the same name, so a shard can never hold a
         row twice and two shards never share a row. On failure the temporary file is removed and
         any previously published shard is left untouched.
         """
-        table = build_table(sorted(rows, key=lambda r: r["index"]), stats)
+        table = build_table(sorted(rows, key=lambda r: r.index), stats)
         final = self.path_of(shard_id)
         temporary = f".{shard_name(shard_id)}.tmp-{uuid.uuid4().hex[:8]}"
         try:

@@ -23,6 +23,7 @@ class DeviceInfo:
     kind: str  # "npu" | "cuda" | "cpu"
     index: int | None  # local index as torch sees it (after visible-devices masking)
     visible: str | None  # the visible-devices value this process was given, e.g. "3"
+    simulated: str | None = None  # the accelerator kind a CPU stands in for (SIMULATED_ACCELERATORS_VAR)
 
     @property
     def torch_device(self) -> torch.device:
@@ -35,9 +36,28 @@ class DeviceInfo:
         return BACKEND_FOR[self.kind]
 
     def describe(self) -> str:
+        if self.simulated:
+            return f"cpu (simulating {self.simulated} {self.visible})"
         if self.kind == "cpu":
             return "cpu"
         return f"{self.kind}:{self.index or 0} (physical {self.visible})" if self.visible else f"{self.kind}:{self.index or 0}"
+
+
+# Set on the Ray nodes of tests that fake accelerators (`ray start --resources '{"NPU": 2}'` on a CPU machine):
+# encoders placed for those fake cards encode on the CPU and say so. Never set on a real cluster.
+SIMULATED_ACCELERATORS_VAR = "QWEN3TTS_SIMULATED_ACCELERATORS"
+ACCELERATOR_NAME = {"npu": "an Ascend NPU", "cuda": "a CUDA GPU"}
+FIX_FOR_MISSING = {
+    "npu": "on that node source CANN's set_env.sh before `ray start` (deploy/node_env.sh does), install the "
+           "project with the npu extra (QWEN3TTS_EXTRAS=npu bash deploy/setup.sh) and check the card with "
+           "`npu-smi info`; or run the job with --device cpu",
+    "cuda": "on that node install a CUDA build of torch and check the card with `nvidia-smi`; or run the job with "
+            "--device cpu",
+}
+
+
+class AcceleratorMissing(RuntimeError):
+    """A process was meant for an accelerator that torch cannot use here."""
 
 
 def _npu_plausible() -> bool:
@@ -45,36 +65,53 @@ def _npu_plausible() -> bool:
                 or os.path.exists("/dev/davinci_manager"))
 
 
-def npu_available() -> bool:
-    """True when torch_npu imports and reports at least one device. Never raises."""
+def npu_missing_reason() -> str | None:
+    """None when torch_npu imports and sees at least one NPU; else what is missing (for error messages)."""
     if not _npu_plausible():
-        return False
+        return "this node has no Ascend driver or CANN (no /dev/davinci_manager, /usr/local/Ascend or ASCEND_HOME_PATH)"
     try:
         import torch_npu  # noqa: F401  (registers torch.npu)
-    except Exception:
-        return False
+    except Exception as exc:
+        return f"`import torch_npu` failed ({type(exc).__name__}: {exc})"
     try:
-        return bool(torch.npu.is_available()) and torch.npu.device_count() > 0
-    except Exception:
-        return False
+        count = torch.npu.device_count() if torch.npu.is_available() else 0
+    except Exception as exc:
+        return f"torch.npu failed ({type(exc).__name__}: {exc})"
+    return None if count > 0 else "torch_npu imports but sees no NPU"
+
+
+def cuda_missing_reason() -> str | None:
+    try:
+        if torch.cuda.is_available() and torch.cuda.device_count() > 0:
+            return None
+    except Exception as exc:
+        return f"torch.cuda failed ({type(exc).__name__}: {exc})"
+    return f"torch {torch.__version__} sees no CUDA GPU"
+
+
+def npu_available() -> bool:
+    """True when torch_npu imports and reports at least one device. Never raises."""
+    return npu_missing_reason() is None
 
 
 def cuda_available() -> bool:
-    try:
-        return torch.cuda.is_available() and torch.cuda.device_count() > 0
-    except Exception:
-        return False
+    return cuda_missing_reason() is None
+
+
+def missing_accelerator(kind: str, what: str) -> AcceleratorMissing:
+    """The error for `what` (e.g. "--device npu") that needs an accelerator of `kind` torch cannot use here."""
+    reason = npu_missing_reason() if kind == "npu" else cuda_missing_reason()
+    var = VISIBLE_DEVICES_VAR[kind]
+    return AcceleratorMissing(f"{what} expects {ACCELERATOR_NAME[kind]}, but {reason} ({var}="
+                              f"{os.environ.get(var)!r}). Fix: {FIX_FOR_MISSING[kind]}")
 
 
 def resolve_kind(preference: str = "auto") -> str:
     """Turn a preference into a concrete device kind, failing loudly when a named one is missing."""
     if preference not in DEVICE_CHOICES:
         raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {preference!r}")
-    if preference == "npu" and not npu_available():
-        raise RuntimeError("--device npu was requested but torch_npu/CANN found no NPU; "
-                           "install the `npu` extra on an Ascend host or use --device auto")
-    if preference == "cuda" and not cuda_available():
-        raise RuntimeError("--device cuda was requested but torch sees no CUDA GPU; use --device auto or cpu")
+    if preference in ACCELERATOR_NAME and not (npu_available() if preference == "npu" else cuda_available()):
+        raise missing_accelerator(preference, f"--device {preference}")
     if preference != "auto":
         return preference
     if npu_available():
@@ -82,6 +119,21 @@ def resolve_kind(preference: str = "auto") -> str:
     if cuda_available():
         return "cuda"
     return "cpu"
+
+
+def placed_device(kind: str, placed_as: str) -> DeviceInfo:
+    """The device of a process that was given an accelerator of `kind` (the cluster's kind, decided by whoever
+    placed it): that accelerator or an AcceleratorMissing, never a quiet fallback to the CPU while the card it
+    reserved sits idle. `placed_as` names the process in the error ("encoder-3 on node 10.0.0.7")."""
+    if kind == "cpu":
+        return DeviceInfo("cpu", None, None)
+    if os.environ.get(SIMULATED_ACCELERATORS_VAR) == "1":
+        return DeviceInfo("cpu", None, os.environ.get(VISIBLE_DEVICES_VAR[kind]), simulated=kind)
+    if kind not in ACCELERATOR_NAME:
+        raise ValueError(f"unknown accelerator kind {kind!r}; expected one of {tuple(ACCELERATOR_NAME)} or cpu")
+    if not (npu_available() if kind == "npu" else cuda_available()):
+        raise missing_accelerator(kind, f"{placed_as}, placed on a {RAY_RESOURCE[kind]} resource,")
+    return select_device(kind)
 
 
 def select_device(preference: str = "auto", local_index: int | None = None) -> DeviceInfo:
@@ -121,3 +173,99 @@ def peak_memory_bytes(dev: DeviceInfo) -> int:
         return int(torch.npu.max_memory_allocated())
     import resource
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+
+
+@dataclass(frozen=True)
+class CodecNumerics:
+    """How the codec's arithmetic runs on a device: recorded in plan.json so shards encoded on different hardware
+    are visible. The codec always runs in fp32 with the reduced-precision fp32 modes off (HF32 on Ascend, TF32 on
+    CUDA): those round the inputs of convolutions/matmuls to a ~10-bit mantissa, which moves the codec's
+    nearest-codebook choices and would make codes depend on which machine encoded a shard."""
+    device_kind: str
+    dtype: str = "float32"
+    conv_reduced_fp32: bool = False  # HF32 (npu) / TF32 (cuda) in convolutions
+    matmul_reduced_fp32: bool = False  # the same for matmuls
+
+    def differs_from(self, other: "CodecNumerics") -> list[str]:
+        return [f"{name} {getattr(other, name)} -> {getattr(self, name)}" for name in self.__dataclass_fields__
+                if getattr(self, name) != getattr(other, name)]
+
+
+def codec_numerics(kind: str) -> CodecNumerics:
+    """The numerics the codec runs with on `kind` (what apply_codec_numerics sets there)."""
+    return CodecNumerics(kind)
+
+
+def apply_codec_numerics(dev: DeviceInfo) -> CodecNumerics:
+    """Switch this process's reduced-precision fp32 modes off and return what is in effect, read back from torch.
+
+    torch_npu turns HF32 on for fp32 convolutions by default (torch.npu.conv.allow_hf32 = True; matmul HF32 is
+    off by default); CUDA turns TF32 on for cuDNN convolutions (torch.backends.cudnn.allow_tf32 = True).
+    """
+    if dev.kind == "npu":
+        torch.npu.conv.allow_hf32 = False
+        torch.npu.matmul.allow_hf32 = False
+        now = CodecNumerics("npu", conv_reduced_fp32=bool(torch.npu.conv.allow_hf32),
+                            matmul_reduced_fp32=bool(torch.npu.matmul.allow_hf32))
+    elif dev.kind == "cuda":
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        now = CodecNumerics("cuda", conv_reduced_fp32=torch.backends.cudnn.allow_tf32,
+                            matmul_reduced_fp32=torch.backends.cuda.matmul.allow_tf32)
+    else:
+        now = CodecNumerics("cpu")
+    if now != codec_numerics(now.device_kind):
+        raise RuntimeError(f"could not switch the codec's reduced-precision fp32 modes off on {dev.describe()}: "
+                           f"{now}; check the torch/torch_npu versions against README.md (Ascend)")
+    return now
+
+
+# ------------------------------------------------------------------------------------------ training per chip
+
+ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flash_attention_2")
+HALF_DTYPES = ("bfloat16", "float16")
+
+
+class UnsupportedPrecision(RuntimeError):
+    """The chip cannot compute in the dtype the training config asks for."""
+
+
+def attention_for(requested: str, kind: str, compute_dtype: str) -> str:
+    """The attention implementation training loads the model with; `auto` picks per device.
+
+    On an NPU with bf16/fp16 compute, transformers' "flash_attention_2" runs torch_npu's npu_fusion_attention,
+    in variable-length ("TND") form when a batch is packed or padded: no compute on padding and no L x L mask in
+    memory. The fused kernel takes half-precision inputs only, so fp32 compute (e.g. a 910A) keeps sdpa. CUDA
+    keeps sdpa (the flash-attn package is not a dependency), the CPU too.
+    """
+    if requested not in ATTENTION_CHOICES:
+        raise ValueError(f"model.attn_implementation must be one of {ATTENTION_CHOICES}, got {requested!r}")
+    if requested != "auto":
+        return requested
+    return "flash_attention_2" if kind == "npu" and compute_dtype in HALF_DTYPES else "sdpa"
+
+
+def precision_problem(kind: str, device_name: str, bf16_supported: bool, dtypes: dict[str, str]) -> str | None:
+    """Why this chip cannot train with `dtypes` ({"fsdp.param_dtype": "bfloat16", ...}), with the fix; None if it can."""
+    asked = [key for key, dtype in dtypes.items() if dtype == "bfloat16"]
+    if not asked or bf16_supported or kind == "cpu":
+        return None
+    chip = f"{device_name} (Ascend 910A and older have no bf16 units)" if kind == "npu" else device_name
+    settings = " ".join(f"{key}=float32" for key in asked)
+    return (f"{', '.join(asked)}=bfloat16 but {chip} cannot compute in bf16. Fix: train in fp32, e.g. append "
+            f"`{settings}` to the deploy/train.sh command (or set it in the config); float16 runs too but this "
+            "trainer does no loss scaling, so small gradients underflow")
+
+
+def check_training_precision(dev: DeviceInfo, dtypes: dict[str, str]) -> None:
+    """Fail before the model is loaded when the chip lacks a dtype the config asks for, instead of a kernel error
+    at the first step."""
+    if dev.kind == "npu":
+        supported, name = bool(torch.npu.is_bf16_supported()), torch.npu.get_device_name(dev.index or 0)
+    elif dev.kind == "cuda":
+        supported, name = bool(torch.cuda.is_bf16_supported()), torch.cuda.get_device_name(dev.index or 0)
+    else:
+        return
+    problem = precision_problem(dev.kind, name, supported, dtypes)
+    if problem:
+        raise UnsupportedPrecision(problem)

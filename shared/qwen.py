@@ -56,7 +56,7 @@ __all__ = [
     "Qwen3TTSConfig", "Qwen3TTSTalkerConfig", "Qwen3TTSTalkerCodePredictorConfig", "Qwen3TTSSpeakerEncoderConfig",
     "Qwen3TTSForConditionalGeneration", "Qwen3TTSModel", "Qwen3TTSTokenizer", "Qwen3TTSTokenizerV2Config",
     "Qwen3TTSTokenizerV2DecoderConfig", "Qwen3TTSTokenizerV2Model", "mel_spectrogram",
-    "load_codec", "encode_clips", "reference_encode", "load_tts_model", "load_inference_model",
+    "load_codec", "encode_clips", "kept_codes", "reference_encode", "load_tts_model", "load_inference_model",
     "speaker_mel", "SPEAKER_MEL", "save_model_dir",
 ]
 
@@ -111,10 +111,21 @@ def _encode_padded(model: Qwen3TTSTokenizerV2Model, clips: list[np.ndarray], len
         batch[i, : len(c)] = c
     param = next(model.parameters())
     values = torch.from_numpy(batch).to(param.device, non_blocking=True).to(param.dtype)
-    encoded = model.encoder.encode(input_values=values.unsqueeze(1), return_dict=True)
-    codes = encoded.audio_codes[:, : model.encoder_valid_num_quantizers]  # (B, Q, T)
+    codes = kept_codes(model, values)  # (B, Q, T)
     codes = codes.transpose(1, 2).to(torch.int16).cpu().numpy()
     return [codes[i, : -(-n // SAMPLES_PER_FRAME)] for i, n in enumerate(lengths)]
+
+
+def kept_codes(model: Qwen3TTSTokenizerV2Model, values: torch.Tensor) -> torch.Tensor:
+    """(B, 16, T) codes of (B, samples) audio: only the quantizers whose codes are kept are run.
+
+    The codec's encoder holds 32 residual quantizers and the model uses the first 16. Each residual stage
+    quantizes what the stages before it left, so stopping after 16 gives exactly the first 16 codes of a full
+    run at about half the quantizer cost (upstream's Qwen3TTSTokenizer.encode runs all 32 and slices).
+    """
+    kept = model.encoder_valid_num_quantizers
+    encoded = model.encoder.encode(input_values=values.unsqueeze(1), num_quantizers=kept, return_dict=True)
+    return encoded.audio_codes[:, :kept]
 
 
 def reference_encode(codec: Qwen3TTSTokenizer, audios: list, sr: int | None = None) -> list[np.ndarray]:

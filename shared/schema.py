@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -26,7 +27,8 @@ import pyarrow.parquet as pq
 
 from shared.storage import child_uri, is_uri
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2 added speaker, language and extra
+READABLE_VERSIONS = (1, 2)
 NUM_CODEBOOKS = 16
 CODEBOOK_SIZE = 2048
 
@@ -48,6 +50,9 @@ SHARD_SCHEMA = pa.schema(
         pa.field("audio", pa.string()),
         pa.field("text", pa.string()),
         pa.field("ref_audio", pa.string()),
+        pa.field("speaker", pa.string()),  # null: the run's single unnamed speaker
+        pa.field("language", pa.string()),  # null: no language given (the model's "auto" prefix)
+        pa.field("extra", pa.string()),  # JSON object: every other key of the manifest line, kept as is
         pa.field("audio_codes", pa.list_(pa.list_(pa.int16(), NUM_CODEBOOKS))),  # frames x 16
         pa.field("num_frames", pa.int32()),
         pa.field("duration", pa.float64()),  # seconds of source audio
@@ -84,18 +89,90 @@ class ShardStats:
         return json.dumps(self.__dict__)
 
 
-def build_table(rows: list[dict], stats: ShardStats) -> pa.Table:
-    """Rows are dicts with SHARD_SCHEMA keys; audio_codes a (frames, 16) integer array or None."""
-    columns = {f.name: [] for f in SHARD_SCHEMA}
+# Manifest keys with a column of their own; every other key of a manifest line travels in `extra`.
+MANIFEST_KEYS = ("id", "audio", "text", "ref_audio", "speaker", "language")
+
+
+def _text_or_none(value: object) -> str | None:
+    """A manifest value for a string column: kept when a string, JSON text otherwise (a number, a list)."""
+    if value is None or isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def row_id(index: int, entry: dict) -> str:
+    """The one id rule: the entry's `id`, else its audio file's stem, else its manifest line number."""
+    given = entry.get("id")
+    if given is not None and str(given) != "":
+        return str(given)
+    audio = entry.get("audio")
+    if isinstance(audio, str) and audio:
+        return Path(audio).stem
+    return f"line-{index + 1}"
+
+
+@dataclass
+class ShardRow:
+    """One manifest line as stored in a shard: a good row carries codes, an error row carries `error`."""
+    index: int  # line number in manifest.jsonl (0-based)
+    id: str
+    audio: str | None
+    text: str | None
+    ref_audio: str | None
+    speaker: str | None = None
+    language: str | None = None
+    extra: dict = field(default_factory=dict)
+    codes: np.ndarray | None = None  # (frames, 16) int64; None on an error row or when not read
+    num_frames: int | None = None
+    duration: float | None = None  # seconds of source audio
+    sample_rate: int | None = None  # source sample rate
+    error: str | None = None  # "<reason>: <detail>"
+
+    @classmethod
+    def from_entry(cls, index: int, entry: dict, *, codes: np.ndarray | None = None, duration: float | None = None,
+                   sample_rate: int | None = None, error: str | None = None) -> "ShardRow":
+        """The row for manifest entry `index`: good when `codes` are given, an error row when `error` is."""
+        if (codes is None) == (error is None):
+            raise ValueError(f"row {index}: give either codes or an error")
+        extra = {k: v for k, v in entry.items() if k not in MANIFEST_KEYS}
+        codes = None if codes is None else np.asarray(codes, dtype=np.int64)
+        return cls(index, row_id(index, entry), _text_or_none(entry.get("audio")), _text_or_none(entry.get("text")),
+                   _text_or_none(entry.get("ref_audio")), _text_or_none(entry.get("speaker")),
+                   _text_or_none(entry.get("language")), extra, codes, None if codes is None else len(codes),
+                   duration, sample_rate, error)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    @property
+    def reason(self) -> str | None:
+        """The error's reason code (the part before the first colon)."""
+        return None if self.error is None else self.error.split(":", 1)[0]
+
+    def manifest_line(self) -> dict:
+        """The manifest keys this row was made from (absent ones left out), `extra` keys included."""
+        line = {k: getattr(self, k) for k in MANIFEST_KEYS if getattr(self, k) is not None}
+        line.update(self.extra)
+        return line
+
+    def column_value(self, name: str) -> object:
+        if name == "extra":
+            return json.dumps(self.extra, ensure_ascii=False) if self.extra else None
+        return getattr(self, name)
+
+
+_FIELD_NAMES = [f.name for f in fields(ShardRow)]
+_COLUMN_OF = {"codes": "audio_codes"}
+
+
+def build_table(rows: Sequence["ShardRow"], stats: ShardStats) -> pa.Table:
+    columns = {f.name: [] for f in SHARD_SCHEMA if f.name != "audio_codes"}
     for row in rows:
         for name, values in columns.items():
-            value = row.get(name)
-            if name == "audio_codes" and value is not None:
-                value = np.asarray(value, dtype=np.int16)
-            values.append(value)
-    codes = columns.pop("audio_codes")
+            values.append(row.column_value(name))
     arrays = {n: pa.array(v, type=SHARD_SCHEMA.field(n).type) for n, v in columns.items()}
-    arrays["audio_codes"] = codes_to_arrow(codes)
+    arrays["audio_codes"] = codes_to_arrow([row.codes for row in rows])
     meta = dict(SHARD_SCHEMA.metadata)
     meta[STATS_KEY] = stats.to_json().encode()
     return pa.Table.from_arrays([arrays[f.name] for f in SHARD_SCHEMA], schema=SHARD_SCHEMA.with_metadata(meta))
@@ -127,12 +204,15 @@ def read_stats(path: str | Path) -> ShardStats:
     return ShardStats(**json.loads(meta[STATS_KEY]))
 
 
-def check_schema(path: str | Path) -> None:
+def check_schema(path: str | Path) -> int:
+    """The shard's schema version; raises if this code cannot read it."""
     meta = pq.read_schema(path).metadata or {}
-    version = meta.get(b"qwen3tts_shard_schema")
-    if version != str(SCHEMA_VERSION).encode():
-        raise ValueError(f"{path}: shard schema version {version!r}, this code reads {SCHEMA_VERSION}; "
-                         "re-encode with the matching version of services.encode")
+    version = meta.get(b"qwen3tts_shard_schema", b"").decode() or None
+    if version not in {str(v) for v in READABLE_VERSIONS}:
+        raise ValueError(f"{path}: shard schema version {version!r}, this code reads versions "
+                         f"{', '.join(map(str, READABLE_VERSIONS))}; re-encode with the matching version of "
+                         "services.encode")
+    return int(version)
 
 
 def published_shards(output: str | Path) -> dict[int, Path | str]:
@@ -153,3 +233,52 @@ def published_shards(output: str | Path) -> dict[int, Path | str]:
         if sid is not None:
             found[sid] = entry
     return dict(sorted(found.items()))
+
+
+def read_rows(path: str | Path, columns: Sequence[str] | None = None,
+              positions: Sequence[int] | None = None) -> list[ShardRow]:
+    """Rows of one published shard, in file order (or in `positions` order).
+
+    `columns`: the ShardRow fields to read (default all; "codes" is the audio_codes column, the heavy one);
+    fields not read keep their defaults. `positions`: read only these rows of the file. Version 1 shards read
+    with no speaker, language or extra.
+    """
+    version = check_schema(path)
+    wanted = list(_FIELD_NAMES if columns is None else columns)
+    unknown = sorted(set(wanted) - set(_FIELD_NAMES))
+    if unknown:
+        raise ValueError(f"read_rows: no shard field {unknown}; fields are {_FIELD_NAMES}")
+    for required in ("index", "id"):
+        if required not in wanted:
+            wanted.append(required)
+    present = [n for n in wanted if not (version == 1 and n in ("speaker", "language", "extra"))]
+    table = pq.read_table(path, columns=[_COLUMN_OF.get(n, n) for n in present])
+    if positions is not None:
+        table = table.take(pa.array(positions, type=pa.int64()))
+    values = {n: table.column(_COLUMN_OF.get(n, n)) for n in present}
+    plain = {n: col.to_pylist() for n, col in values.items() if n != "codes"}
+    codes = _codes_column(values["codes"]) if "codes" in values else None
+    rows = []
+    for i in range(table.num_rows):
+        kwargs = {n: plain[n][i] for n in plain}
+        if "extra" in kwargs:
+            kwargs["extra"] = json.loads(kwargs["extra"]) if kwargs["extra"] else {}
+        if codes is not None:
+            kwargs["codes"] = codes[i]
+        kwargs.setdefault("audio", None)
+        kwargs.setdefault("text", None)
+        kwargs.setdefault("ref_audio", None)
+        rows.append(ShardRow(**kwargs))
+    return rows
+
+
+def _codes_column(column: pa.ChunkedArray) -> list[np.ndarray | None]:
+    """Every row of an audio_codes column as (frames, 16) int64 arrays, from one flat buffer."""
+    array = column.combine_chunks()
+    if len(array) == 0:
+        return []
+    offsets = array.offsets.to_numpy()
+    # offsets index the list's whole `values` (also when the array is a slice of a larger one)
+    flat = array.values.flatten().to_numpy(zero_copy_only=False).astype(np.int64).reshape(-1, NUM_CODEBOOKS)
+    nulls = array.is_null().to_numpy(zero_copy_only=False)
+    return [None if nulls[i] else flat[offsets[i]:offsets[i + 1]] for i in range(len(array))]

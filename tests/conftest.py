@@ -40,15 +40,13 @@ class EncodeOutputBuilder:
         rows = []
         for k in range(self.shard_size):
             index = shard_id * self.shard_size + k
-            row = {"index": index, "id": f"utt{index}", "audio": f"/data/{index}.wav", "text": "t",
-                   "ref_audio": "/data/ref.wav", "sample_rate": 24000}
+            entry = {"id": f"utt{index}", "audio": f"/data/{index}.wav", "text": "t", "ref_audio": "/data/ref.wav"}
             if k < errors:
-                row["error"] = "decode: unreadable"
+                rows.append(schema.ShardRow.from_entry(index, entry, error="decode: unreadable"))
             else:
-                frames = int(seconds_per_row * 12.5)
-                row.update(audio_codes=rng.integers(0, 2048, size=(frames, 16), dtype=np.int16),
-                           num_frames=frames, duration=seconds_per_row)
-            rows.append(row)
+                codes = rng.integers(0, 2048, size=(int(seconds_per_row * 12.5), 16), dtype=np.int16)
+                rows.append(schema.ShardRow.from_entry(index, entry, codes=codes, duration=seconds_per_row,
+                                                       sample_rate=24000))
         good = self.shard_size - errors
         stats = schema.ShardStats(rows=self.shard_size, rows_ok=good, rows_error=errors,
                                    audio_seconds=good * seconds_per_row, frames=good * int(seconds_per_row * 12.5),

@@ -15,6 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from shared.device import SIMULATED_ACCELERATORS_VAR
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -26,7 +28,9 @@ def free_port() -> int:
 
 
 class LocalRayCluster:
-    def __init__(self):
+    def __init__(self, simulated_accelerators: bool = True):
+        """simulated_accelerators: the fake NPU/GPU resources tests declare are stood in for by the CPU, and the
+        encoders placed on them say so (shared.device.SIMULATED_ACCELERATORS_VAR); False tests the refusal."""
         # Unix socket paths are limited to ~107 bytes: keep the temp root short.
         self.root = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
         self.token_file = self.root / "token"
@@ -35,6 +39,9 @@ class LocalRayCluster:
                     "PATH": f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}", "OMP_NUM_THREADS": "1",
                     "RAY_USAGE_STATS_ENABLED": "0"}
         self.env.pop("RAY_ADDRESS", None)
+        self.env.pop(SIMULATED_ACCELERATORS_VAR, None)
+        if simulated_accelerators:
+            self.env[SIMULATED_ACCELERATORS_VAR] = "1"
         self.groups: list[int] = []  # one session (pid of its `ray start`) per node: the head first
         self.removed: set[int] = set()
         self.gcs_port = free_port()

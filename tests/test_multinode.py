@@ -8,7 +8,7 @@ import pytest
 
 from services.finalize import iter_rows
 from services.writer import ShardWriter
-from shared.schema import SHARDS_DIR, ShardStats, published_shards, read_stats
+from shared.schema import SHARDS_DIR, ShardRow, ShardStats, published_shards, read_stats
 from tests.conftest import (assert_lost_shards_redone_elsewhere, assert_rows_match, busy_encoder, encode_args,
                             heartbeats, repeated_corpus, write_manifest)
 from tests.raycluster import LocalRayCluster, wait_for
@@ -97,9 +97,8 @@ def test_shard_files_through_a_pyarrow_filesystem_uri(cycled_clips, tmp_path):
     """ShardWriter and the readers take a URI (here file://; s3://, gs://, hdfs:// alike) or an explicit pyarrow
     filesystem, for storage that is not a mounted path. The driver itself needs a path (see docs/design.md)."""
     entries, expected = cycled_clips
-    rows = [{"index": i, "id": e["id"], "audio": e["audio"], "text": e["text"], "ref_audio": None,
-             "audio_codes": expected[e["audio"]], "num_frames": len(expected[e["audio"]]), "duration": 1.0,
-             "sample_rate": 24_000, "error": None} for i, e in enumerate(entries)]
+    rows = [ShardRow.from_entry(i, e, codes=expected[e["audio"]], duration=1.0, sample_rate=24_000)
+            for i, e in enumerate(entries)]
     stats = ShardStats(rows=3, rows_ok=3, rows_error=0, audio_seconds=3.0, frames=0, encode_seconds=0.1, worker="w")
     uri = (tmp_path / "out").as_uri() + "/"
     assert str(ShardWriter(uri).publish(0, rows[:2], stats)).startswith("/")  # the path inside the filesystem
@@ -110,8 +109,8 @@ def test_shard_files_through_a_pyarrow_filesystem_uri(cycled_clips, tmp_path):
     shards = published_shards(uri)
     assert shards == {0: f"{uri}{SHARDS_DIR}/shard-00000.parquet", 1: f"{uri}{SHARDS_DIR}/shard-00001.parquet"}
     assert read_stats(shards[1]).worker == "w"
-    read = list(iter_rows(uri, ["index", "id", "audio_codes"]))
-    assert [r["id"] for r in read] == [e["id"] for e in entries]
-    assert all(np.array_equal(r["audio_codes"], expected[e["audio"]]) for r, e in zip(read, entries))
+    read = list(iter_rows(uri, ["index", "id", "codes"]))
+    assert [r.id for r in read] == [e["id"] for e in entries]
+    assert all(np.array_equal(r.codes, expected[e["audio"]]) for r, e in zip(read, entries))
     assert ShardWriter(uri).remove_temporaries() == [".shard-00002.parquet.tmp-0000"]
     assert published_shards(tmp_path / "out").keys() == shards.keys()  # the same files through the plain path

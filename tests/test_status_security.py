@@ -55,16 +55,18 @@ def assert_leaks_nothing(body: str) -> None:
     {"X-Ray-Authorization": f"Bearer {TOKEN}"},
 ], ids=["none", "lowercase-scheme", "prefix", "suffix", "two-spaces", "basic", "empty", "cookie", "other-header"])
 def test_only_the_exact_bearer_token_opens_status(guarded, headers):
-    for path in ("/status", "/"):
+    for path in ("/status", "/", "/metrics"):
         code, body = raw_get(guarded, path, headers)  # raw: httpx itself refuses some of these headers
         assert code == 401, (path, headers)
-        assert TOKEN not in body and not any(k in body for k in STATUS_KEYS)
-    assert raw_get(guarded, "/status", auth())[0] == 200
+        assert TOKEN not in body and not any(k in body for k in STATUS_KEYS) and "qwen3tts_" not in body
+    for path in ("/status", "/", "/metrics"):
+        assert raw_get(guarded, path, auth())[0] == 200, path
 
 
 def test_token_in_the_query_string_is_not_accepted(guarded):
     for query in (f"token={TOKEN}", f"access_token={TOKEN}", f"authorization=Bearer%20{TOKEN}"):
-        assert httpx.get(f"{guarded.url}/status?{query}").status_code == 401
+        for path in ("/status", "/metrics"):
+            assert httpx.get(f"{guarded.url}{path}?{query}").status_code == 401
 
 
 def test_healthz_is_open_and_says_nothing_about_the_job(guarded):
@@ -89,7 +91,8 @@ def test_query_parameters_cannot_redirect_status_to_another_path(guarded):
     "/../etc/passwd", "/../../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/..%2f..%2fetc%2fpasswd",
     "//etc/passwd", "/status/../../etc/passwd", "/status/..%2fsecret.txt", "/secret.txt", "/../outside.txt",
     "/plan.json", "/driver.json", "/workers/encoder-0.json", "/shards/shard-00000.parquet", "/static/secret.txt",
-    "/docs", "/redoc", "/openapi.json", "/status/secret.txt", "/status.json",
+    "/docs", "/redoc", "/openapi.json", "/status/secret.txt", "/status.json", "/metrics/../secret.txt",
+    "/metrics/secret.txt", "/errors.jsonl", "/summary.json",
 ])
 def test_no_route_serves_a_file(guarded, target):
     code, body = raw_get(guarded, target, auth())
@@ -110,7 +113,7 @@ def test_open_route_is_no_way_around_the_token(guarded, target):
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
 def test_nothing_can_be_written_through_the_server(guarded, running_job, method):
     before = sorted(p.relative_to(running_job.root) for p in running_job.root.rglob("*"))
-    for path in ("/status", "/", "/healthz", "/secret.txt"):
+    for path in ("/status", "/", "/metrics", "/healthz", "/secret.txt"):
         code, body = raw_get(guarded, path, {**auth(), "Content-Length": "0"}, method=method)
         assert code in (404, 405), (method, path, code)
         assert_leaks_nothing(body)

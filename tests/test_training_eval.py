@@ -58,6 +58,24 @@ def eval_records(run: Path) -> dict[int, dict]:
 
 
 @pytest.fixture(scope="module")
+def speaker_encoded(synthetic_encoded, tmp_path_factory) -> Path:
+    """The synthetic shards with a speaker per row (alice: the rows on ref_a, bob: those on ref_b), as schema v2
+    stores it; fraction 0.3 at seed 0 holds out 3 of alice's 5 good rows and 2 of bob's 5."""
+    from dataclasses import replace
+
+    from shared import schema
+    from training.synthetic import write_shard
+
+    out = tmp_path_factory.mktemp("speakers")
+    for sid, path in schema.published_shards(synthetic_encoded).items():
+        rows = schema.read_rows(path)
+        speakers = ["alice" if r.ref_audio and r.ref_audio.endswith("ref_a.wav") else "bob" for r in rows]
+        write_shard(out, sid, [replace(r, speaker=name) for r, name in zip(rows, speakers)])
+    (out / schema.COMPLETE_MARKER).write_text("")
+    return out
+
+
+@pytest.fixture(scope="module")
 def asr_dir(tmp_path_factory) -> Path:
     from shared.tiny_asr import write_tiny_asr
 
@@ -65,10 +83,10 @@ def asr_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def resumed(tiny_dir, synthetic_encoded, asr_dir, tmp_path_factory):
+def resumed(tiny_dir, speaker_encoded, asr_dir, tmp_path_factory):
     """2 ranks, killed once its first eval's checkpoint exists, then restarted to the end."""
     run = tmp_path_factory.mktemp("eval") / "two_ranks"
-    cmd = command(tiny_dir, synthetic_encoded, run, 2, SENTENCES, f"eval.asr_model={asr_dir}",
+    cmd = command(tiny_dir, speaker_encoded, run, 2, SENTENCES, f"eval.asr_model={asr_dir}",
                   "eval.max_new_tokens=12", "checkpoint.interval=3", "checkpoint.keep=1")
     proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -88,9 +106,9 @@ def resumed(tiny_dir, synthetic_encoded, asr_dir, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def one_rank(tiny_dir, synthetic_encoded, tmp_path_factory):
+def one_rank(tiny_dir, speaker_encoded, tmp_path_factory):
     run = tmp_path_factory.mktemp("eval") / "one_rank"
-    result = subprocess.run(command(tiny_dir, synthetic_encoded, run, 1, "train.grad_accum=2", "eval.samples=false"),
+    result = subprocess.run(command(tiny_dir, speaker_encoded, run, 1, "train.grad_accum=2", "eval.samples=false"),
                             cwd=REPO, env=ENV, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     return run
@@ -109,19 +127,28 @@ def test_split_rule_is_a_pure_function_per_speaker():
     assert HeldOut(shards=frozenset({3})).contains(3, "anything", None)
 
 
-def test_training_stream_never_sees_held_out_rows(synthetic_encoded):
+def test_training_stream_never_sees_held_out_rows(speaker_encoded):
     """The shard reader's filter on the real stream: the two sides are disjoint and together are every good row."""
     held_out = HeldOut(fraction=0.3, seed=0)
-    shards = sorted((synthetic_encoded / "shards").glob("*.parquet"))
+    shards = sorted((speaker_encoded / "shards").glob("*.parquet"))
     every = {r.id for p in shards for r in read_shard(p, lambda text: [1])}
     held = {r.id for p in shards for r in read_shard(p, lambda text: [1], eval_rows(held_out))}
-    config = DataConfig(shards=str(synthetic_encoded), frame_budget=256, max_batch_size=4, shards_per_round=2,
+    config = DataConfig(shards=str(speaker_encoded), frame_budget=256, max_batch_size=4, shards_per_round=2,
                         bucket_size=16)
     stream = ShardStream(config, lambda text: [1], 0, 0, 1, 1)
     stream.row_filter = training_rows(held_out)
     trained = {row.id for step in stream.epoch_steps() for batch in step for row in batch}
     assert held and trained and not held & trained
     assert held | trained == every
+    assert held == {"utt00000", "utt00006", "utt00008", "utt00001", "utt00007"}  # per speaker: see speaker_encoded
+
+
+def test_rows_without_a_speaker_form_one_speaker(synthetic_encoded):
+    from training.evaluate import collect_eval_rows
+
+    speakers = collect_eval_rows(str(synthetic_encoded), HeldOut(fraction=0.3), lambda text: [1], 256, [0, 1])
+    assert list(speakers) == ["default"]
+    assert [r.id for r in speakers["default"].rows] == ["utt00004", "utt00006"]
 
 
 def test_error_rates():
@@ -132,12 +159,13 @@ def test_error_rates():
 
 
 def test_split_is_identical_after_resume_and_restart_with_another_rule_is_refused(resumed, one_rank, tiny_dir,
-                                                                                    synthetic_encoded):
+                                                                                    speaker_encoded):
     run, split_before, _ = resumed
     after = read_split(run)
     assert after == split_before == read_split(one_rank)
-    assert after["rule"] == {"fraction": 0.3, "shards": [], "seed": 0} and after["rows"]["default"]
-    result = subprocess.run(command(tiny_dir, synthetic_encoded, run, 1, "eval.fraction=0.5", "train.steps=8"),
+    assert after["rule"] == {"fraction": 0.3, "shards": [], "seed": 0}
+    assert after["rows"] == {"alice": ["utt00000", "utt00006", "utt00008"], "bob": ["utt00001", "utt00007"]}
+    result = subprocess.run(command(tiny_dir, speaker_encoded, run, 1, "eval.fraction=0.5", "train.steps=8"),
                             cwd=REPO, env=ENV, timeout=120, capture_output=True, text=True)
     assert result.returncode != 0
     assert "eval_split.json records the eval split" in result.stderr and "start a new checkpoint.dir" in result.stderr
@@ -149,8 +177,11 @@ def test_eval_loss_is_equal_on_one_and_two_ranks(resumed, one_rank):
     for step in one:
         for key in ("eval_loss", "eval_talker_loss", "eval_sub_talker_loss"):
             assert one[step][key] == pytest.approx(two[step][key], rel=1e-5)
-        assert one[step]["eval_rows"] == two[step]["eval_rows"] == len(read_split(one_rank)["rows"]["default"])
-        assert one[step]["eval_loss_by_speaker"]["default"] == pytest.approx(one[step]["eval_loss"])
+        assert one[step]["eval_rows"] == two[step]["eval_rows"] == 5
+        assert sorted(one[step]["eval_loss_by_speaker"]) == ["alice", "bob"]
+        for speaker, loss in one[step]["eval_loss_by_speaker"].items():
+            assert loss == pytest.approx(two[step]["eval_loss_by_speaker"][speaker], rel=1e-5)
+        assert one[step]["eval_loss_by_speaker"]["alice"] != one[step]["eval_loss_by_speaker"]["bob"]
         assert one[step]["eval_loss"] == pytest.approx(one[step]["eval_talker_loss"]
                                                        + 0.3 * one[step]["eval_sub_talker_loss"])
     assert "eval loss" in resumed[2]  # the log line
@@ -162,9 +193,11 @@ def test_samples_are_written_and_scored(resumed, tiny_dir):
     model = load_tts_model(tiny_dir / "model")
     for step in (2, 4, 6):
         folder = run / "samples" / f"step-{step:06d}"
-        assert sorted(p.name for p in folder.glob("*.wav")) == ["default-0.wav", "default-1.wav"]
+        assert sorted(p.name for p in folder.glob("*.wav")) == ["alice-0.wav", "alice-1.wav", "bob-0.wav", "bob-1.wav"]
         scores = json.loads((folder / "scores.json").read_text())
-        assert [s["sentence"] for s in scores] == ["hello world", "one two three"]
+        assert [(s["speaker"], s["sentence"]) for s in scores] == [
+            (speaker, sentence) for speaker in ("alice", "bob") for sentence in ("hello world", "one two three")]
+        assert {s["speaker"]: Path(s["reference"]).name for s in scores} == {"alice": "ref_a.wav", "bob": "ref_b.wav"}
         assert records[step]["samples"] == scores
         for score in scores:
             wav, rate = sf.read(score["path"], dtype="float32")
@@ -190,7 +223,7 @@ def test_tensorboard_event_files_read_back(resumed):
     board.Reload()
     tags = board.Tags()
     for tag in ("train/loss", "train/talker_loss", "train/sub_talker_loss", "train/lr", "train/grad_norm",
-                "train/frames_per_s", "eval/loss", "eval/talker_loss", "eval/sub_talker_loss", "eval/loss/default",
+                "train/frames_per_s", "eval/loss", "eval/talker_loss", "eval/sub_talker_loss", "eval/loss/alice", "eval/loss/bob",
                 "samples/similarity", "samples/cer", "samples/wer"):
         assert tag in tags["scalars"], tag
     train = read_metrics(run)
@@ -202,8 +235,8 @@ def test_tensorboard_event_files_read_back(resumed):
     evals = eval_records(run)
     assert {e.step: e.value for e in board.Scalars("eval/loss")} == pytest.approx(
         {s: r["eval_loss"] for s, r in evals.items()})
-    assert {"samples/default-0", "samples/default-1"} <= set(tags["audio"])
-    audio = board.Audio("samples/default-0")
+    assert {"samples/alice-0", "samples/alice-1", "samples/bob-0", "samples/bob-1"} <= set(tags["audio"])
+    audio = board.Audio("samples/bob-1")
     assert [a.step for a in audio] == [2, 4, 6] and audio[0].sample_rate == 24000
     assert audio[0].encoded_audio_string[:4] == b"RIFF"
 

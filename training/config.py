@@ -20,6 +20,8 @@ SCHEDULES = ("cosine", "constant")
 @dataclass
 class ModelConfig:
     path: str = ""  # a Base model directory (config.json, model.safetensors, tokenizer, speech_tokenizer/)
+    # auto | eager | sdpa | flash_attention_2; auto: flash_attention_2 (npu_fusion_attention) on an NPU with
+    # bf16/fp16 compute, sdpa elsewhere (shared.device.attention_for)
     attn_implementation: str = "sdpa"
 
 
@@ -107,6 +109,10 @@ class Config:
         for name in ("param_dtype", "reduce_dtype"):
             if getattr(self.fsdp, name) not in DTYPES:
                 problems.append(f"fsdp.{name} must be one of {DTYPES}")
+        from shared.device import ATTENTION_CHOICES
+
+        if self.model.attn_implementation not in ATTENTION_CHOICES:
+            problems.append(f"model.attn_implementation must be one of {ATTENTION_CHOICES}")
         for name, value in (("train.grad_accum", self.train.grad_accum), ("data.frame_budget", self.data.frame_budget),
                             ("checkpoint.interval", self.checkpoint.interval), ("checkpoint.keep", self.checkpoint.keep),
                             ("data.max_batch_size", self.data.max_batch_size),
@@ -126,6 +132,16 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def for_chip(self, device) -> str:
+        """Check this config against the chip `device` (a shared.device.DeviceInfo) before anything is loaded,
+        failing with the fix when it lacks a dtype asked for (910A: no bf16); returns the attention
+        implementation to load the model with (`auto` resolved for this device and compute dtype)."""
+        from shared.device import attention_for, check_training_precision
+
+        check_training_precision(device, {"fsdp.param_dtype": self.fsdp.param_dtype,
+                                          "fsdp.reduce_dtype": self.fsdp.reduce_dtype})
+        return attention_for(self.model.attn_implementation, device.kind, self.fsdp.param_dtype)
 
 
 def _coerce(value, annotation, key: str):

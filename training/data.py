@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import numpy as np
-import pyarrow.parquet as pq
 
 from shared import schema
 from training.config import DataConfig
@@ -29,7 +28,7 @@ from training.split import RowFilter
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ["id", "text", "ref_audio", "audio_codes", "num_frames", "error"]
+_COLUMNS = ["id", "text", "ref_audio", "codes", "error", "speaker"]
 
 
 @dataclass
@@ -75,26 +74,15 @@ def is_complete(output: Path) -> bool:
 
 
 def read_shard(path: Path, tokenize: Callable[[str], list[int]], row_filter: RowFilter | None = None) -> list[Row]:
-    """Good rows of one published shard (error rows skipped), in file order; only those `row_filter` keeps."""
-    schema.check_schema(path)
-    names = pq.read_schema(path).names
-    table = pq.read_table(path, columns=_COLUMNS + (["speaker"] if "speaker" in names else []))
-    errors = table.column("error").to_pylist()
-    ids, texts, refs = (table.column(c).to_pylist() for c in ("id", "text", "ref_audio"))
-    speakers = table.column("speaker").to_pylist() if "speaker" in names else [None] * len(ids)
-    shard_id = schema.shard_id_of(Path(path).name)
-    codes = table.column("audio_codes")
-    rows = []
-    for i, error in enumerate(errors):
-        if error is not None or not refs[i]:
-            continue
-        if row_filter is not None and not row_filter.keeps(shard_id, ids[i], speakers[i]):
-            continue
-        frames = schema.codes_of(codes, i)
-        if len(frames) == 0:
-            continue
-        rows.append(Row(ids[i], tokenize(texts[i] or ""), refs[i], frames, speakers[i]))
-    return rows
+    """Good rows of one published shard (error rows skipped), in file order; with `row_filter`, only the rows
+    it keeps (decided from ids and speakers, so the codes of the others are never read)."""
+    positions = None
+    if row_filter is not None:
+        shard_id = schema.shard_id_of(Path(path).name)
+        positions = [i for i, r in enumerate(schema.read_rows(path, ["id", "speaker"]))
+                     if row_filter.keeps(shard_id, r.id, r.speaker)]
+    return [Row(r.id, tokenize(r.text or ""), r.ref_audio, r.codes, r.speaker)
+            for r in schema.read_rows(path, _COLUMNS, positions) if r.ok and r.ref_audio and len(r.codes)]
 
 
 def pack(rows: list[Row], config: DataConfig, rng: random.Random) -> list[list[Row]]:

@@ -32,14 +32,11 @@ def write_wav(path: Path, seconds: float, seed: int, rate: int = CODEC_SAMPLE_RA
     return path
 
 
-def write_shard(output: Path, shard_id: int, rows: list[dict], codes: list[np.ndarray | None]) -> Path:
+def write_shard(output: Path, shard_id: int, rows: list[schema.ShardRow]) -> Path:
     """Publish one shard the way the encode service does: write a temporary name, then rename."""
-    for row, c in zip(rows, codes):
-        row["audio_codes"] = c
-        row["num_frames"] = None if c is None else len(c)
-    good = [r for r in rows if r.get("error") is None]
+    good = [r for r in rows if r.ok]
     stats = schema.ShardStats(rows=len(rows), rows_ok=len(good), rows_error=len(rows) - len(good),
-                              audio_seconds=sum(r["duration"] for r in good), frames=sum(r["num_frames"] for r in good),
+                              audio_seconds=sum(r.duration for r in good), frames=sum(r.num_frames for r in good),
                               encode_seconds=0.0, worker="synthetic")
     final = output / schema.SHARDS_DIR / schema.shard_name(shard_id)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -58,20 +55,23 @@ def write_encoded(output: str | Path, codec_dir: str | Path, num_shards: int = 2
             str(write_wav(out / "audio" / "ref_b.wav", 2.3, seed + 1001))]
     rng = np.random.default_rng(seed)
     for shard_id in range(num_shards):
-        rows, clips = [], []
+        entries, seconds, clips = [], [], []
         for k in range(rows_per_shard):
             index = shard_id * rows_per_shard + k
-            seconds = float(rng.uniform(0.4, 1.2))
-            audio = write_wav(out / "audio" / f"{index:05d}.wav", seconds, seed + index)
+            seconds.append(float(rng.uniform(0.4, 1.2)))
+            audio = write_wav(out / "audio" / f"{index:05d}.wav", seconds[-1], seed + index)
             words = rng.choice(_WORDS, size=int(rng.integers(2, 6)))
-            rows.append({"index": index, "id": f"utt{index:05d}", "audio": str(audio), "text": " ".join(words),
-                         "ref_audio": refs[index % 2], "duration": seconds, "sample_rate": CODEC_SAMPLE_RATE})
-            clips.append(tone(seconds, seed + index))
+            entries.append({"id": f"utt{index:05d}", "audio": str(audio), "text": " ".join(words),
+                            "ref_audio": refs[index % 2]})
+            clips.append(tone(seconds[-1], seed + index))
         codes = encode_clips(codec, clips)
+        first = shard_id * rows_per_shard
+        rows = [schema.ShardRow.from_entry(first + k, e, codes=c, duration=s, sample_rate=CODEC_SAMPLE_RATE)
+                for k, (e, c, s) in enumerate(zip(entries[:-1], codes, seconds))]
         # The last row of each shard is an error row: no codes, must never be trained on.
-        rows[-1].update(error="too_short: synthetic error row", duration=0.0)
-        codes[-1] = None
-        write_shard(out, shard_id, rows, codes)
+        rows.append(schema.ShardRow.from_entry(first + len(entries) - 1, entries[-1],
+                                               error="too_short: synthetic error row"))
+        write_shard(out, shard_id, rows)
     if complete:
         (out / schema.COMPLETE_MARKER).write_text("")
     return out

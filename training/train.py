@@ -84,7 +84,8 @@ def train(config: Config) -> None:
         dump_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.train.seed)
 
-    model = load_tts_model(config.model.path, "cpu", torch.float32, config.model.attn_implementation)
+    attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
+    model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
     ids = SpecialIds.from_config(model.config)
     references = ReferenceCache(model.speaker_encoder.to(device.torch_device))
     module = TalkerForTraining(model.talker).to(device.torch_device).train()

@@ -98,8 +98,9 @@ class VoiceCheck:
     def _model(self):
         if self.tts is None:
             dtype = _DTYPES[self.config.fsdp.param_dtype]
-            self.tts = load_inference_model(self.config.model.path, self.device, dtype,
-                                            self.config.model.attn_implementation)
+            # A few sentences need no training kernel: sdpa runs on every device (eager when asked for).
+            attention = "eager" if self.config.model.attn_implementation == "eager" else "sdpa"
+            self.tts = load_inference_model(self.config.model.path, self.device, dtype, attention)
             if self.config.eval.asr_model:
                 self.transcriber = Transcriber(self.config.eval.asr_model,
                                                "cpu" if self.device.type == "cpu" else str(self.device))
