@@ -223,8 +223,8 @@ def test_tensorboard_event_files_read_back(resumed):
     board.Reload()
     tags = board.Tags()
     for tag in ("train/loss", "train/talker_loss", "train/sub_talker_loss", "train/lr", "train/grad_norm",
-                "train/frames_per_s", "eval/loss", "eval/talker_loss", "eval/sub_talker_loss", "eval/loss/alice", "eval/loss/bob",
-                "samples/similarity", "samples/cer", "samples/wer"):
+                "train/frames_per_s", "eval/loss", "eval/talker_loss", "eval/sub_talker_loss", "eval/loss/alice",
+                "eval/loss/bob", "samples/similarity", "samples/cer", "samples/wer"):
         assert tag in tags["scalars"], tag
     train = read_metrics(run)
     # The resumed run purged what the killed run logged after its checkpoint: each step once, as metrics.jsonl.
