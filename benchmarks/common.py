@@ -164,8 +164,8 @@ def _kill_group(pid: int) -> None:
 
 def run_measured(command: list[str], env: dict | None = None, timeout: float | None = None,
                  memory_limit_bytes: int | None = None, interval: float = 0.1, log_to: Path | None = None,
-                 stop_when=None) -> Measured:
-    """Run `command` from the repository root in a new session and measure its whole process tree.
+                 stop_when=None, cwd: Path = REPO) -> Measured:
+    """Run `command` from the repository root (or `cwd`) in a new session and measure its whole process tree.
 
     `stop_when(elapsed)` may return True to end the run early (SIGTERM to the group, then SIGKILL).
     """
@@ -173,7 +173,7 @@ def run_measured(command: list[str], env: dict | None = None, timeout: float | N
     out_path = log_to or Path(os.devnull)
     with open(out_path.with_suffix(".out") if log_to else os.devnull, "w") as out, \
             open(out_path.with_suffix(".err") if log_to else os.devnull, "w") as err:
-        proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        proc = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, start_new_session=True)
         sampler = _TreeSampler(psutil.Process(proc.pid), interval, memory_limit_bytes)
         sampler.start()

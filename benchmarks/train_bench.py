@@ -6,8 +6,9 @@
     python benchmarks/train_bench.py --model-size full --device cuda  # 1.7B-shaped model, MFU (accelerators)
 
 The 1.7B-shaped model (random weights, benchmarks/model_1p7b.py) is skipped on CPU. MFU = achieved training
-FLOP/s / peak FLOP/s, with FLOPs per frame estimated two ways (model_1p7b.training_flops_per_frame); the peak
-comes from --peak-tflops or a table of bf16 dense peaks by device name.
+FLOP/s / peak FLOP/s: "shapes" is what the training job logs (training/flops.py, from each batch's real shapes),
+the older two per-frame estimates (model_1p7b.training_flops_per_frame) are kept beside it; the peak comes from
+--peak-tflops or training.flops's table of bf16 dense peaks by device name.
 """
 from __future__ import annotations
 
@@ -23,8 +24,6 @@ from benchmarks.common import (GIB, REPO, base_parser, child_env, gib, machine_i
                                ratio, resolve_device, run_measured, write_json)
 
 CONFIGS = {"tiny": REPO / "training/configs/tiny.yaml", "full": REPO / "training/configs/qwen3tts_1.7b.yaml"}
-# Dense bf16 (fp16 for Ascend) peaks, TFLOP/s, matched against the device name.
-PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "910B": 313.0}
 
 
 def parse_args(argv=None):
@@ -68,11 +67,10 @@ def variants(args, device: dict) -> list[dict]:
 
 
 def peak_tflops(args, device: dict) -> float | None:
-    if args.peak_tflops:
-        return args.peak_tflops
-    if device["kind"] == "cpu":
-        return None
-    return next((v for k, v in PEAK_TFLOPS.items() if k in device["name"]), None)
+    """--peak-tflops, else training.flops's table by device name (the one the training job's mfu uses)."""
+    from training.flops import peak_tflops as table_peak
+
+    return table_peak("cpu" if device["kind"] == "cpu" else device["name"], args.peak_tflops)
 
 
 def run_variant(args, device: dict, model: Path, shards: Path, v: dict) -> dict:
@@ -111,7 +109,9 @@ def run_variant(args, device: dict, model: Path, shards: Path, v: dict) -> dict:
     row.update(status="ok", frames_per_s=sum(r["frames"] for r in timed) / seconds,
                step_time_median_s=statistics.median(r["step_time_s"] for r in timed),
                frames_per_step=statistics.mean(r["frames"] for r in timed),
-               peak_memory_gib=gib(max(r["peak_memory_bytes"] for r in records)), final_loss=records[-1]["loss"])
+               peak_memory_gib=gib(max(r["peak_memory_bytes"] for r in records)), final_loss=records[-1]["loss"],
+               tflops_measured=sum(r.get("tflops", 0.0) * r["step_time_s"] for r in timed) / seconds,
+               padding=statistics.mean(r.get("padding_fraction", 0.0) for r in timed))
     return row
 
 
@@ -123,6 +123,7 @@ def add_flops(rows: list[dict], flops_per_frame: dict, peak: float | None) -> No
             achieved = per_frame * row["frames_per_s"]
             row[f"gflops_{key}"] = achieved / 1e9
             row[f"mfu_{key}"] = achieved / (peak * 1e12) if peak else None
+        row["mfu_measured"] = row["tflops_measured"] / peak if peak else None
 
 
 def comparisons(rows: list[dict]) -> list[str]:
@@ -178,10 +179,12 @@ def main(argv=None) -> None:
     print()
     print(markdown_table(
         ["ranks", "param dtype", "AC", "status", "frames/s", "step s (median)", "frames/step", "peak mem GiB",
-         "tree RSS GiB", "GFLOP/s (6N)", "MFU 6N", "MFU per-position"],
+         "tree RSS GiB", "padding", "TFLOP/s/device (shapes)", "MFU (shapes)", "GFLOP/s (6N)", "MFU 6N",
+         "MFU per-position"],
         [[r["ranks"], r["dtype"], "on" if r["checkpointing"] else "off", r["status"], r.get("frames_per_s"),
           r.get("step_time_median_s"), r.get("frames_per_step"), r.get("peak_memory_gib"), r["tree_peak_rss_gib"],
-          r.get("gflops_6N"), r.get("mfu_6N"), r.get("mfu_per_position")] for r in rows]))
+          r.get("padding"), r.get("tflops_measured"), r.get("mfu_measured"), r.get("gflops_6N"), r.get("mfu_6N"),
+          r.get("mfu_per_position")] for r in rows]))
     for line in comparisons(rows):
         print(line)
     if peak is None:

@@ -150,7 +150,9 @@ class EncoderPool:
         try:
             info = ray.get(enc.starting)
         except (*LOST, RayTaskError) as exc:
-            reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            # The last line is the actor's own error (e.g. its accelerator is missing, and the fix); the first
+            # is Ray's "The actor died because of an error raised in its creation task".
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
             if not self.started:
                 raise RuntimeError(f"{enc.name} could not start: {reason}") from exc
             self._lose(enc, exc)

@@ -80,6 +80,13 @@ def job_metrics(p: dict, errors_by_reason: dict[str, int]) -> Iterator[Metric]:
                 p["rate"]["audio_seconds_per_s"])
     if p["eta_seconds"] is not None:
         yield gauge("eta_seconds", "Estimated seconds until every planned row is encoded", p["eta_seconds"])
+    faults = p.get("faults") or {}  # retries and losses, when driver.json reports them
+    if "shard_retries" in faults:
+        yield gauge("shard_retries", "Failed shard attempts that were retried, in the current (or last) run",
+                    faults["shard_retries"])
+    if "encoders_lost" in faults:
+        yield gauge("encoders_lost", "Encoders lost (and replaced) in the current (or last) run",
+                    faults["encoders_lost"])
 
 
 def encoder_metrics(encoders: list[dict], now: float) -> Iterator[Metric]:

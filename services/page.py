@@ -102,12 +102,23 @@ def progress_card(progress: dict) -> str:
     return f"""<section class="card wide"><h2>Progress</h2>
 {segments(("ok", shards["done"], total), ("run", shards["running"], total), ("fail", shards.get("failed", 0), total))}
 {legend(("ok", f"{shards['done']} / {total} shards done"), ("run", f"{shards['running']} running"),
-        ("fail", f"{shards.get('failed', 0)} failed"), ("idle", f"{shards['pending']} pending"))}
+        ("fail", f"{shards.get('failed', 0)} failed"), ("idle", f"{shards['pending']} pending"),
+        *fault_items(progress.get("faults") or {}))}
 {segments(("ok", rows["ok"], planned), ("err", rows["error"], planned))}
 {legend(("ok", f"{rows['ok']} rows ok"), ("err", f"{rows['error']} errors"),
         ("idle", f"of {planned} rows"))}
 <div class="legend">{esc(f"{hours:.2f} h of audio encoded{estimate}")}</div>
 <p class="sub">{esc(format_progress_line(progress))}</p></section>"""
+
+
+def fault_items(faults: dict) -> list[tuple[str, str]]:
+    """Retried attempts and lost encoders, when driver.json reports them."""
+    items = []
+    if faults.get("shard_retries"):
+        items.append(("err", f"{faults['shard_retries']} attempts retried"))
+    if faults.get("encoders_lost"):
+        items.append(("fail", f"{faults['encoders_lost']} encoders lost and replaced"))
+    return items
 
 
 def chart_points(values: tuple[float, ...], peak: float) -> list[tuple[float, float]]:

@@ -40,7 +40,8 @@ def test_encoder_placed_on_an_npu_it_cannot_see_fails_the_job(tiny_codec_dir, tm
     finally:
         cluster.stop()
     assert code != 0, log[-3000:]
-    assert "encoder-0 could not start" in log, log[-3000:]
+    # The job's own last words name the encoder, what it expected and the fix (not just "the actor died").
+    assert "encoder-0 could not start: shared.device.AcceleratorMissing: encoder-0 on " in log, log[-3000:]
     assert "placed on a NPU resource, expects an Ascend NPU" in log, log[-3000:]
     assert "ASCEND_RT_VISIBLE_DEVICES='0'" in log  # the card Ray gave it
     assert "Fix:" in log

@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from services.dashboard import collect_dashboard
 from services.metrics import job_metrics
+from services.page import render_page
 from services.progress import collect_progress
 from services.shard_details import ID_SHOWN_CHARS, ShardDetailsCache
 from services.status import start_status_server
@@ -70,6 +71,19 @@ def test_metrics_tolerate_progress_without_a_failed_count(running_job):
     del progress["shards"]["failed"]  # a driver.json (or progress) that does not report failures
     (shards,) = [f for f in job_metrics(progress, {}) if f.name == "qwen3tts_encode_shards"]
     assert {s.labels["state"] for s in shards.samples} == {"done", "running", "pending"}
+
+
+def test_retries_and_lost_encoders_show_when_the_driver_reports_them(running_job):
+    progress = collect_progress(running_job.root)
+    progress["faults"] = {"shard_retries": 3, "encoders_lost": 1}  # what driver.json carries once it counts them
+    families = {f.name: f for f in job_metrics(progress, {})}
+    assert families["qwen3tts_encode_shard_retries"].samples[0].value == 3
+    assert families["qwen3tts_encode_encoders_lost"].samples[0].value == 1
+    page = render_page(collect_dashboard(running_job.root, progress, ShardDetailsCache()))
+    assert "3 attempts retried" in page and "1 encoders lost and replaced" in page
+    del progress["faults"]
+    assert not {"qwen3tts_encode_shard_retries", "qwen3tts_encode_encoders_lost"} & {
+        f.name for f in job_metrics(progress, {})}
 
 
 def test_throughput_spreads_each_shard_over_its_encode_time(encode_output):

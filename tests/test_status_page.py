@@ -116,7 +116,8 @@ def chromium() -> str:
 
 
 def screenshot(browser: str, url: str, size: tuple[int, int], target: Path, profile: Path) -> None:
-    """Headless Chromium as a container runs it: no sandbox (root, no user namespaces), no GPU, no /dev/shm."""
+    """Headless Chromium as root in a container: --no-sandbox is required (it refuses to run as root otherwise);
+    no GPU and a small /dev/shm are common there too."""
     cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
            "--no-first-run", f"--user-data-dir={profile}", f"--window-size={size[0]},{size[1]}",
            f"--screenshot={target}", url]

@@ -1,5 +1,8 @@
 """Training matches inference: greedy generation's codes, replayed through the training forward, are the
-argmax of both heads at every frame (the proof that the four upstream bugs are absent)."""
+argmax of both heads at every frame (the proof that the four upstream bugs are absent), alone in its batch and
+packed between other utterances (each with its own positions, attending only to itself)."""
+from dataclasses import dataclass
+
 import numpy as np
 import pytest
 import torch
@@ -13,8 +16,36 @@ TEXT = "hello world the quick brown fox"
 MAX_NEW_TOKENS = 24
 
 
-@pytest.fixture(scope="module")
-def replay(tiny_dir):
+@dataclass
+class Replay:
+    codes: torch.Tensor  # (T, 16) generated
+    sample: object  # its training sample
+    batch: object
+    out: object  # the forward's output, logits included
+    row: int  # where the generated utterance sits in the batch
+    offset: int
+    utterance: int
+    trainer: TalkerForTraining
+    ids: SpecialIds
+    model: object
+
+    @property
+    def talker_logits(self):  # (L, vocab) of the generated utterance's positions
+        return self.out.talker_logits[self.row, self.offset:self.offset + len(self.sample)]
+
+    @property
+    def sub_logits(self):  # (T, 15, 2048) of its frames
+        return self.out.sub_logits[self.batch.frame_utterance == self.utterance]
+
+
+def other_samples(ids, sizes, seed):
+    rng = np.random.default_rng(seed)
+    return [build_sample([151644, 358, 198], list(rng.integers(300, 400, size=n)),
+                         rng.integers(0, 2048, size=(t, 16)), ids) for n, t in sizes]
+
+
+@pytest.fixture(scope="module", params=["alone", "packed"])
+def replay(tiny_dir, request):
     """Greedy non-streaming generation with an x-vector prompt, then our training forward on its codes."""
     torch.manual_seed(0)
     inference = load_inference_model(tiny_dir / "model")
@@ -31,26 +62,34 @@ def replay(tiny_dir):
     role, text_ids = text_token_ids(inference.processor.tokenizer, TEXT)
     xvector = speaker_embedding(model.speaker_encoder, speaker_mel(ref))
     torch.testing.assert_close(xvector, items[0].ref_spk_embedding.float(), rtol=0, atol=1e-6)
-    batch = collate([build_sample(role, text_ids, codes.numpy(), ids)], xvector.unsqueeze(0), ids.tts_pad)
+    sample = build_sample(role, text_ids, codes.numpy(), ids)
+    if request.param == "alone":
+        rows, where = [[sample]], (0, 0, 0)
+    else:  # second in a row of three, beside a shorter row (so the batch has padding too)
+        before, after, other = other_samples(ids, [(4, 9), (3, 5), (2, 6)], seed=1)
+        rows, where = [[other], [before, sample, after]], (1, len(before), 2)
+    speakers = torch.randn(sum(len(r) for r in rows), xvector.shape[0])
+    speakers[where[2]] = xvector
+    batch = collate(rows, speakers, ids.tts_pad)
     trainer = TalkerForTraining(model.talker).eval()
     with torch.no_grad():
         out = trainer(batch, return_logits=True)
-    return codes, batch, out, trainer, ids, model
+    return Replay(codes, sample, batch, out, *where, trainer, ids, model)
 
 
 def test_generation_is_not_degenerate(replay):
-    codes = replay[0]
+    codes = replay.codes
     assert len(codes) >= 8
     assert len(torch.unique(codes[:, 0])) > 3 and len(torch.unique(codes[:, 1:])) > 20
 
 
 def test_talker_argmax_reproduces_codebook_0_and_eos(replay):
-    codes, batch, out, _, ids, model = replay
-    logits = out.talker_logits[0].clone()
+    codes, ids = replay.codes, replay.ids
+    logits = replay.talker_logits.clone()
     # Generation never emits special ids other than eos (suppress_tokens), nor eos in its first 2 steps.
     logits[:, 2048:] = float("-inf")
-    logits[:, ids.codec_eos] = out.talker_logits[0][:, ids.codec_eos]
-    labels = batch.labels[0]
+    logits[:, ids.codec_eos] = replay.talker_logits[:, ids.codec_eos]
+    labels = torch.from_numpy(replay.sample.labels)
     positions = torch.nonzero(labels != IGNORE).squeeze(1)
     logits[positions[:2], ids.codec_eos] = float("-inf")
     predicted = logits[positions].argmax(-1)
@@ -63,28 +102,31 @@ def test_talker_argmax_reproduces_codebook_0_and_eos(replay):
 
 
 def test_sub_talker_argmax_reproduces_codebooks_1_to_15(replay):
-    codes, batch, out, *_ = replay
-    assert torch.equal(out.sub_logits.argmax(-1), codes[:, 1:])  # 100 % of codebooks 1..15, head k vs codebook k
+    assert torch.equal(replay.sub_logits.argmax(-1), replay.codes[:, 1:])  # 100 % of codebooks 1..15, head k vs codebook k
 
 
 def test_upstream_hidden_state_bug_would_be_caught(replay):
     """Feeding the hidden state of the frame's own position (upstream bug 4) does not reproduce generation,
     so the exact-match test above distinguishes the right input from the wrong one."""
-    codes, batch, _, trainer, *_ = replay
+    codes, batch, trainer = replay.codes, replay.batch, replay.trainer
+    mine = batch.frame_utterance == replay.utterance
     with torch.no_grad():
-        hidden = trainer.talker.model(inputs_embeds=trainer.input_embeddings(batch),
-                                      attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-        own = hidden[0, batch.predictor_index[:, 1] + 1]
+        hidden = trainer.hidden_states(batch)
+        index = batch.predictor_index[mine]
+        own = hidden[index[:, 0], index[:, 1] + 1]
         logits = trainer.talker.code_predictor.forward_finetune(
-            inputs_embeds=trainer.sub_talker_inputs(own, batch.frames)).logits
+            inputs_embeds=trainer.sub_talker_inputs(own, batch.frames[mine])).logits
     assert (logits.argmax(-1) == codes[:, 1:]).float().mean() < 1.0
 
 
 def test_losses_are_token_sums(replay):
-    codes, batch, out, *_ = replay
-    assert out.talker_targets == len(codes) + 1  # every frame's c0 plus eos
-    assert out.sub_targets == len(codes) * 15
+    codes, batch, out = replay.codes, replay.batch, replay.out
+    frames = batch.frames.shape[0]
+    assert out.talker_targets == frames + batch.speaker.shape[0]  # every frame's c0 plus one eos per utterance
+    assert out.sub_targets == frames * 15
+    assert (batch.target_utterance == replay.utterance).sum() == len(codes) + 1
     assert torch.isfinite(out.talker_loss_sum) and torch.isfinite(out.sub_loss_sum)
+    torch.testing.assert_close(out.utterance_talker_loss.sum(), out.talker_loss_sum)
 
 
 def test_training_tokenizes_text_exactly_as_inference(tiny_dir):
@@ -95,16 +137,15 @@ def test_training_tokenizes_text_exactly_as_inference(tiny_dir):
 
 
 def test_padding_does_not_change_any_sample_loss(replay):
-    """Right padding, the attention mask and the per-frame predictor index: a batch's loss sums are the sums of
-    its samples' losses computed alone, whatever their lengths."""
-    _, batch, _, trainer, ids, model = replay
-    rng = np.random.default_rng(0)
-    samples = [build_sample([151644, 358, 198], list(rng.integers(300, 400, size=n)),
-                            rng.integers(0, 2048, size=(t, 16)), ids) for n, t in ((2, 5), (7, 12), (4, 1))]
+    """Right padding, per-utterance positions and the per-frame predictor index: a batch's loss sums are the sums
+    of its samples' losses computed alone, whatever their lengths (tests/test_training_packing.py checks
+    gradients too)."""
+    trainer, ids, model = replay.trainer, replay.ids, replay.model
+    samples = other_samples(ids, ((2, 5), (7, 12), (4, 1)), seed=0)
     speakers = torch.randn(3, model.config.talker_config.hidden_size)
     with torch.no_grad():
-        together = trainer(collate(samples, speakers, ids.tts_pad))
-        alone = [trainer(collate([s], speakers[i:i + 1], ids.tts_pad)) for i, s in enumerate(samples)]
+        together = trainer(collate([[s] for s in samples], speakers, ids.tts_pad))
+        alone = [trainer(collate([[s]], speakers[i:i + 1], ids.tts_pad)) for i, s in enumerate(samples)]
     torch.testing.assert_close(together.talker_loss_sum, sum(a.talker_loss_sum for a in alone), rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(together.sub_loss_sum, sum(a.sub_loss_sum for a in alone), rtol=1e-5, atol=1e-4)
     assert together.talker_targets == sum(a.talker_targets for a in alone) == 5 + 12 + 1 + 3

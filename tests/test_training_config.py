@@ -31,6 +31,7 @@ def test_overrides_are_typed_and_nested():
     ("train.lr_schedule=linear", "train.lr_schedule must be one of"),
     ("fsdp.param_dtype=fp8", "fsdp.param_dtype must be one of"),
     ("train.grad_accum=0", "train.grad_accum must be >= 1"),
+    ("data.pack_length=100000", "data.pack_length must not exceed data.frame_budget"),
     ("noequals", "is not key=value"),
 ])
 def test_bad_values_are_rejected(override, message):

@@ -1,8 +1,10 @@
 """Training data: published shards only, error rows skipped, deterministic rank split, frame budget, resumable
-position, follow mode, and reference handling."""
+position, follow mode, planning from metadata with codes read per rank, the step estimate from footers, and
+reference handling."""
 import threading
 import time
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import soundfile as sf
@@ -12,23 +14,28 @@ from shared import schema
 from shared.qwen import load_tts_model, speaker_mel
 from shared.audio import resample
 from training.config import DataConfig
-from training.data import DataPosition, ShardStream, read_shard
+from training.data import DataPosition, RoundCodes, ShardStream, plan_round, read_planned
+from training.layout import SpecialIds, load_text_tokenizer
 from training.reference import ReferenceCache
+from training.samples import SampleBuilder
 from training.synthetic import tone, write_encoded
 
 
-def tokenize(text):
-    return [7] * len(text.split())
+@pytest.fixture(scope="module")
+def builder(tiny_dir):
+    """Tokenizer and ids of the tiny model; no speaker encoder (planning and loading need none)."""
+    model = load_tts_model(tiny_dir / "model")
+    return SampleBuilder(load_text_tokenizer(tiny_dir / "model"), SpecialIds.from_config(model.config))
 
 
-def stream(data, rank=0, world=1, accum=1, **overrides):
-    config = DataConfig(shards=str(data), frame_budget=120, max_batch_size=3, shards_per_round=1, bucket_size=4,
-                        poll_seconds=0.05, **overrides)
-    return ShardStream(config, tokenize, seed=3, rank=rank, world=world, grad_accum=accum)
+def stream(data, builder, rank=0, world=1, accum=1, **overrides):
+    overrides = {"frame_budget": 120, "shards_per_round": 1, "poll_seconds": 0.05, **overrides}
+    return ShardStream(DataConfig(shards=str(data), **overrides), builder, seed=3, rank=rank, world=world,
+                       grad_accum=accum)
 
 
 def ids_of(steps):
-    return [row.id for step in steps for batch in step for row in batch]
+    return [p.row.id for step in steps for batch in step.micro_batches for seq in batch for p in seq]
 
 
 @pytest.fixture(scope="module")
@@ -44,52 +51,94 @@ def good_ids(encoded):
     return ids
 
 
-def test_error_rows_are_skipped(encoded):
-    rows = read_shard(schema.published_shards(encoded)[0], tokenize)
-    assert len(rows) == 4 and all(len(r.codes) > 0 and r.codes.shape[1] == 16 for r in rows)
-    assert set(ids_of(stream(encoded).epoch_steps())) == good_ids(encoded)
+def test_error_rows_are_skipped(encoded, builder):
+    rows = read_planned(schema.published_shards(encoded)[0], 0, builder)
+    assert len(rows) == 4 and all(p.row.codes is None and p.frames > 0 for p in rows)  # metadata only
+    steps = list(stream(encoded, builder).epoch_steps())
+    assert set(ids_of(steps)) == good_ids(encoded)
+    for step in steps:  # codes are read for every row the rank trains on
+        assert all(p.row.codes.shape == (p.frames, 16) for mb in step.micro_batches for seq in mb for p in seq)
 
 
-def test_a_shard_still_being_written_is_never_read(tiny_dir, tmp_path):
+def test_a_shard_still_being_written_is_never_read(tiny_dir, tmp_path, builder):
     data = write_encoded(tmp_path / "partial", tiny_dir / "codec", num_shards=1, rows_per_shard=3, complete=False)
     shards = data / schema.SHARDS_DIR
     # An encoder mid-write: a truncated Parquet file under its temporary name, and a finished one not yet renamed.
     published = schema.published_shards(data)[0]
     (shards / ".shard-00001.parquet.tmp-42").write_bytes(published.read_bytes()[:100])
     (shards / ".shard-00002.parquet.tmp-43").write_bytes(published.read_bytes())
-    seen = ids_of(stream(data).epoch_steps())
+    seen = ids_of(stream(data, builder).epoch_steps())
     assert sorted(set(seen)) == sorted(good_ids(data)) and len(good_ids(data)) == 2
 
 
-def test_ranks_split_every_step_deterministically(encoded):
-    per_rank = [list(stream(encoded, rank=r, world=2, accum=2).epoch_steps()) for r in range(2)]
+@pytest.mark.parametrize("packing", [True, False])
+def test_ranks_split_every_step_deterministically(encoded, builder, packing):
+    budget = dict(frame_budget=80, pack_length=40) if packing else dict(frame_budget=120, max_batch_size=3,
+                                                                         bucket_size=4)
+    per_rank = [list(stream(encoded, builder, rank=r, world=2, accum=2, packing=packing, **budget).epoch_steps())
+                for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1]) > 0  # same number of steps on every rank
-    assert all(len(step) == 2 for steps in per_rank for step in steps)  # grad_accum micro-batches each
+    assert all(len(step.micro_batches) == 2 for steps in per_rank for step in steps)  # grad_accum micro-batches
     assert set(ids_of(per_rank[0])) | set(ids_of(per_rank[1])) == good_ids(encoded)
-    again = list(stream(encoded, rank=1, world=2, accum=2).epoch_steps())
+    again = list(stream(encoded, builder, rank=1, world=2, accum=2, packing=packing, **budget).epoch_steps())
     assert ids_of(again) == ids_of(per_rank[1])
+    for rank, steps in enumerate(per_rank):
+        for step in steps:  # every rank knows every rank's shapes: the global token counts need no collective
+            assert step.shapes == per_rank[1 - rank][steps.index(step)].shapes
+            assert len(step.shapes) == 4
 
 
-def test_micro_batches_respect_the_frame_budget(encoded):
-    for step in stream(encoded).epoch_steps():
-        for batch in step:
-            assert len(batch) <= 3
-            assert len(batch) == 1 or max(r.length for r in batch) * len(batch) <= 120
+def test_a_rank_reads_the_codes_of_its_own_rows_only(encoded, builder):
+    config = DataConfig(shards=str(encoded), frame_budget=40)
+    published = schema.published_shards(encoded)
+    rows = [p for sid in published for p in read_planned(published[sid], sid, builder)]
+    steps = plan_round(rows, config, seed=3, epoch=0, round_shards=list(published), world=2, grad_accum=1)
+    mine = [p for step in steps for seq in step[0] for p in seq]
+    others = [p for p in rows if all(p is not q for q in mine)]
+    assert mine and others
+    RoundCodes(published, mine).load(mine)
+    assert all(p.row.codes.shape == (p.frames, 16) for p in mine)
+    assert all(p.row.codes is None for p in others)
+    full = {r.id: r.codes for sid in published for r in schema.read_rows(published[sid], ["codes"])}
+    assert all(np.array_equal(p.row.codes, full[p.row.id]) for p in mine)
 
 
-def test_position_resumes_with_the_next_step(encoded):
-    first = stream(encoded)
+def test_micro_batches_respect_the_frame_budget(encoded, builder):
+    for packing, limit in ((True, 40), (False, 0)):
+        for step in stream(encoded, builder, packing=packing, frame_budget=80, pack_length=limit, max_batch_size=3,
+                           bucket_size=4).epoch_steps():
+            for batch, shape in zip(step.micro_batches, step.shapes):
+                lengths = [sum(p.length for p in seq) for seq in batch]
+                assert shape.sequence_lengths == tuple(lengths)
+                if packing:
+                    assert all(n <= 40 or len(seq) == 1 for n, seq in zip(lengths, batch))
+                else:
+                    assert all(len(seq) == 1 for seq in batch) and len(batch) <= 3
+                assert len(batch) == 1 or max(lengths) * len(batch) <= 80
+
+
+def test_position_resumes_with_the_next_step(encoded, builder):
+    first = stream(encoded, builder, frame_budget=40)
     steps = first.epoch_steps()
     taken = [next(steps) for _ in range(3)]
-    saved = DataPosition.from_dict(first.position.to_dict())
+    saved = DataPosition.from_dict(taken[-1].position.to_dict())  # what a checkpoint after step 3 stores
     rest = list(steps)
-    resumed = stream(encoded)
+    resumed = stream(encoded, builder, frame_budget=40)
     resumed.position = saved
-    assert ids_of(resumed.epoch_steps()) == ids_of(rest)
-    assert ids_of(taken + rest) == ids_of(stream(encoded).epoch_steps())
+    again = list(resumed.epoch_steps())
+    assert ids_of(again) == ids_of(rest) and len(rest) > 0
+    assert [s.shapes for s in again] == [s.shapes for s in rest]
+    assert ids_of(taken + rest) == ids_of(stream(encoded, builder, frame_budget=40).epoch_steps())
 
 
-def test_follow_trains_on_shards_as_they_are_published_and_stops_at_complete(encoded, tmp_path):
+def test_step_estimate_comes_from_footers_and_the_first_round(encoded, builder):
+    counted = stream(encoded, builder, frame_budget=40)
+    actual = sum(1 for _ in counted.epoch_steps())
+    estimate = stream(encoded, builder, frame_budget=40).estimate_steps_per_epoch()
+    assert abs(estimate - actual) <= max(1, 0.25 * actual)
+
+
+def test_follow_trains_on_shards_as_they_are_published_and_stops_at_complete(encoded, tmp_path, builder):
     output = tmp_path / "live"
     (output / schema.SHARDS_DIR).mkdir(parents=True)
     sources = schema.published_shards(encoded)
@@ -106,7 +155,7 @@ def test_follow_trains_on_shards_as_they_are_published_and_stops_at_complete(enc
 
     publisher = threading.Thread(target=encode_service)
     publisher.start()
-    live = stream(output / schema.SHARDS_DIR, follow=True)
+    live = stream(output / schema.SHARDS_DIR, builder, follow=True)
     steps = live.epoch_steps()
     seen = ids_of([next(steps)])
     last_shard = output / schema.SHARDS_DIR / schema.shard_name(2)

@@ -55,6 +55,10 @@ def test_loss_goes_down_and_metrics_are_complete(uninterrupted):
         assert r["loss"] == pytest.approx(r["talker_loss"] + 0.3 * r["sub_talker_loss"])
         assert r["frames_per_s"] > 0 and r["step_time_s"] > 0 and r["peak_memory_bytes"] > 0
         assert r["grad_norm"] > 0 and r["lr"] > 0
+        # Throughput from the plan's host-side shapes: every computed position, the padded share of them,
+        # time spent waiting for input, and FLOP/s (no mfu on a CPU: there is no peak to divide by).
+        assert r["tokens"] > r["frames"] > 0 and r["utterances"] > 0 and 0 <= r["padding_fraction"] < 0.5
+        assert r["data_wait_s"] >= 0 and r["tflops"] > 0 and r["mfu"] is None
 
 
 def test_checkpoints_keep_the_last_two_complete_folders(uninterrupted):

@@ -21,7 +21,7 @@ from shared.qwen import load_tts_model, speaker_mel
 from training import checkpoint
 from training.asr import cer, wer
 from training.config import DataConfig
-from training.data import ShardStream, read_shard
+from training.data import ShardStream, read_planned
 from training.metrics import read_metrics
 from training.model import speaker_embedding
 from training.split import HeldOut, eval_rows, is_held_out, read_split, training_rows
@@ -127,28 +127,39 @@ def test_split_rule_is_a_pure_function_per_speaker():
     assert HeldOut(shards=frozenset({3})).contains(3, "anything", None)
 
 
-def test_training_stream_never_sees_held_out_rows(speaker_encoded):
+@pytest.fixture(scope="module")
+def builder(tiny_dir):
+    from training.layout import SpecialIds, load_text_tokenizer
+    from training.samples import SampleBuilder
+
+    model = load_tts_model(tiny_dir / "model")
+    return SampleBuilder(load_text_tokenizer(tiny_dir / "model"), SpecialIds.from_config(model.config))
+
+
+def test_training_stream_never_sees_held_out_rows(speaker_encoded, builder):
     """The shard reader's filter on the real stream: the two sides are disjoint and together are every good row."""
+    from shared import schema
+
     held_out = HeldOut(fraction=0.3, seed=0)
-    shards = sorted((speaker_encoded / "shards").glob("*.parquet"))
-    every = {r.id for p in shards for r in read_shard(p, lambda text: [1])}
-    held = {r.id for p in shards for r in read_shard(p, lambda text: [1], eval_rows(held_out))}
-    config = DataConfig(shards=str(speaker_encoded), frame_budget=256, max_batch_size=4, shards_per_round=2,
-                        bucket_size=16)
-    stream = ShardStream(config, lambda text: [1], 0, 0, 1, 1)
+    shards = schema.published_shards(speaker_encoded)
+    every = {p.row.id for sid, path in shards.items() for p in read_planned(path, sid, builder)}
+    held = {p.row.id for sid, path in shards.items() for p in read_planned(path, sid, builder, eval_rows(held_out))}
+    config = DataConfig(shards=str(speaker_encoded), frame_budget=256, shards_per_round=2)
+    stream = ShardStream(config, builder, 0, 0, 1, 1)
     stream.row_filter = training_rows(held_out)
-    trained = {row.id for step in stream.epoch_steps() for batch in step for row in batch}
+    trained = {p.row.id for step in stream.epoch_steps() for mb in step.micro_batches for seq in mb for p in seq}
     assert held and trained and not held & trained
     assert held | trained == every
     assert held == {"utt00000", "utt00006", "utt00008", "utt00001", "utt00007"}  # per speaker: see speaker_encoded
 
 
-def test_rows_without_a_speaker_form_one_speaker(synthetic_encoded):
+def test_rows_without_a_speaker_form_one_speaker(synthetic_encoded, builder):
     from training.evaluate import collect_eval_rows
 
-    speakers = collect_eval_rows(str(synthetic_encoded), HeldOut(fraction=0.3), lambda text: [1], 256, [0, 1])
+    speakers = collect_eval_rows(str(synthetic_encoded), HeldOut(fraction=0.3), builder, 256, [0, 1])
     assert list(speakers) == ["default"]
     assert [r.id for r in speakers["default"].rows] == ["utt00004", "utt00006"]
+    assert all(r.codes is not None and len(r.codes) == r.num_frames for r in speakers["default"].rows)
 
 
 def test_error_rates():

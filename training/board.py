@@ -1,6 +1,6 @@
 """TensorBoard event files of a run, RUN/tensorboard/ (rank 0 only): `tensorboard --logdir RUN/tensorboard`.
 
-Scalars: train/* (loss, talker and sub-talker loss, lr, grad norm, frames per second, step time), eval/* (the
+Scalars: train/* (losses, lr, grad norm, frames/s, TFLOP/s, step time, padding, data wait), eval/* (the
 same losses, and eval/loss/<speaker>), samples/* (similarity, cer, wer: the mean, and per speaker); audio:
 samples/<speaker>-<k>. A resumed run opens the writer with purge_step just after its checkpoint's step, so
 TensorBoard drops what the interrupted run logged after the checkpoint instead of drawing it twice.
@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import soundfile as sf
 
-TRAIN_SCALARS = ("loss", "talker_loss", "sub_talker_loss", "lr", "grad_norm", "frames_per_s", "step_time_s")
+TRAIN_SCALARS = ("loss", "talker_loss", "sub_talker_loss", "lr", "grad_norm", "frames_per_s", "tflops", "step_time_s",
+                 "padding_fraction", "data_wait_s")
 BOARD_DIR = "tensorboard"
 
 

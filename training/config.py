@@ -29,11 +29,14 @@ class ModelConfig:
 class DataConfig:
     shards: str = ""  # the encode output directory, or its shards/ subdirectory
     follow: bool = False  # train while the encode service publishes; stop when its plan is complete
-    frame_budget: int = 8192  # max padded positions (text + frames) per micro-batch
-    max_batch_size: int = 64  # rows per micro-batch at most, whatever the budget
+    frame_budget: int = 8192  # max computed positions (text + frames + padding) per micro-batch
+    packing: bool = True  # several utterances per sequence, each attending only to itself
+    pack_length: int = 0  # packed: max positions per sequence (0 = frame_budget: one sequence per micro-batch)
+    max_batch_size: int = 64  # unpacked: rows per micro-batch at most, whatever the budget
     shards_per_round: int = 8  # shards shuffled and batched together (bounds memory; the unit of follow mode)
-    bucket_size: int = 512  # rows sorted by length together before packing (length bucketing)
+    bucket_size: int = 512  # unpacked: rows sorted by length together before batching (length bucketing)
     poll_seconds: float = 10.0  # follow mode: wait between looks for new shards
+    prefetch_steps: int = 2  # steps of input prepared in the background (0: prepared inline)
 
 
 @dataclass
@@ -51,7 +54,8 @@ class TrainConfig:
     seed: int = 0
     sub_talker_weight: float = 0.3  # loss = talker + weight x sub-talker
     device: str = "auto"  # auto | npu | cuda | cpu
-    log_interval: int = 1
+    log_interval: int = 1  # steps between metrics lines (the only device->host sync of the loop)
+    peak_tflops: float = 0.0  # device peak for mfu (0: from training.flops's table by device name)
 
 
 @dataclass
@@ -119,6 +123,10 @@ class Config:
                             ("data.shards_per_round", self.data.shards_per_round)):
             if value < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.data.pack_length < 0 or self.data.prefetch_steps < 0 or self.train.log_interval < 1:
+            problems.append("data.pack_length and data.prefetch_steps must be >= 0, train.log_interval >= 1")
+        if self.data.pack_length > self.data.frame_budget:
+            problems.append("data.pack_length must not exceed data.frame_budget (a micro-batch holds whole sequences)")
         if not 0.0 <= self.eval.fraction < 1.0:
             problems.append("eval.fraction must be in [0, 1): the share of each speaker's rows held out")
         if self.eval.interval < 0 or self.eval.max_rows < 1 or self.eval.max_new_tokens < 0:

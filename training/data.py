@@ -1,47 +1,46 @@
-"""Training data from published shards: deterministic, rank-split, frame-budget batches with a resumable position.
+"""Training data from published shards: planned from metadata, loaded per rank, deterministic and resumable.
 
-Work is organised in *rounds*: a group of shards read together, shuffled, length-bucketed and packed into
-micro-batches of at most `frame_budget` padded positions. Every rank computes the same plan from the same
-shard ids and seed, and takes its own micro-batches of each step, so ranks always run the same number of
-steps. An epoch is a sequence of rounds covering every shard once; with `follow`, rounds are formed from
-shards as the encode service publishes them, and the epoch (and training) ends once `_COMPLETE` is present
-and every shard has been consumed.
+Work is organised in *rounds*: a group of shards planned together. A round's plan needs only metadata (ids,
+texts, references, `num_frames`): texts are tokenized in one batched call, lengths computed, and the rows
+packed into micro-batches (training.packing). Every rank computes the same plan from the same shard ids and
+seed and takes its own micro-batches of each step, so ranks always run the same number of steps; a rank then
+reads the codes (the heavy column) of only the rows of its own micro-batches. An epoch is a sequence of
+rounds covering every shard once; with `follow`, rounds are formed from shards as the encode service
+publishes them, and the epoch (and training) ends once `_COMPLETE` is present and every shard was consumed.
+
+Start-up therefore costs one round, whatever the corpus size; the step total for the lr schedule comes from
+the per-shard stats in each Parquet footer plus the first round's plan (`estimate_steps_per_epoch`).
 
 Only names from shared.schema.published_shards are ever opened: a shard still being written has a
 temporary name and is invisible until its atomic rename.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
 import logging
+import math
+import pickle
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
-import numpy as np
+import torch.distributed as dist
 
 from shared import schema
 from training.config import DataConfig
-from training.layout import sequence_length
+from training.packing import BatchShape, MicroBatchPlan, batch_shape, plan_packed, plan_unpacked
+from training.samples import PlannedRow, SampleBuilder
 from training.split import RowFilter
 
 log = logging.getLogger(__name__)
 
-_COLUMNS = ["id", "text", "ref_audio", "codes", "error", "speaker"]
+# What planning reads: everything but the codes.
+METADATA = ["id", "text", "ref_audio", "speaker", "language", "num_frames", "error"]
 
-
-@dataclass
-class Row:
-    id: str
-    text_ids: list[int]  # text tokens only (the prompt's [3:-5])
-    ref_audio: str
-    codes: np.ndarray  # (frames, 16) int64
-    speaker: str | None = None
-
-    @property
-    def length(self) -> int:
-        return sequence_length(len(self.text_ids), len(self.codes))
+MicroBatch = list[list[PlannedRow]]  # sequences (rows of the batch) of packed utterances
 
 
 @dataclass
@@ -53,12 +52,25 @@ class DataPosition:
     step_in_round: int = 0  # steps of that round already taken
 
     def to_dict(self) -> dict:
-        return dict(self.__dict__)
+        return copy.deepcopy(self.__dict__)
 
     @classmethod
     def from_dict(cls, d: dict) -> "DataPosition":
         return cls(int(d["epoch"]), [int(x) for x in d["consumed"]], [int(x) for x in d["round_shards"]],
                    int(d["step_in_round"]))
+
+
+@dataclass
+class Step:
+    """One optimizer step's input: this rank's micro-batches (codes read), the shapes of every rank's
+    micro-batches (the global token counts the loss is normalised by, known without a collective), and the
+    stream position after the step."""
+    micro_batches: list[MicroBatch]
+    shapes: list[BatchShape]  # all ranks' micro-batches of the step
+    position: DataPosition
+
+    def total(self, key: str) -> int:
+        return sum(getattr(s, key) for s in self.shapes)
 
 
 def resolve_output_dir(shards: str | Path) -> Path:
@@ -73,47 +85,41 @@ def is_complete(output: Path) -> bool:
     return (output / schema.COMPLETE_MARKER).exists()
 
 
-def read_shard(path: Path, tokenize: Callable[[str], list[int]], row_filter: RowFilter | None = None) -> list[Row]:
-    """Good rows of one published shard (error rows skipped), in file order; with `row_filter`, only the rows
-    it keeps (decided from ids and speakers, so the codes of the others are never read)."""
-    positions = None
-    if row_filter is not None:
-        shard_id = schema.shard_id_of(Path(path).name)
-        positions = [i for i, r in enumerate(schema.read_rows(path, ["id", "speaker"]))
-                     if row_filter.keeps(shard_id, r.id, r.speaker)]
-    return [Row(r.id, tokenize(r.text or ""), r.ref_audio, r.codes, r.speaker)
-            for r in schema.read_rows(path, _COLUMNS, positions) if r.ok and r.ref_audio and len(r.codes)]
+def read_planned(path, shard: int, builder: SampleBuilder, row_filter: RowFilter | None = None) -> list[PlannedRow]:
+    """Good rows of one published shard (error rows and rows without a reference or frames skipped), metadata
+    only, with text tokens and lengths; with `row_filter`, only the rows it keeps (one side of the eval split)."""
+    rows = schema.read_rows(path, METADATA)
+    good = [(i, r) for i, r in enumerate(rows) if r.ok and r.ref_audio and r.num_frames
+            and (row_filter is None or row_filter.keeps(shard, r.id, r.speaker))]
+    return builder.plan_rows(shard, [i for i, _ in good], [r for _, r in good])
 
 
-def pack(rows: list[Row], config: DataConfig, rng: random.Random) -> list[list[Row]]:
-    """Shuffle, sort within buckets by length, then fill micro-batches up to the padded frame budget."""
-    rows = rows[:]
-    rng.shuffle(rows)
-    batches: list[list[Row]] = []
-    for start in range(0, len(rows), config.bucket_size):
-        bucket = sorted(rows[start:start + config.bucket_size], key=lambda r: (r.length, r.id))
-        current: list[Row] = []
-        for row in bucket:  # ascending lengths: the row being added is the longest of the batch
-            if current and (row.length * (len(current) + 1) > config.frame_budget
-                            or len(current) >= config.max_batch_size):
-                batches.append(current)
-                current = []
-            current.append(row)  # a row longer than the budget still trains, alone
-        if current:
-            batches.append(current)
-    rng.shuffle(batches)  # mix lengths across steps; lengths within a batch stay similar
-    return batches
+def plan_micro_batches(rows: list[PlannedRow], config: DataConfig, rng: random.Random) -> list[MicroBatch]:
+    lengths = [r.length for r in rows]
+    if config.packing:
+        plans = plan_packed(lengths, config.frame_budget, config.pack_length, rng)
+    else:
+        plans = plan_unpacked(lengths, config.frame_budget, config.max_batch_size, config.bucket_size, rng)
+    return [[[rows[i] for i in seq] for seq in plan] for plan in plans]
 
 
-def plan_round(rows: list[Row], config: DataConfig, seed: int, epoch: int, round_shards: list[int],
-               world: int, grad_accum: int) -> list[list[list[Row]]]:
-    """steps[s][rank * grad_accum + a] = the rows of micro-batch a of rank `rank` at step s.
+def shape_of(micro_batch: MicroBatch) -> BatchShape:
+    return batch_shape([[r.length for r in seq] for seq in micro_batch], [[r.frames for r in seq]
+                                                                          for seq in micro_batch])
+
+
+def round_rng(seed: int, epoch: int, round_shards: list[int]) -> random.Random:
+    return random.Random(f"{seed}/{epoch}/{','.join(map(str, round_shards))}")
+
+
+def plan_round(rows: list[PlannedRow], config: DataConfig, seed: int, epoch: int, round_shards: list[int],
+               world: int, grad_accum: int) -> list[list[MicroBatch]]:
+    """steps[s][rank * grad_accum + a] = micro-batch a of rank `rank` at step s.
 
     The batch count is padded to a multiple of world x grad_accum by repeating the round's first batches,
     so no row is dropped and every rank takes the same number of steps.
     """
-    rng = random.Random(f"{seed}/{epoch}/{','.join(map(str, round_shards))}")
-    batches = pack(rows, config, rng)
+    batches = plan_micro_batches(rows, config, round_rng(seed, epoch, round_shards))
     per_step = world * grad_accum
     if not batches:
         return []
@@ -123,40 +129,59 @@ def plan_round(rows: list[Row], config: DataConfig, seed: int, epoch: int, round
 
 
 class ShardStream:
-    """Yields this rank's micro-batches step by step; `position` is what a checkpoint stores.
+    """Yields this rank's steps; `position` is where the stream is (each Step carries its own copy).
 
-    `agree` makes every rank use rank 0's view of the shard directory (a broadcast under torch.distributed):
-    ranks must never plan from different shard lists.
+    `store`: a torch.distributed key-value store through which every rank adopts rank 0's view of the shard
+    directory (ranks must never plan from different shard lists). A store, not a collective, because the
+    stream runs in a background thread: store keys cannot interleave with the training step's collectives,
+    and a rank that stops early leaves no other rank waiting.
     """
 
-    def __init__(self, config: DataConfig, tokenize: Callable[[str], list[int]], seed: int, rank: int, world: int,
-                 grad_accum: int, agree: Callable[[object], object] = lambda x: x):
-        self.config, self.tokenize, self.seed = config, tokenize, seed
-        self.rank, self.world, self.grad_accum, self.agree = rank, world, grad_accum, agree
+    def __init__(self, config: DataConfig, builder: SampleBuilder, seed: int, rank: int, world: int,
+                 grad_accum: int, store: "dist.Store | None" = None):
+        self.config, self.builder, self.seed = config, builder, seed
+        self.rank, self.world, self.grad_accum, self.store = rank, world, grad_accum, store
         self.output = resolve_output_dir(config.shards)
         self.position = DataPosition()
         self.verbose = True  # log each round planned (rank 0)
         self.row_filter: RowFilter | None = None  # the training side of the eval split, when there is one
+        self._agreements = 0
+        self._last_round: tuple[list[int] | None, list] = (None, [])
+
+    def _agree(self, value):
+        """Rank 0's `value` on every rank (the n-th call on every rank exchanges the n-th value)."""
+        if self.store is None or self.world == 1:
+            return value
+        key = f"shard-listing-{self._agreements}"
+        self._agreements += 1
+        if self.rank == 0:
+            self.store.set(key, pickle.dumps(value))
+            return value
+        value = pickle.loads(self.store.get(key))
+        if self.store.add(f"{key}/read", 1) == self.world - 1:  # the last reader frees the key
+            self.store.delete_key(key)
+        return value
 
     def _published(self) -> tuple[list[int], bool]:
         complete = is_complete(self.output)  # read before listing: _COMPLETE is written after the last shard
-        return sorted(schema.published_shards(self.output)), complete
+        return self._agree((sorted(schema.published_shards(self.output)), complete))
+
+    def _epoch_order(self, shards: list[int], epoch: int) -> list[int]:
+        if self.config.follow:  # arrival order
+            return shards
+        return random.Random(f"{self.seed}/order/{epoch}").sample(shards, len(shards))  # fresh each epoch
 
     def _next_round(self) -> list[int] | None:
         """Shard ids of the next round of this epoch, or None when the epoch is over."""
         pos = self.position
         while True:
-            shards, complete = self.agree(self._published())
-            if self.config.follow:  # arrival order
-                order = shards
-            else:  # a fresh shuffle of the shard order each epoch
-                if not complete and not pos.consumed and self.rank == 0:
-                    log.warning("%s has no %s marker: training on the %d shards published so far "
-                                "(set data.follow=true to wait for the rest)", self.output, schema.COMPLETE_MARKER,
-                                len(shards))
-                order = random.Random(f"{self.seed}/order/{pos.epoch}").sample(shards, len(shards))
+            shards, complete = self._published()
+            if not self.config.follow and not complete and not pos.consumed and self.rank == 0:
+                log.warning("%s has no %s marker: training on the %d shards published so far "
+                            "(set data.follow=true to wait for the rest)", self.output, schema.COMPLETE_MARKER,
+                            len(shards))
             done = set(pos.consumed)
-            fresh = [s for s in order if s not in done]
+            fresh = [s for s in self._epoch_order(shards, pos.epoch) if s not in done]
             if fresh:
                 return fresh[: self.config.shards_per_round]
             if not self.config.follow or complete:
@@ -165,17 +190,29 @@ class ShardStream:
                 return None
             time.sleep(self.config.poll_seconds)  # follow: wait for the encode service
 
-    def _round_steps(self, shard_ids: list[int]) -> list[list[list[Row]]]:
-        published = schema.published_shards(self.output)
-        rows = [row for sid in shard_ids for row in read_shard(published[sid], self.tokenize, self.row_filter)]
-        steps = plan_round(rows, self.config, self.seed, self.position.epoch, shard_ids, self.world, self.grad_accum)
+    def _round_rows(self, shard_ids: list[int]) -> list[PlannedRow]:
+        """Planned rows of a round (fresh objects: codes unread). The last round read is kept, so that the
+        step estimate's look at the first round is not repeated when training starts with it."""
+        if self._last_round[0] != shard_ids:
+            published = schema.published_shards(self.output)
+            self._last_round = (shard_ids, [(r.shard, r.position, r.row, r.text_ids, r.length) for sid in shard_ids
+                                            for r in read_planned(published[sid], sid, self.builder,
+                                                                  self.row_filter)])
+        return [PlannedRow(shard, position, dataclasses.replace(row), text_ids, length)
+                for shard, position, row, text_ids, length in self._last_round[1]]
+
+    def _round_steps(self, shard_ids: list[int], epoch: int) -> list[list[MicroBatch]]:
+        rows = self._round_rows(shard_ids)
+        steps = plan_round(rows, self.config, self.seed, epoch, shard_ids, self.world, self.grad_accum)
         if self.verbose and self.rank == 0:
-            log.info("epoch %d round: shards %s, %d rows, %d steps", self.position.epoch, shard_ids, len(rows),
-                     len(steps))
+            log.info("epoch %d round: shards %s, %d rows, %d steps", epoch, shard_ids, len(rows), len(steps))
         return steps
 
-    def epoch_steps(self) -> Iterator[list[list[Row]]]:
-        """This rank's micro-batches for each remaining step of the current epoch; advances `position`."""
+    def _mine(self, step: list[MicroBatch]) -> list[MicroBatch]:
+        return step[self.rank * self.grad_accum:(self.rank + 1) * self.grad_accum]
+
+    def epoch_steps(self) -> Iterator[Step]:
+        """This rank's remaining steps of the current epoch, codes read; advances `position`."""
         pos = self.position
         while True:
             if not pos.round_shards:
@@ -183,13 +220,58 @@ class ShardStream:
                 if nxt is None:
                     return
                 pos.round_shards, pos.step_in_round = nxt, 0
-            steps = self._round_steps(pos.round_shards)
+            steps = self._round_steps(pos.round_shards, pos.epoch)
+            codes = RoundCodes(schema.published_shards(self.output),
+                               [r for step in steps[pos.step_in_round:] for mb in self._mine(step)
+                                for seq in mb for r in seq])
             while pos.step_in_round < len(steps):
                 step = steps[pos.step_in_round]
+                mine = self._mine(step)
+                codes.load([r for mb in mine for seq in mb for r in seq])
                 pos.step_in_round += 1  # counted before yielding: a checkpoint after this step resumes past it
-                yield step[self.rank * self.grad_accum:(self.rank + 1) * self.grad_accum]
+                yield Step(mine, [shape_of(mb) for mb in step], DataPosition.from_dict(pos.to_dict()))
             pos.consumed.extend(pos.round_shards)
             pos.round_shards, pos.step_in_round = [], 0
 
     def next_epoch(self) -> None:
         self.position = DataPosition(epoch=self.position.epoch + 1)
+
+    def estimate_steps_per_epoch(self) -> int:
+        """Optimizer steps of one epoch, for the lr schedule, without reading the corpus: the total frames and
+        good rows of every shard come from its Parquet footer stats; positions per row beyond the frames (text
+        tokens and the fixed prefix) and positions per micro-batch come from planning the first round of
+        epoch 0. The same shard list and seed give the same figure (a resumed run plans the same schedule)."""
+        shards, _ = self._published()
+        if not shards:
+            raise FileNotFoundError(f"no published shards under {self.output / schema.SHARDS_DIR}")
+        paths = schema.published_shards(self.output)
+        stats = [schema.read_stats(paths[sid]) for sid in shards]
+        first = self._epoch_order(shards, 0)[: self.config.shards_per_round]
+        rows = self._round_rows(first)
+        if not rows:
+            return 1
+        batches = plan_micro_batches(rows, self.config, round_rng(self.seed, 0, first))
+        positions, frames = sum(r.length for r in rows), sum(r.frames for r in rows)
+        total = sum(s.frames for s in stats) + sum(s.rows_ok for s in stats) * (positions - frames) / len(rows)
+        rounds = math.ceil(len(shards) / self.config.shards_per_round)
+        return max(rounds, round(len(batches) * total / positions / (self.world * self.grad_accum)))
+
+
+class RoundCodes:
+    """Reads the codes of one rank's rows of a round: per shard, once, only those rows (the first time a
+    step needs that shard), with column projection and row selection."""
+
+    def __init__(self, published: dict[int, object], rows: list[PlannedRow]):
+        self.published = published
+        self.wanted: dict[int, dict[int, list[PlannedRow]]] = {}
+        for r in rows:
+            self.wanted.setdefault(r.shard, {}).setdefault(r.position, []).append(r)
+        self.loaded: set[int] = set()
+
+    def load(self, rows: list[PlannedRow]) -> None:
+        for shard in sorted({r.shard for r in rows} - self.loaded):
+            positions = sorted(self.wanted[shard])
+            for position, read in zip(positions, schema.read_rows(self.published[shard], ["codes"], positions)):
+                for planned in self.wanted[shard][position]:
+                    planned.row.codes = read.codes
+            self.loaded.add(shard)

@@ -1,9 +1,10 @@
 """Held-out evaluation during training: the eval loss over every rank, samples on rank 0, the best checkpoint.
 
 The eval rows are the held-out side of training.split, read from the published shards (at most
-`eval.max_rows` per speaker, in shard-id then file order). Each speaker's rows are packed into micro-batches
-the same way whatever the world size; the batches are dealt round-robin to the ranks, summed losses and
-target counts are all-reduced, so the eval loss is a token mean over the same rows on 1 or N ranks.
+`eval.max_rows` per speaker, in shard-id then file order; codes read for those rows only). Each speaker's rows
+are packed into micro-batches by the SampleBuilder the same way whatever the world size; the batches are dealt
+round-robin to the ranks, summed losses and target counts are all-reduced, so the eval loss is a token mean
+over the same rows on 1 or N ranks.
 """
 from __future__ import annotations
 
@@ -12,15 +13,16 @@ import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
 import torch
 import torch.distributed as dist
 
 from shared import schema
+from shared.schema import ShardRow
 from training import checkpoint
 from training.config import Config
-from training.data import Row, pack, read_shard, resolve_output_dir
+from training.data import read_planned, resolve_output_dir
+from training.layout import TalkerBatch
+from training.samples import SampleBuilder
 from training.split import HeldOut, eval_rows, speaker_of, write_split
 
 log = logging.getLogger(__name__)
@@ -52,9 +54,9 @@ class EvalResult:
 
 @dataclass
 class SpeakerSet:
-    """One speaker's held-out rows and the reference its samples are conditioned on."""
+    """One speaker's held-out rows (codes read) and the reference its samples are conditioned on."""
     name: str
-    rows: list[Row]
+    rows: list[ShardRow]
 
     @property
     def reference(self) -> str:
@@ -63,45 +65,48 @@ class SpeakerSet:
         return min(counts, key=lambda ref: (-counts[ref], ref))
 
 
-def collect_eval_rows(shards: str, held_out: HeldOut, tokenize: Callable[[str], list[int]],
-                      max_rows: int, shard_ids: list[int]) -> dict[str, SpeakerSet]:
-    """Held-out rows of the given published shards, grouped by speaker, at most max_rows each."""
+def collect_eval_rows(shards: str, held_out: HeldOut, builder: SampleBuilder, max_rows: int,
+                      shard_ids: list[int]) -> dict[str, SpeakerSet]:
+    """Held-out rows of the given published shards, grouped by speaker, at most max_rows each, with codes."""
     published = schema.published_shards(resolve_output_dir(shards))
     speakers: dict[str, SpeakerSet] = {}
     for sid in sorted(shard_ids):
-        for row in read_shard(published[sid], tokenize, eval_rows(held_out)):
-            name = speaker_of(row.speaker)
+        chosen = []
+        for planned in read_planned(published[sid], sid, builder, eval_rows(held_out)):
+            name = speaker_of(planned.row.speaker)
             current = speakers.setdefault(name, SpeakerSet(name, []))
             if len(current.rows) < max_rows:
-                current.rows.append(row)
+                current.rows.append(planned.row)
+                chosen.append(planned)
+        positions = [p.position for p in chosen]
+        for planned, read in zip(chosen, schema.read_rows(published[sid], ["codes"], positions) if chosen else []):
+            planned.row.codes = read.codes
     return dict(sorted(speakers.items()))
 
 
-def eval_batches(speakers: dict[str, SpeakerSet], config: Config) -> list[tuple[int, list[Row]]]:
-    """(speaker index, rows) micro-batches: one speaker per batch, packed independently of the world size."""
-    batches = []
-    for index, speaker in enumerate(speakers.values()):
-        for rows in pack(speaker.rows, config.data, random.Random(f"eval/{speaker.name}")):
-            batches.append((index, rows))
-    return batches
+def eval_batches(speakers: dict[str, SpeakerSet], builder: SampleBuilder, config: Config
+                 ) -> list[tuple[int, TalkerBatch]]:
+    """(speaker index, host batch): one speaker per batch, packed independently of the world size."""
+    return [(index, batch) for index, speaker in enumerate(speakers.values())
+            for batch in builder.batches(speaker.rows, config.data.frame_budget, "cpu", config.data.pack_length)]
 
 
 @torch.no_grad()
-def eval_loss(module, speakers: dict[str, SpeakerSet], build, config: Config, step: int) -> EvalResult:
+def eval_loss(module, speakers: dict[str, SpeakerSet], batches: list[tuple[int, TalkerBatch]], config: Config,
+              step: int) -> EvalResult:
     """Collective: every rank runs the same number of forwards (FSDP gathers parameters in each)."""
     rank, world = dist.get_rank(), dist.get_world_size()
-    batches = eval_batches(speakers, config)
     # Pad to a multiple of the world size with repeats that are run but not counted.
-    padded = [(i, rows, True) for i, rows in batches] + [(*batches[k % len(batches)], False)
-                                                           for k in range(-len(batches) % world)]
+    padded = [(i, batch, True) for i, batch in batches] + [(*batches[k % len(batches)], False)
+                                                             for k in range(-len(batches) % world)]
     device = next(module.parameters()).device
     # Per speaker: talker loss sum, talker targets, sub-talker loss sum, sub-talker targets. float32: HCCL has
     # no float64 all-reduce, and counts stay exact below 2**24 targets per speaker.
     sums = torch.zeros(len(speakers), 4, dtype=torch.float32, device=device)
     was_training = module.training
     module.eval()
-    for index, rows, counted in padded[rank::world]:
-        out = module(build(rows))
+    for index, batch, counted in padded[rank::world]:
+        out = module(batch.to(device))
         if counted:
             counts = torch.tensor([out.talker_targets, out.sub_targets], dtype=torch.float32, device=device)
             sums[index] += torch.stack([out.talker_loss_sum.float(), counts[0], out.sub_loss_sum.float(), counts[1]])
@@ -121,13 +126,13 @@ def eval_loss(module, speakers: dict[str, SpeakerSet], build, config: Config, st
 class Evaluator:
     """Runs at every `eval.interval` steps and at the end: eval loss (all ranks), samples (rank 0), best marker."""
 
-    def __init__(self, config: Config, run_dir: Path, tokenize: Callable[[str], list[int]], build,
-                 agree: Callable[[object], object], metrics, board, voice_check=None):
-        self.config, self.run_dir, self.tokenize, self.build, self.agree = config, run_dir, tokenize, build, agree
+    def __init__(self, config: Config, run_dir: Path, builder: SampleBuilder, metrics, board, voice_check=None):
+        self.config, self.run_dir, self.builder = config, run_dir, builder
         self.metrics, self.board, self.voice_check = metrics, board, voice_check
         self.held_out = HeldOut.from_config(config.eval)
         self.rank = dist.get_rank()
         self.speakers: dict[str, SpeakerSet] = {}
+        self.batches: list[tuple[int, TalkerBatch]] = []
         self.shards_read: list[int] = []
         best = checkpoint.read_best(run_dir)
         self.best_loss = best["eval_loss"] if best else float("inf")
@@ -136,13 +141,17 @@ class Evaluator:
     def refresh(self) -> None:
         """Read the held-out rows of the shards published now (again in follow mode, as shards arrive)."""
         output = resolve_output_dir(self.config.data.shards)
-        shard_ids = self.agree(sorted(schema.published_shards(output)))  # rank 0's listing for every rank
+        listing = [sorted(schema.published_shards(output))]
+        dist.broadcast_object_list(listing, src=0)  # rank 0's listing for every rank
+        shard_ids = listing[0]
         if shard_ids == self.shards_read:
             return
-        self.speakers = collect_eval_rows(self.config.data.shards, self.held_out, self.tokenize,
+        self.speakers = collect_eval_rows(self.config.data.shards, self.held_out, self.builder,
                                           self.config.eval.max_rows, shard_ids)
         self.shards_read = shard_ids
-        if not self.speakers:
+        if self.speakers:
+            self.batches = eval_batches(self.speakers, self.builder, self.config)
+        else:
             raise ValueError(f"eval is on (eval.fraction={self.config.eval.fraction}, eval.shards="
                              f"{self.config.eval.shards}) but no good row of {output} is held out; raise "
                              f"eval.fraction or name shards that exist in eval.shards")
@@ -158,7 +167,7 @@ class Evaluator:
         """Collective. Returns the result on every rank (the loss is all-reduced; samples exist on rank 0)."""
         if self.config.data.follow:
             self.refresh()  # held-out rows of shards published since the last eval
-        result = eval_loss(module, self.speakers, self.build, self.config, step)
+        result = eval_loss(module, self.speakers, self.batches, self.config, step)
         self.last_step = step
         result.new_best = result.loss < self.best_loss
         if result.new_best:
@@ -187,14 +196,14 @@ def _sample_summary(result: EvalResult) -> str:
     return ("  samples: " + ", ".join(parts)) if parts else ""
 
 
-def evaluator_for(config: Config, run_dir: Path, tokenize, build, agree, metrics, board, references,
+def evaluator_for(config: Config, run_dir: Path, builder: SampleBuilder, metrics, board,
                   device: torch.device) -> Evaluator | None:
     """The run's evaluator, its held-out rows read; None when eval is off (no fraction, no shards)."""
     if not config.eval.enabled:
         return None
     from training.voice_check import VoiceCheck
 
-    voice_check = VoiceCheck(config, run_dir, references, device) if config.eval.samples else None
-    evaluator = Evaluator(config, run_dir, tokenize, build, agree, metrics, board, voice_check)
+    voice_check = VoiceCheck(config, run_dir, builder, device) if config.eval.samples else None
+    evaluator = Evaluator(config, run_dir, builder, metrics, board, voice_check)
     evaluator.refresh()
     return evaluator

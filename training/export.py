@@ -22,7 +22,7 @@ from shared import schema
 from shared.audio import AudioLimits, load_audio
 from shared.qwen import load_tts_model, save_model_dir, speaker_mel
 from training.checkpoint import load_model_weights, resolve_checkpoint
-from training.data import read_shard, resolve_output_dir
+from training.data import resolve_output_dir
 from training.model import TalkerForTraining, speaker_embedding
 
 SPEAKER_ROW = 3000  # the codec-embedding row upstream's custom-voice fine-tunes use
@@ -39,7 +39,8 @@ def most_common_reference(shards: str) -> str:
     """The reference the training data used most (upstream recommends one reference for every line)."""
     counts: Counter[str] = Counter()
     for path in schema.published_shards(resolve_output_dir(shards)).values():
-        counts.update(row.ref_audio for row in read_shard(path, lambda text: []))
+        counts.update(row.ref_audio for row in schema.read_rows(path, ["ref_audio", "error"])
+                      if row.ok and row.ref_audio)
     if not counts:
         raise ValueError(f"no good rows under {shards}; pass --ref-audio")
     return counts.most_common(1)[0][0]

@@ -14,13 +14,20 @@ Per utterance with n text tokens and T frames (L = n + T + 11 positions):
 
 Labels are stored already shifted: the label at position p is what the talker's output at p must predict
 (c0 of the frame at p+1, or eos after the last frame). Nothing downstream shifts again.
+
+A batch packs several utterances into each row: every utterance has its own position ids, restarting at 0,
+and no attention mask is passed, so transformers' create_causal_mask (sdpa/eager) builds a block-diagonal
+causal mask from the position ids; for flash attention the varlen boundaries (cu_seq_lens) are computed
+here, once per batch, on the host. A row's padding tail is a block of its own and carries no targets.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
+
+from training.packing import BatchShape, batch_shape
 
 IGNORE = -100
 ROLE_LEN = 3  # <|im_start|>assistant\n
@@ -64,8 +71,13 @@ def load_text_tokenizer(model_path):
 
 def text_token_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
     """(role ids, text ids) exactly as Qwen3TTSModel slices its tokenized prompt."""
-    ids = tokenizer(assistant_prompt(text))["input_ids"]
-    return ids[:ROLE_LEN], ids[ROLE_LEN:-5]
+    return batch_text_token_ids(tokenizer, [text])[0]
+
+
+def batch_text_token_ids(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+    """text_token_ids of many texts in one tokenizer call (no padding: each prompt is tokenized alone)."""
+    encoded = tokenizer([assistant_prompt(t) for t in texts])["input_ids"]
+    return [(ids[:ROLE_LEN], ids[ROLE_LEN:-5]) for ids in encoded]
 
 
 def sequence_length(num_text: int, num_frames: int) -> int:
@@ -81,6 +93,10 @@ class Sample:
     labels: np.ndarray  # (L,) talker target at each position (IGNORE where none), already shifted
     predictor_pos: np.ndarray  # (T,) position whose hidden state predicted frame j (its sub-talker input)
     frames: np.ndarray  # (T, 16) the codes
+    speaker_pos: int = SPEAKER_POS  # the position whose codec-channel input is the x-vector
+
+    def __len__(self) -> int:
+        return len(self.text_ids)
 
 
 def build_sample(role_ids: list[int], text_ids: list[int], codes: np.ndarray, ids: SpecialIds) -> Sample:
@@ -116,41 +132,82 @@ def build_sample(role_ids: list[int], text_ids: list[int], codes: np.ndarray, id
 
 @dataclass
 class TalkerBatch:
+    """Rows of packed utterances. Index tensors address (row, position); utterances are numbered row-major."""
     text_ids: torch.Tensor  # (B, L)
     codec_ids: torch.Tensor  # (B, L, 16)
     codec_on: torch.Tensor  # (B, L) bool
     frame_on: torch.Tensor  # (B, L) bool
-    attention_mask: torch.Tensor  # (B, L) long, right padding
-    labels: torch.Tensor  # (B, L)
-    speaker: torch.Tensor  # (B, D) x-vector per sample
-    predictor_index: torch.Tensor  # (N, 2) (batch row, position) of each frame's predicting position
+    position_ids: torch.Tensor  # (3, B, L) MRoPE positions, restarting at 0 for every utterance and padding tail
+    speaker: torch.Tensor  # (U, D) x-vector per utterance
+    speaker_index: torch.Tensor  # (U, 2) (row, position) of each utterance's speaker slot
+    target_index: torch.Tensor  # (T, 2) (row, position) of each talker target
+    target_labels: torch.Tensor  # (T,) what the talker's output there must predict (already shifted)
+    target_utterance: torch.Tensor  # (T,) utterance of each talker target
+    predictor_index: torch.Tensor  # (N, 2) (row, position) of each frame's predicting position
     frames: torch.Tensor  # (N, 16) codes of every frame in the batch, same order as predictor_index
+    frame_utterance: torch.Tensor  # (N,) utterance of each frame
+    cu_seq_lens: torch.Tensor  # (S + 1,) int32 block boundaries over the flattened rows (flash attention varlen)
+    max_block: int  # longest block (flash attention varlen)
+    shape: BatchShape  # host-side counts: no device sync needed to read them
 
     def to(self, device: torch.device) -> "TalkerBatch":
-        return TalkerBatch(**{k: v.to(device, non_blocking=True) for k, v in self.__dict__.items()})
+        return self._map(lambda t: t.to(device, non_blocking=True))
+
+    def pin_memory(self) -> "TalkerBatch":
+        """Page-locked host tensors, so that `to(accelerator)` copies asynchronously."""
+        return self._map(lambda t: t.pin_memory())
+
+    def _map(self, fn) -> "TalkerBatch":
+        return TalkerBatch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
+                              for f in fields(self)})
 
     @property
     def num_frames(self) -> int:
-        return int(self.frames.shape[0])
+        return self.shape.frames
 
 
-def collate(samples: list[Sample], speaker: torch.Tensor, pad_text_id: int) -> TalkerBatch:
-    """Right-pad to the longest sample. Padding is masked out of attention and carries no labels."""
-    b, longest = len(samples), max(len(s.text_ids) for s in samples)
+def collate(sequences: list[list[Sample]], speaker: torch.Tensor, pad_text_id: int) -> TalkerBatch:
+    """Rows of packed samples (one sample per row = the unpacked layout), right-padded to the longest row.
+
+    `speaker` holds one x-vector per sample, in row-major sample order.
+    """
+    rows = [sum(len(s) for s in seq) for seq in sequences]
+    b, longest = len(sequences), max(rows)
     text = np.full((b, longest), pad_text_id, dtype=np.int64)
     codec = np.zeros((b, longest, NUM_CODEBOOKS), dtype=np.int64)
     codec_on = np.zeros((b, longest), dtype=bool)
     frame_on = np.zeros((b, longest), dtype=bool)
-    mask = np.zeros((b, longest), dtype=np.int64)
-    labels = np.full((b, longest), IGNORE, dtype=np.int64)
-    for i, s in enumerate(samples):
-        n = len(s.text_ids)
-        text[i, :n], codec[i, :n], codec_on[i, :n], frame_on[i, :n] = s.text_ids, s.codec_ids, s.codec_on, s.frame_on
-        mask[i, :n] = 1
-        labels[i, :n] = s.labels
-    index = np.concatenate([np.stack([np.full(len(s.predictor_pos), i), s.predictor_pos], axis=1)
-                            for i, s in enumerate(samples)])
-    frames = np.concatenate([s.frames for s in samples])
-    return TalkerBatch(torch.from_numpy(text), torch.from_numpy(codec), torch.from_numpy(codec_on),
-                       torch.from_numpy(frame_on), torch.from_numpy(mask), torch.from_numpy(labels), speaker,
-                       torch.from_numpy(index), torch.from_numpy(frames))
+    positions = np.zeros((b, longest), dtype=np.int64)
+    speaker_index, targets, predictors, blocks = [], [], [], []
+    for r, seq in enumerate(sequences):
+        offset = 0
+        for s in seq:
+            n = len(s)
+            span = slice(offset, offset + n)
+            text[r, span], codec[r, span], codec_on[r, span], frame_on[r, span] = (s.text_ids, s.codec_ids,
+                                                                                  s.codec_on, s.frame_on)
+            positions[r, span] = np.arange(n)
+            speaker_index.append((r, offset + s.speaker_pos))
+            labelled = np.flatnonzero(s.labels != IGNORE)
+            targets.append(np.stack([np.full(len(labelled), r), offset + labelled, s.labels[labelled]], axis=1))
+            predictors.append(np.stack([np.full(len(s.predictor_pos), r), offset + s.predictor_pos], axis=1))
+            blocks.append(n)
+            offset += n
+        if longest > offset:  # the padding tail: a block of its own, so it attends only to itself
+            positions[r, offset:] = np.arange(longest - offset)
+            blocks.append(longest - offset)
+    samples = [s for seq in sequences for s in seq]
+    target = np.concatenate(targets)
+    target_utterance = np.repeat(np.arange(len(samples)), [len(t) for t in targets])
+    frame_utterance = np.repeat(np.arange(len(samples)), [len(s.frames) for s in samples])
+    cu = np.zeros(len(blocks) + 1, dtype=np.int32)
+    np.cumsum(blocks, out=cu[1:])
+    shape = batch_shape([[len(s) for s in seq] for seq in sequences], [[len(s.frames) for s in seq]
+                                                                       for seq in sequences])
+    t = torch.from_numpy
+    return TalkerBatch(t(text), t(codec), t(codec_on), t(frame_on),
+                       t(positions).unsqueeze(0).expand(3, -1, -1).contiguous(), speaker,
+                       torch.tensor(speaker_index, dtype=torch.int64), t(target[:, :2].copy()),
+                       t(target[:, 2].copy()), t(target_utterance), t(np.concatenate(predictors)),
+                       t(np.concatenate([s.frames for s in samples])), t(frame_utterance), t(cu), max(blocks),
+                       shape)

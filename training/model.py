@@ -10,6 +10,10 @@ Correctness points (each an upstream bug, notes §5):
 - talker labels are shifted once, in `training.layout`; the cross-entropy here does not shift;
 - the sub-talker gets the hidden state of the position that *predicted* the frame (p-1), not of the frame;
 - code-predictor head k is scored against codebook k, unshifted.
+
+No device->host synchronisation happens here: target counts come from the batch's host-side shape, every
+index is a precomputed tensor (no boolean masking, no .item()), and the codec head runs only where a
+target is (text positions need no logits).
 """
 from __future__ import annotations
 
@@ -19,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.layout import IGNORE, SPEAKER_POS, TalkerBatch
+from training.layout import TalkerBatch
 
 
 @dataclass
@@ -28,6 +32,8 @@ class TalkerOutput:
     sub_loss_sum: torch.Tensor  # summed cross-entropy over 15 codebooks x frames
     talker_targets: int
     sub_targets: int
+    utterance_talker_loss: torch.Tensor  # (U,) talker cross-entropy summed per utterance
+    utterance_sub_loss: torch.Tensor  # (U,) sub-talker cross-entropy summed per utterance
     talker_logits: torch.Tensor | None = None  # (B, L, vocab) when asked for
     sub_logits: torch.Tensor | None = None  # (N, 15, 2048) when asked for
 
@@ -45,12 +51,20 @@ class TalkerForTraining(nn.Module):
         for k, embedding in enumerate(talker.code_predictor.get_input_embeddings(), start=1):
             codec = codec + embedding(batch.codec_ids[..., k]) * frame
         codec = codec * batch.codec_on.unsqueeze(-1).to(codec.dtype)
-        # The speaker slot carries the x-vector itself as its codec-channel input.
-        speaker = batch.speaker.to(codec.dtype).unsqueeze(1)
-        is_speaker = torch.zeros_like(batch.codec_on)
-        is_speaker[:, SPEAKER_POS] = True
-        codec = torch.where(is_speaker.unsqueeze(-1), speaker, codec)
+        # Each utterance's speaker slot carries the x-vector itself as its codec-channel input.
+        rows, positions = batch.speaker_index.unbind(1)
+        codec = codec.index_put((rows, positions), batch.speaker.to(codec.dtype))
         return text + codec
+
+    def hidden_states(self, batch: TalkerBatch) -> torch.Tensor:
+        """The talker's last hidden states, (B, L, D): packed utterances see only themselves."""
+        kwargs = {}
+        if "flash" in str(self.talker.config._attn_implementation):
+            # Varlen boundaries computed once per batch on the host, instead of from position ids in every layer.
+            kwargs = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
+                          max_length_q=batch.max_block, max_length_k=batch.max_block)
+        return self.talker.model(inputs_embeds=self.input_embeddings(batch), attention_mask=None,
+                                 position_ids=batch.position_ids, use_cache=False, **kwargs).last_hidden_state
 
     def sub_talker_inputs(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """[h_(p-1), emb(c0), emb_1(c1), ..., emb_14(c14)]: 16 inputs, as code-predictor generation sees them."""
@@ -62,19 +76,22 @@ class TalkerForTraining(nn.Module):
 
     def forward(self, batch: TalkerBatch, return_logits: bool = False) -> TalkerOutput:
         talker = self.talker
-        embeds = self.input_embeddings(batch)
-        hidden = talker.model(inputs_embeds=embeds, attention_mask=batch.attention_mask, use_cache=False).last_hidden_state
-        logits = talker.codec_head(hidden)
-        talker_sum = F.cross_entropy(logits.float().flatten(0, 1), batch.labels.flatten(), ignore_index=IGNORE,
-                                     reduction="sum")
+        hidden = self.hidden_states(batch)
+        at_targets = hidden[batch.target_index[:, 0], batch.target_index[:, 1]]
+        talker_ce = F.cross_entropy(talker.codec_head(at_targets).float(), batch.target_labels, reduction="none")
 
         predicting = hidden[batch.predictor_index[:, 0], batch.predictor_index[:, 1]]
         sub_inputs = self.sub_talker_inputs(predicting, batch.frames)
         # forward_finetune applies lm_head[k-1] to position k; no labels passed, so nothing shifts inside.
         sub_logits = talker.code_predictor.forward_finetune(inputs_embeds=sub_inputs).logits  # (N, 15, 2048)
-        sub_sum = F.cross_entropy(sub_logits.float().flatten(0, 1), batch.frames[:, 1:].flatten(), reduction="sum")
-        return TalkerOutput(talker_sum, sub_sum, int((batch.labels != IGNORE).sum()), int(batch.frames[:, 1:].numel()),
-                            logits if return_logits else None, sub_logits if return_logits else None)
+        sub_ce = F.cross_entropy(sub_logits.float().flatten(0, 1), batch.frames[:, 1:].flatten(),
+                                 reduction="none").view(-1, 15).sum(1)
+        utterances = batch.speaker.shape[0]
+        per_talker = talker_ce.new_zeros(utterances).index_add(0, batch.target_utterance, talker_ce)
+        per_sub = sub_ce.new_zeros(utterances).index_add(0, batch.frame_utterance, sub_ce)
+        return TalkerOutput(talker_ce.sum(), sub_ce.sum(), batch.shape.talker_targets, batch.shape.sub_targets,
+                            per_talker, per_sub, talker.codec_head(hidden) if return_logits else None,
+                            sub_logits if return_logits else None)
 
 
 def speaker_embedding(speaker_encoder: nn.Module, mel: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,8 @@ SPLIT_FILE = "eval_split.json"  # RUN/eval_split.json: the rule this run started
 
 
 def speaker_of(speaker: str | None) -> str:
-    return speaker or DEFAULT_SPEAKER
+    """The speaker a row's `speaker` value names: compared lower-cased (as inference looks voices up)."""
+    return (speaker or "").strip().lower() or DEFAULT_SPEAKER
 
 
 def held_out_score(row_id: str, speaker: str, seed: int) -> float:

@@ -4,6 +4,11 @@
         data.shards=/data/encoded model.path=/models/Qwen3-TTS-12Hz-1.7B-Base
 
 Restarting the same command resumes from the newest complete checkpoint in checkpoint.dir.
+
+The input of the next steps is prepared in a background thread (training.prefetch) while the current step
+runs. A step issues no device->host synchronisation: the token counts that normalise the loss come from
+the plan (every rank plans every rank's micro-batches), loss sums and the gradient norm stay on the device,
+and they are read once per train.log_interval steps, for the metrics line.
 """
 from __future__ import annotations
 
@@ -11,24 +16,27 @@ import argparse
 import logging
 import math
 import os
-import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 import torch.distributed as dist
 
-from shared.device import peak_memory_bytes, select_device, synchronize
+from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from training import checkpoint
 from training.board import Board
 from training.config import Config, dump_config, load_config
-from training.data import DataPosition, Row, ShardStream
+from training.data import DataPosition, ShardStream, Step
 from training.evaluate import evaluator_for
-from training.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
-from training.metrics import MetricsLog
+from training.flops import FlopModel, accelerator_name, peak_tflops
+from training.layout import TalkerBatch
+from training.metrics import MetricsLog, Throughput
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
-from training.reference import ReferenceCache
+from training.prefetch import Prefetcher
+from training.samples import SampleBuilder
 from training.split import HeldOut, check_same_rule, training_rows
 
 log = logging.getLogger("training")
@@ -49,6 +57,7 @@ def lr_lambda(config: Config, total_steps: int):
 
 
 def init_distributed(preference: str):
+    """The device, and the rendezvous store (the data stream agrees on shard listings through it)."""
     if "RANK" not in os.environ:  # plain `python -m training.train`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -58,23 +67,33 @@ def init_distributed(preference: str):
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
     dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world)
-    return device
+    return device, dist.PrefixStore("data", attempt)
 
 
-class StepBuilder:
-    """Rows -> device batches: tokens were made by the stream, x-vectors come from the reference cache."""
+@dataclass
+class PreparedStep:
+    step: Step
+    batches: list[TalkerBatch]  # this rank's micro-batches on the host (pinned for an accelerator)
 
-    def __init__(self, ids: SpecialIds, role_ids: list[int], references: ReferenceCache, device: torch.device):
-        self.ids, self.role_ids, self.references, self.device = ids, role_ids, references, device
 
-    def __call__(self, rows: list[Row]):
-        samples = [build_sample(self.role_ids, r.text_ids, r.codes, self.ids) for r in rows]
-        speakers = self.references.batch([r.ref_audio for r in rows])
-        return collate(samples, speakers, self.ids.tts_pad).to(self.device)
+def prepared_steps(stream: ShardStream, builder: SampleBuilder, config: Config, pin: bool) -> Iterator[PreparedStep]:
+    """Every step of the run from the stream's position on: shard reads, samples, collation, pinning."""
+    while True:
+        taken = 0
+        for step in stream.epoch_steps():
+            batches = [builder.collate(mb) for mb in step.micro_batches]
+            yield PreparedStep(step, [b.pin_memory() for b in batches] if pin else batches)
+            taken += 1
+        if taken == 0 and not stream.position.consumed and stream.position.epoch == 0:
+            raise ValueError(f"no trainable rows under {stream.output}: every row is an error row or lacks "
+                             "ref_audio; check the encode output (errors.jsonl)")
+        stream.next_epoch()
+        if config.data.follow or (not config.train.steps and stream.position.epoch >= config.train.epochs):
+            return
 
 
 def train(config: Config) -> None:
-    device = init_distributed(config.train.device)
+    device, store = init_distributed(config.train.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     _setup_logging(rank)
     run_dir = Path(config.checkpoint.dir)
@@ -86,24 +105,15 @@ def train(config: Config) -> None:
 
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
-    ids = SpecialIds.from_config(model.config)
-    references = ReferenceCache(model.speaker_encoder.to(device.torch_device))
+    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device)
     module = TalkerForTraining(model.talker).to(device.torch_device).train()
+    flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
     del model
     parallelize(module, config.fsdp, build_mesh(device))
     t = config.train
     optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
-    tokenizer = load_text_tokenizer(config.model.path)
-    role_ids = text_token_ids(tokenizer, "")[0]
-
-    def agree(value):
-        box = [value]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    stream = ShardStream(config.data, lambda text: text_token_ids(tokenizer, text)[1], t.seed, rank, world,
-                         t.grad_accum, agree)
+    stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
     if config.eval.enabled:  # held-out rows are never trained on
         stream.row_filter = training_rows(HeldOut.from_config(config.eval))
     total_steps = t.steps or _estimate_total_steps(config, stream)
@@ -113,47 +123,48 @@ def train(config: Config) -> None:
     resumed = checkpoint.load_latest(run_dir, module, optimizer, scheduler)
     if resumed:
         step, stream.position = resumed["step"], DataPosition.from_dict(resumed["data"])
-    build = StepBuilder(ids, role_ids, references, device.torch_device)
+    position = stream.position
     metrics = MetricsLog(run_dir, rank == 0)
     board = Board(run_dir, rank == 0, step)
-    evaluator = evaluator_for(config, run_dir, stream.tokenize, build, agree, metrics, board, references,
-                              device.torch_device)
-    log.info("training on %s x %d (%s), %s, run dir %s", device.describe(), world, device.backend,
-             f"{t.steps} steps" if t.steps else f"{t.epochs} epochs (~{total_steps} steps)", run_dir)
+    evaluator = evaluator_for(config, run_dir, builder, metrics, board, device.torch_device)
+    peak = peak_tflops(accelerator_name(device.kind), t.peak_tflops)
+    log.info("training on %s x %d (%s), %s, run dir %s, peak %s TFLOP/s", device.describe(), world, device.backend,
+             f"{t.steps} steps" if t.steps else f"{t.epochs} epochs (~{total_steps} steps)", run_dir,
+             peak or "unknown (mfu not computed; set train.peak_tflops)")
 
     last_saved = step if resumed else -1
-    while not _finished(config, step, stream.position.epoch):
-        for micro_rows in stream.epoch_steps():
-            start = time.perf_counter()
-            batches = [build(rows) for rows in micro_rows]
+    inputs = Prefetcher(prepared_steps(stream, builder, config, pin=device.kind != "cpu"), config.data.prefetch_steps)
+    meter = Throughput(flops, world, peak)
+    try:
+        for prepared in ([] if t.steps and step >= t.steps else inputs):
+            batches = [b.to(device.torch_device) for b in prepared.batches]
             lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after it)
-            record = _train_step(module, optimizer, batches, config, world)
+            sums, grad_norm = _train_step(module, optimizer, batches, prepared.step, config, world)
             scheduler.step()
             step += 1
-            synchronize(device)
-            elapsed = time.perf_counter() - start
-            record.update(step=step, epoch=stream.position.epoch, lr=lr,
-                          step_time_s=elapsed, frames_per_s=record["frames"] / elapsed,
-                          peak_memory_bytes=peak_memory_bytes(device))
+            position = prepared.step.position
+            counts = meter.add(prepared.step.shapes, inputs.wait_s)
             if step % t.log_interval == 0:
+                record = (_record(sums, grad_norm, prepared.step, config) | counts | meter.rates()
+                          | dict(step=step, epoch=position.epoch, lr=lr, peak_memory_bytes=peak_memory_bytes(device)))
                 metrics.write(record)
                 board.train(record)
             evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None
             if step % config.checkpoint.interval == 0 or (evaluation and evaluation.new_best):
-                _save(run_dir, step, module, optimizer, scheduler, stream, config)
+                _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
                 last_saved = step
             if evaluation:
                 evaluator.mark_best(evaluation)  # a new lowest eval loss was just checkpointed
+            if evaluation or last_saved == step:
+                meter.restart_clock()
             if t.steps and step >= t.steps:
                 break
-        else:
-            stream.next_epoch()
-            if config.data.follow:
-                break  # the plan is complete and every shard has been trained on
+    finally:
+        inputs.close()
     evaluation = evaluator.run(step, module) if evaluator and evaluator.last_step != step else None
     # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
     if last_saved != step:
-        _save(run_dir, step, module, optimizer, scheduler, stream, config)
+        _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
     if evaluation:
         evaluator.mark_best(evaluation)
     board.close()
@@ -170,40 +181,26 @@ def _setup_logging(rank: int) -> None:
     log.propagate = False
 
 
-def _finished(config: Config, step: int, epoch: int) -> bool:
-    if config.train.steps:
-        return step >= config.train.steps
-    return epoch >= config.train.epochs
-
-
 def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
-    """For the cosine schedule when only epochs are given: a plan over the shards published now."""
+    """For the cosine schedule when only epochs are given (see ShardStream.estimate_steps_per_epoch)."""
     if config.data.follow:
         log.warning("data.follow without train.steps: the data size is unknown, so the lr stays constant "
                     "after warmup; set train.steps for a cosine decay")
         return 0
-    probe = ShardStream(config.data, stream.tokenize, stream.seed, stream.rank, stream.world, stream.grad_accum,
-                        stream.agree)
-    probe.verbose = False
-    probe.row_filter = stream.row_filter
-    return sum(1 for _ in probe.epoch_steps()) * config.train.epochs
+    return stream.estimate_steps_per_epoch() * config.train.epochs
 
 
-def _save(run_dir, step, module, optimizer, scheduler, stream, config) -> None:
-    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": stream.position.to_dict()},
-                    config.checkpoint.keep)
+def _save(run_dir, step, module, optimizer, scheduler, position: DataPosition, keep: int) -> None:
+    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": position.to_dict()}, keep)
     log.info("saved %s", run_dir / checkpoint.step_dir_name(step))
 
 
-def _train_step(module, optimizer, batches, config: Config, world: int) -> dict:
-    """One optimizer step over this rank's micro-batches; the loss is a token mean over all ranks' batches."""
+def _train_step(module, optimizer, batches: list[TalkerBatch], step: Step, config: Config, world: int):
+    """One optimizer step over this rank's micro-batches; the loss is a token mean over all ranks' batches.
+    Returns the (talker, sub-talker) loss sums of this rank and the gradient norm, on the device."""
     t = config.train
-    device = batches[0].labels.device  # collectives run on the accelerator under nccl/hccl
-    local = torch.tensor([[float((b.labels != IGNORE).sum()), float(b.frames[:, 1:].numel()), float(b.num_frames)]
-                          for b in batches], dtype=torch.float32).sum(0).to(device)
-    dist.all_reduce(local)
-    talker_targets, sub_targets, frames = local.tolist()
-    sums = torch.zeros(2, dtype=torch.float32, device=device)
+    talker_targets, sub_targets = step.total("talker_targets"), step.total("sub_targets")  # every rank's
+    sums = torch.zeros(2, dtype=torch.float32, device=batches[0].frames.device)
     for i, batch in enumerate(batches):
         module.set_requires_gradient_sync(i == len(batches) - 1)
         out = module(batch)
@@ -217,10 +214,16 @@ def _train_step(module, optimizer, batches, config: Config, world: int) -> dict:
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
+    return sums, grad_norm
+
+
+def _record(sums: torch.Tensor, grad_norm: torch.Tensor, step: Step, config: Config) -> dict:
+    """The losses of a logged step: one collective and the loop's one device->host copy."""
     dist.all_reduce(sums)
-    talker_loss, sub_loss = sums[0].item() / talker_targets, sums[1].item() / sub_targets
-    return dict(loss=talker_loss + t.sub_talker_weight * sub_loss, talker_loss=talker_loss, sub_talker_loss=sub_loss,
-                grad_norm=float(grad_norm), frames=int(frames), micro_batches=len(batches))
+    talker_sum, sub_sum, norm = torch.cat([sums, grad_norm.reshape(1).float()]).tolist()
+    talker_loss, sub_loss = talker_sum / step.total("talker_targets"), sub_sum / step.total("sub_targets")
+    return dict(loss=talker_loss + config.train.sub_talker_weight * sub_loss, talker_loss=talker_loss,
+                sub_talker_loss=sub_loss, grad_norm=norm)
 
 
 def main(argv: list[str] | None = None) -> None:

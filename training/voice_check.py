@@ -2,10 +2,10 @@
 
 Each eval gathers the full talker weights from the FSDP shards (a collective: every rank takes part), loads
 them into an unsharded inference model on rank 0 (Qwen3TTSModel, loaded once from model.path) and
-synthesises `eval.sentences` for each speaker, conditioned on that speaker's reference x-vector exactly as
-training conditions it (x-vector only, non-streaming layout, no language id). Each sample lands in
+synthesises `eval.sentences` for each speaker, conditioned on the x-vector that speaker's rows train with
+(SampleBuilder.speaker; x-vector only, non-streaming layout, no language id). Each sample lands in
 RUN/samples/step-NNNNNN/<speaker>-<k>.wav and is scored:
-- similarity: cosine of the model's own speaker-encoder x-vector of the sample and of the reference;
+- similarity: cosine of the model's own speaker-encoder x-vector of the sample and that conditioning vector;
 - with eval.asr_model: the transcript, its character and word error rates against the sentence.
 Sampling is seeded per sentence inside a forked RNG, so samples are repeatable and training's random
 stream is untouched (a resumed run still reproduces an uninterrupted one).
@@ -30,7 +30,7 @@ from training.asr import Transcriber, cer, wer
 from training.checkpoint import step_dir_name
 from training.config import Config
 from training.model import speaker_embedding
-from training.reference import ReferenceCache
+from training.samples import SampleBuilder
 
 log = logging.getLogger(__name__)
 
@@ -50,7 +50,7 @@ class SampleScore:
     index: int
     sentence: str
     path: str
-    reference: str  # the reference audio whose x-vector conditioned the sample and is compared with it
+    reference: str  # the speaker's most used reference (its rows' vector conditioned the sample)
     seconds: float
     similarity: float | None  # None when the sample is too short to embed
     transcript: str | None = None
@@ -75,18 +75,21 @@ def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
 
 
 class VoiceCheck:
-    def __init__(self, config: Config, run_dir: Path, references: ReferenceCache, device: torch.device):
-        self.config, self.run_dir, self.references, self.device = config, run_dir, references, device
+    def __init__(self, config: Config, run_dir: Path, builder: SampleBuilder, device: torch.device):
+        self.config, self.run_dir, self.builder, self.device = config, run_dir, builder, device
         self.rank = dist.get_rank()
         self.tts = None
         self.transcriber = None
 
     def sentences(self, speaker) -> list[str]:
-        """eval.sentences, else the defaults in the language of the speaker's own transcripts."""
+        """eval.sentences, else the defaults in the speaker's language (its rows' `language`, else guessed from
+        their texts)."""
         if self.config.eval.sentences:
             return self.config.eval.sentences
-        tokenizer = getattr(self.tts.processor, "tokenizer", self.tts.processor)
-        return DEFAULT_SENTENCES[guess_language([tokenizer.decode(r.text_ids) for r in speaker.rows[:8]])]
+        languages = {(r.language or "").lower() for r in speaker.rows} & set(DEFAULT_SENTENCES)
+        if len(languages) == 1:
+            return DEFAULT_SENTENCES[languages.pop()]
+        return DEFAULT_SENTENCES[guess_language([r.text or "" for r in speaker.rows[:8]])]
 
     def run(self, step: int, module, speakers: dict) -> list[SampleScore]:
         """Collective (the weight gather); the synthesis runs on rank 0 while the other ranks wait."""
@@ -116,7 +119,8 @@ class VoiceCheck:
         out_dir.mkdir(parents=True, exist_ok=True)
         scores = []
         for speaker in speakers.values():
-            reference = self.references.xvector(speaker.reference)
+            # The vector the speaker's rows train with (the builder's), taken from a row on its main reference.
+            reference = self.builder.speaker(next(r for r in speaker.rows if r.ref_audio == speaker.reference))
             for k, sentence in enumerate(self.sentences(speaker)):
                 wav, rate = self._generate(sentence, reference, seed=self.config.train.seed + k)
                 path = out_dir / f"{file_name(speaker.name)}-{k}.wav"
@@ -141,7 +145,7 @@ class VoiceCheck:
         similarity = None
         if len(wav) >= _MIN_SCORED_SAMPLES:
             audio = wav if rate == CODEC_SAMPLE_RATE else _resample(wav, rate)
-            sample = speaker_embedding(self.references.speaker_encoder, speaker_mel(audio))
+            sample = speaker_embedding(self.builder.references.speaker_encoder, speaker_mel(audio))
             similarity = cosine(sample.cpu(), reference)
         score = SampleScore(speaker.name, k, sentence, str(path), speaker.reference, len(wav) / rate, similarity)
         if self.transcriber is not None:

@@ -1,0 +1,89 @@
+"""What the training benchmarks share: a copy of another revision's code to run "before" beside "after", a
+realistic utterance-length mix of encoded shards, and one measured `python -m training.train` run."""
+from __future__ import annotations
+
+import io
+import subprocess
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks.common import REPO, child_env, python, run_measured
+
+_WORDS = "the quick brown fox jumps over a lazy dog while speech synthesis models learn from data".split()
+
+
+def export_revision(ref: str, work_dir: Path) -> Path:
+    """The training code of git revision `ref` (shared/, training/) in a directory of its own, to run as it
+    was: `git archive`, so the repository and its worktrees are left untouched."""
+    sha = subprocess.run(["git", "rev-parse", "--short", ref], cwd=REPO, check=True, capture_output=True,
+                         text=True).stdout.strip()
+    target = work_dir / f"revision-{sha}"
+    if not (target / "training" / "train.py").is_file():
+        archive = subprocess.run(["git", "archive", "--format=tar", sha, "shared", "training"], cwd=REPO,
+                                 check=True, capture_output=True).stdout
+        target.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+            tar.extractall(target, filter="data")
+    return target
+
+
+def realistic_shards(work_dir: Path, shards: int, rows_per_shard: int, seed: int = 0) -> Path:
+    """Encoded shards of random codes with a speech-corpus length mix: lognormal durations (median 5 s,
+    clipped to 1-20 s) and 3-40 words of text, one shared 24 kHz reference."""
+    from shared import schema
+    from training.synthetic import write_shard, write_wav
+
+    root = work_dir / f"train-realistic-{shards}x{rows_per_shard}-seed{seed}"
+    if (root / schema.COMPLETE_MARKER).is_file():
+        return root
+    rng = np.random.default_rng(seed)
+    ref = str(write_wav(root / "audio" / "ref.wav", 3.0, seed))
+    for shard_id in range(shards):
+        rows = []
+        for k in range(rows_per_shard):
+            index = shard_id * rows_per_shard + k
+            seconds = float(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.0, 20.0))
+            entry = {"id": f"utt{index:06d}", "audio": f"/unused/{index}.wav", "ref_audio": ref,
+                     "text": " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 41))))}
+            codes = rng.integers(0, schema.CODEBOOK_SIZE, size=(-(-int(seconds * 24_000) // 1920), 16),
+                                 dtype=np.int16)
+            rows.append(schema.ShardRow.from_entry(index, entry, codes=codes, duration=seconds, sample_rate=24_000))
+        write_shard(root, shard_id, rows)
+    (root / schema.COMPLETE_MARKER).write_text("")
+    return root
+
+
+@dataclass
+class TrainingRun:
+    name: str
+    returncode: int
+    wall_s: float
+    first_step_s: float | None  # from process start to the first metrics line
+    peak_rss_gib: float
+    records: list[dict] = field(default_factory=list)
+    log_tail: str = ""
+
+
+def run_training(name: str, code_dir: Path, config: Path, overrides: list[str], run_dir: Path, steps: int,
+                 threads: int, timeout: float, memory_limit_bytes: int | None = None) -> TrainingRun:
+    """`python -m training.train` from `code_dir` (this checkout or an exported revision), one rank, stopped
+    once `steps` metrics lines are written."""
+    from training.metrics import read_metrics
+
+    first: list[float] = []
+
+    def done(elapsed: float) -> bool:
+        count = len(read_metrics(run_dir))
+        if count and not first:
+            first.append(elapsed)
+        return count >= steps
+
+    env = child_env(threads, PYTHONPATH=str(code_dir))
+    command = [python(), "-m", "training.train", "--config", str(config), *overrides]
+    # cwd too: `python -m` puts the working directory first on sys.path.
+    measured = run_measured(command, env, timeout, memory_limit_bytes, stop_when=done, cwd=code_dir)
+    return TrainingRun(name, measured.returncode, measured.wall_s, first[0] if first else None,
+                       measured.peak_rss_bytes / 2**30, read_metrics(run_dir), measured.tail(2000))

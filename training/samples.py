@@ -1,0 +1,88 @@
+"""Shard rows -> training samples and batches: one object owns the text tokenizer, the special and role ids
+and the reference (x-vector) cache, so the data path and the training loop pass it around instead of
+closures.
+
+Used by the training stream (lengths for planning, samples for its micro-batches) and usable on its own,
+e.g. by an evaluation loop: `builder.batches(rows, frame_budget, device)` turns any list of shard rows
+(with codes) into packed device batches whose forward gives loss sums per batch and per utterance.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from shared.schema import ShardRow
+from training.layout import (Sample, SpecialIds, TalkerBatch, batch_text_token_ids, build_sample, collate,
+                             load_text_tokenizer, sequence_length)
+from training.packing import plan_packed
+from training.reference import ReferenceCache
+
+
+@dataclass
+class PlannedRow:
+    """A good shard row as the planner sees it: where it is, its text tokens and its length in positions.
+    `row.codes` is None until the rank that trains on the row reads them."""
+    shard: int
+    position: int  # row number inside the shard file
+    row: ShardRow
+    text_ids: list[int]
+    length: int  # positions of its sample
+
+    @property
+    def frames(self) -> int:
+        return int(self.row.num_frames)
+
+
+class SampleBuilder:
+    def __init__(self, tokenizer, ids: SpecialIds, references: ReferenceCache | None = None):
+        self.tokenizer, self.ids, self.references = tokenizer, ids, references
+        self.role_ids = self.text_ids([""])[0][0]
+
+    @classmethod
+    def for_model(cls, model_path: str | Path, model, speaker_device: torch.device | None = None) -> "SampleBuilder":
+        """From a loaded Qwen3TTSForConditionalGeneration: its special ids, its directory's tokenizer and its
+        (frozen) speaker encoder, moved to `speaker_device`."""
+        encoder = model.speaker_encoder
+        references = ReferenceCache(encoder.to(speaker_device) if speaker_device is not None else encoder)
+        return cls(load_text_tokenizer(model_path), SpecialIds.from_config(model.config), references)
+
+    def text_ids(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
+        """(role ids, text ids) per text, in one batched tokenizer call, sliced exactly as inference slices
+        its tokenized prompt."""
+        return batch_text_token_ids(self.tokenizer, texts)
+
+    def plan_rows(self, shard: int, positions: list[int], rows: list[ShardRow]) -> list[PlannedRow]:
+        """Good rows (metadata only) with their text tokens and lengths; texts tokenized in one call."""
+        tokens = self.text_ids([r.text or "" for r in rows])
+        return [PlannedRow(shard, p, r, t, self.length(r, t)) for p, r, (_, t) in zip(positions, rows, tokens)]
+
+    def length(self, row: ShardRow, text_ids: list[int]) -> int:
+        return sequence_length(len(text_ids), int(row.num_frames))
+
+    def sample(self, row: ShardRow, text_ids: list[int]) -> Sample:
+        if row.codes is None:
+            raise ValueError(f"row {row.id}: codes not read")
+        return build_sample(self.role_ids, text_ids, row.codes, self.ids)
+
+    def speaker(self, row: ShardRow) -> torch.Tensor:
+        """The x-vector fed at the row's speaker slot: its reference's, cached per reference."""
+        if self.references is None:
+            raise ValueError("this SampleBuilder has no speaker encoder (built without references)")
+        return self.references.xvector(row.ref_audio)
+
+    def collate(self, sequences: list[list[PlannedRow]]) -> TalkerBatch:
+        """One micro-batch (sequences of planned rows with codes) -> a host batch."""
+        planned = [p for seq in sequences for p in seq]
+        speakers = torch.stack([self.speaker(p.row) for p in planned])
+        return collate([[self.sample(p.row, p.text_ids) for p in seq] for seq in sequences], speakers,
+                       self.ids.tts_pad)
+
+    def batches(self, rows: list[ShardRow], frame_budget: int, device: torch.device | str = "cpu",
+                pack_length: int = 0, seed: int = 0) -> list[TalkerBatch]:
+        """Rows with codes (e.g. a held-out split) -> packed device batches of <= frame_budget positions."""
+        planned = self.plan_rows(-1, list(range(len(rows))), rows)
+        plans = plan_packed([p.length for p in planned], frame_budget, pack_length, random.Random(seed))
+        return [self.collate([[planned[i] for i in seq] for seq in plan]).to(torch.device(device)) for plan in plans]
