@@ -20,7 +20,7 @@ from shared import schema
 from shared.schema import ShardRow
 from training import checkpoint
 from training.config import Config
-from training.data import read_planned, resolve_output_dir
+from training.data import is_complete, read_planned, resolve_output_dir
 from training.layout import TalkerBatch
 from training.samples import SampleBuilder
 from training.split import HeldOut, eval_rows, speaker_of, write_split
@@ -141,9 +141,10 @@ class Evaluator:
     def refresh(self) -> None:
         """Read the held-out rows of the shards published now (again in follow mode, as shards arrive)."""
         output = resolve_output_dir(self.config.data.shards)
-        listing = [sorted(schema.published_shards(output))]
-        dist.broadcast_object_list(listing, src=0)  # rank 0's listing for every rank
-        shard_ids = listing[0]
+        complete = is_complete(output)  # read before listing: _COMPLETE is written after the last shard
+        listing = [(sorted(schema.published_shards(output)), complete)]
+        dist.broadcast_object_list(listing, src=0)  # rank 0's view for every rank
+        shard_ids, complete = listing[0]
         if shard_ids == self.shards_read:
             return
         self.speakers = collect_eval_rows(self.config.data.shards, self.held_out, self.builder,
@@ -151,6 +152,9 @@ class Evaluator:
         self.shards_read = shard_ids
         if self.speakers:
             self.batches = eval_batches(self.speakers, self.builder, self.config)
+        elif self.config.data.follow and not complete:  # more shards to come: evaluate once some are
+            log.warning("eval: no held-out row in the %d shards published so far; eval waits for more",
+                        len(shard_ids))
         else:
             raise ValueError(f"eval is on (eval.fraction={self.config.eval.fraction}, eval.shards="
                              f"{self.config.eval.shards}) but no good row of {output} is held out; raise "
@@ -163,10 +167,13 @@ class Evaluator:
         interval = self.config.eval.interval
         return bool(interval) and step % interval == 0 and step != self.last_step
 
-    def run(self, step: int, module) -> EvalResult:
-        """Collective. Returns the result on every rank (the loss is all-reduced; samples exist on rank 0)."""
+    def run(self, step: int, module) -> EvalResult | None:
+        """Collective. Returns the result on every rank (the loss is all-reduced; samples exist on rank 0), or
+        None while follow mode has published no held-out row yet."""
         if self.config.data.follow:
             self.refresh()  # held-out rows of shards published since the last eval
+        if not self.speakers:
+            return None
         result = eval_loss(module, self.speakers, self.batches, self.config, step)
         self.last_step = step
         result.new_best = result.loss < self.best_loss
