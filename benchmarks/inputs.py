@@ -1,8 +1,9 @@
 """Generated benchmark inputs, cached in the work directory under names that encode their parameters:
-a speech-like corpus with its raw manifest, and random codecs of either size."""
+a speech-like corpus with its raw manifest, random codecs of either size, and training shards of random codes."""
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -80,14 +81,48 @@ def model_1p7b(work_dir: Path, layers: int = 28, seed: int = 0) -> Path:
 _WORDS = "the quick brown fox jumps over a lazy dog while speech synthesis models learn from data".split()
 
 
-def train_shards(work_dir: Path, shards: int, rows_per_shard: int, min_seconds: float, max_seconds: float,
-                 seed: int = 0) -> Path:
+@dataclass(frozen=True)
+class LengthMix:
+    """Utterance durations and text lengths of generated training shards: seconds uniform in [low, high], or,
+    with `median`, lognormal around it (sigma 0.6, the spread of a read-speech corpus) clipped to [low, high];
+    words per text uniform in [min_words, max_words]."""
+    low: float
+    high: float
+    min_words: int
+    max_words: int
+    median: float | None = None
+
+    @property
+    def tag(self) -> str:
+        """The part of the cache directory's name that tells mixes apart."""
+        shape = f"lognormal{self.median:g}" if self.median is not None else "uniform"
+        return f"{shape}-{self.low:g}-{self.high:g}s-{self.min_words}-{self.max_words}w"
+
+    def seconds(self, rng: np.random.Generator) -> float:
+        if self.median is None:
+            return float(rng.uniform(self.low, self.high))
+        return float(np.clip(rng.lognormal(np.log(self.median), 0.6), self.low, self.high))
+
+    def text(self, rng: np.random.Generator) -> str:
+        return " ".join(rng.choice(_WORDS, size=int(rng.integers(self.min_words, self.max_words + 1))))
+
+
+def uniform_lengths(min_seconds: float, max_seconds: float) -> LengthMix:
+    """Uniform durations in [min, max] seconds and 4-12 words of text."""
+    return LengthMix(min_seconds, max_seconds, 4, 12)
+
+
+# A speech-corpus mix: median 5 s, clipped to 1-20 s, 3-40 words.
+REALISTIC_LENGTHS = LengthMix(1.0, 20.0, 3, 40, median=5.0)
+
+
+def train_shards(work_dir: Path, shards: int, rows_per_shard: int, lengths: LengthMix, seed: int = 0) -> Path:
     """A complete encode output directory of random codes (training cost does not depend on code values):
-    utterances of uniform random length, 4-12 words of text, one shared 24 kHz reference."""
+    utterances of `lengths`' durations and texts, one shared 24 kHz reference."""
     from shared import schema
     from training.synthetic import write_shard, write_wav
 
-    root = work_dir / f"train-shards-{shards}x{rows_per_shard}-{min_seconds:g}-{max_seconds:g}s-seed{seed}"
+    root = work_dir / f"train-shards-{shards}x{rows_per_shard}-{lengths.tag}-seed{seed}"
     if (root / schema.COMPLETE_MARKER).is_file():
         return root
     rng = np.random.default_rng(seed)
@@ -96,10 +131,10 @@ def train_shards(work_dir: Path, shards: int, rows_per_shard: int, min_seconds: 
         rows = []
         for k in range(rows_per_shard):
             index = shard_id * rows_per_shard + k
-            seconds = float(rng.uniform(min_seconds, max_seconds))
-            frames = -(-int(seconds * 24_000) // 1920)
-            entry = {"id": f"utt{index:06d}", "audio": f"/unused/{index}.wav",
-                     "text": " ".join(rng.choice(_WORDS, size=int(rng.integers(4, 13)))), "ref_audio": ref}
+            seconds = lengths.seconds(rng)
+            entry = {"id": f"utt{index:06d}", "audio": f"/unused/{index}.wav", "text": lengths.text(rng),
+                     "ref_audio": ref}
+            frames = -(-int(seconds * 24_000) // 1920)  # 12.5 codec frames per second
             codes = rng.integers(0, schema.CODEBOOK_SIZE, size=(frames, schema.NUM_CODEBOOKS), dtype=np.int16)
             rows.append(schema.ShardRow.from_entry(index, entry, codes=codes, duration=seconds, sample_rate=24_000))
         write_shard(root, shard_id, rows)

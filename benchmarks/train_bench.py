@@ -167,7 +167,8 @@ def main(argv=None) -> None:
     params = flop_parameters(config)
     per_frame = training_flops_per_frame(params)
     model = inputs.tiny_model(args.work_dir) if args.model_size == "tiny" else inputs.model_1p7b(args.work_dir, args.full_layers)
-    shards = inputs.train_shards(args.work_dir, args.shards, args.rows_per_shard, args.min_seconds, args.max_seconds)
+    shards = inputs.train_shards(args.work_dir, args.shards, args.rows_per_shard,
+                                 inputs.uniform_lengths(args.min_seconds, args.max_seconds))
     print(f"model {args.model_size}: {params['total'] / 1e6:.1f} M talker parameters "
           f"({params['non_embedding'] / 1e6:.1f} M outside embeddings); training FLOPs per frame: "
           f"6N {per_frame['6N'] / 1e9:.3f} G, per-position {per_frame['per_position'] / 1e9:.3f} G; device {device}",

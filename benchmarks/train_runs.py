@@ -1,5 +1,5 @@
-"""What the training benchmarks share: a copy of another revision's code to run "before" beside "after", a
-realistic utterance-length mix of encoded shards, and one measured `python -m training.train` run."""
+"""What the training benchmarks share: a copy of another revision's code to run "before" beside "after", and
+one measured `python -m training.train` run (their shards: benchmarks.inputs.train_shards)."""
 from __future__ import annotations
 
 import io
@@ -8,11 +8,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from benchmarks.common import REPO, child_env, python, run_measured
-
-_WORDS = "the quick brown fox jumps over a lazy dog while speech synthesis models learn from data".split()
 
 
 def export_revision(ref: str, work_dir: Path) -> Path:
@@ -28,32 +24,6 @@ def export_revision(ref: str, work_dir: Path) -> Path:
         with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
             tar.extractall(target, filter="data")
     return target
-
-
-def realistic_shards(work_dir: Path, shards: int, rows_per_shard: int, seed: int = 0) -> Path:
-    """Encoded shards of random codes with a speech-corpus length mix: lognormal durations (median 5 s,
-    clipped to 1-20 s) and 3-40 words of text, one shared 24 kHz reference."""
-    from shared import schema
-    from training.synthetic import write_shard, write_wav
-
-    root = work_dir / f"train-realistic-{shards}x{rows_per_shard}-seed{seed}"
-    if (root / schema.COMPLETE_MARKER).is_file():
-        return root
-    rng = np.random.default_rng(seed)
-    ref = str(write_wav(root / "audio" / "ref.wav", 3.0, seed))
-    for shard_id in range(shards):
-        rows = []
-        for k in range(rows_per_shard):
-            index = shard_id * rows_per_shard + k
-            seconds = float(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.0, 20.0))
-            entry = {"id": f"utt{index:06d}", "audio": f"/unused/{index}.wav", "ref_audio": ref,
-                     "text": " ".join(rng.choice(_WORDS, size=int(rng.integers(3, 41))))}
-            codes = rng.integers(0, schema.CODEBOOK_SIZE, size=(-(-int(seconds * 24_000) // 1920), 16),
-                                 dtype=np.int16)
-            rows.append(schema.ShardRow.from_entry(index, entry, codes=codes, duration=seconds, sample_rate=24_000))
-        write_shard(root, shard_id, rows)
-    (root / schema.COMPLETE_MARKER).write_text("")
-    return root
 
 
 @dataclass

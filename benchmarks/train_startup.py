@@ -38,7 +38,8 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     sizes = [int(r) for r in args.rows.split(",")]
     model = inputs.tiny_model(args.work_dir)
-    corpora = {n: inputs.train_shards(args.work_dir, n // args.rows_per_shard, args.rows_per_shard, 1.0, 6.0)
+    corpora = {n: inputs.train_shards(args.work_dir, n // args.rows_per_shard, args.rows_per_shard,
+                                    inputs.uniform_lengths(1.0, 6.0))
                for n in sizes}
     flows = {"after": REPO}
     if args.before:

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import inputs  # noqa: E402
 from benchmarks.common import GIB, REPO, base_parser, machine_info, markdown_table, ratio, write_json  # noqa: E402
-from benchmarks.train_runs import export_revision, realistic_shards, run_training  # noqa: E402
+from benchmarks.train_runs import export_revision, run_training  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -80,7 +80,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     peak_before = matmul_gflops(args.threads)
     model = inputs.model_1p7b(args.work_dir, args.layers)
-    shards = realistic_shards(args.work_dir, 2, 400)
+    shards = inputs.train_shards(args.work_dir, 2, 400, inputs.REALISTIC_LENGTHS)
     flows = [("after, packed", REPO, ["data.pack_length=0"]),
              ("after, unpacked", REPO, ["data.packing=false", "data.pack_length=0"])]
     if args.before:

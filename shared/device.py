@@ -47,12 +47,12 @@ class DeviceInfo:
 # encoders placed for those fake cards encode on the CPU and say so. Never set on a real cluster.
 SIMULATED_ACCELERATORS_VAR = "QWEN3TTS_SIMULATED_ACCELERATORS"
 ACCELERATOR_NAME = {"npu": "an Ascend NPU", "cuda": "a CUDA GPU"}
+ON_THE_CPU = "or run on the CPU instead (encode: --device cpu; training: TRAIN_DEVICE=cpu)"
 FIX_FOR_MISSING = {
-    "npu": "on that node source CANN's set_env.sh before `ray start` (deploy/node_env.sh does), install the "
-           "project with the npu extra (QWEN3TTS_EXTRAS=npu bash deploy/setup.sh) and check the card with "
-           "`npu-smi info`; or run the job with --device cpu",
-    "cuda": "on that node install a CUDA build of torch and check the card with `nvidia-smi`; or run the job with "
-            "--device cpu",
+    "npu": "on that node source CANN's set_env.sh before `ray start` or training (deploy/node_env.sh does), "
+           "install the project with the npu extra (QWEN3TTS_EXTRAS=npu bash deploy/setup.sh) and check the card "
+           f"with `npu-smi info`; {ON_THE_CPU}",
+    "cuda": f"on that node install a CUDA build of torch and check the card with `nvidia-smi`; {ON_THE_CPU}",
 }
 
 
@@ -99,10 +99,11 @@ def cuda_available() -> bool:
 
 
 def missing_accelerator(kind: str, what: str) -> AcceleratorMissing:
-    """The error for `what` (e.g. "--device npu") that needs an accelerator of `kind` torch cannot use here."""
+    """The error for `what` (e.g. "device 'npu' requested"), which needs an accelerator of `kind` that torch
+    cannot use here: what was expected, what was found, and the fix."""
     reason = npu_missing_reason() if kind == "npu" else cuda_missing_reason()
     var = VISIBLE_DEVICES_VAR[kind]
-    return AcceleratorMissing(f"{what} expects {ACCELERATOR_NAME[kind]}, but {reason} ({var}="
+    return AcceleratorMissing(f"{what}: expected {ACCELERATOR_NAME[kind]}, but {reason} ({var}="
                               f"{os.environ.get(var)!r}). Fix: {FIX_FOR_MISSING[kind]}")
 
 
@@ -111,7 +112,7 @@ def resolve_kind(preference: str = "auto") -> str:
     if preference not in DEVICE_CHOICES:
         raise ValueError(f"device must be one of {DEVICE_CHOICES}, got {preference!r}")
     if preference in ACCELERATOR_NAME and not (npu_available() if preference == "npu" else cuda_available()):
-        raise missing_accelerator(preference, f"--device {preference}")
+        raise missing_accelerator(preference, f"device {preference!r} requested")
     if preference != "auto":
         return preference
     if npu_available():
@@ -132,7 +133,7 @@ def placed_device(kind: str, placed_as: str) -> DeviceInfo:
     if kind not in ACCELERATOR_NAME:
         raise ValueError(f"unknown accelerator kind {kind!r}; expected one of {tuple(ACCELERATOR_NAME)} or cpu")
     if not (npu_available() if kind == "npu" else cuda_available()):
-        raise missing_accelerator(kind, f"{placed_as}, placed on a {RAY_RESOURCE[kind]} resource,")
+        raise missing_accelerator(kind, f"{placed_as}, placed on Ray's {RAY_RESOURCE[kind]} resource")
     return select_device(kind)
 
 
@@ -246,7 +247,8 @@ def attention_for(requested: str, kind: str, compute_dtype: str) -> str:
 
 
 def precision_problem(kind: str, device_name: str, bf16_supported: bool, dtypes: dict[str, str]) -> str | None:
-    """Why this chip cannot train with `dtypes` ({"fsdp.param_dtype": "bfloat16", ...}), with the fix; None if it can."""
+    """Why this chip cannot train with `dtypes` ({"fsdp.param_dtype": "bfloat16", ...}), with the fix; None if
+    it can."""
     asked = [key for key, dtype in dtypes.items() if dtype == "bfloat16"]
     if not asked or bf16_supported or kind == "cpu":
         return None

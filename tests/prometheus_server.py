@@ -2,28 +2,21 @@
 config file and data directory, scraping every second; queried through its HTTP API and stopped by pid."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
 from tests.raycluster import free_port
-
-
-def prometheus_binary() -> str | None:
-    return shutil.which("prometheus")
+from tests.system_tools import system_tool
 
 
 class PrometheusServer:
     def __init__(self, root: Path, jobs: dict[str, tuple[str, Path | None]]):
         """jobs: scrape job name -> (host:port target, bearer token file or None)."""
-        binary = prometheus_binary()
-        if binary is None:
-            pytest.skip("prometheus is not installed (apt-get install -y prometheus; .ci/run installs it)")
+        binary = system_tool("prometheus")
         root.mkdir(parents=True, exist_ok=True)
         config = {"global": {"scrape_interval": "1s", "scrape_timeout": "1s", "evaluation_interval": "1s"},
                   "scrape_configs": [scrape_job(name, target, token) for name, (target, token) in jobs.items()]}

@@ -80,6 +80,9 @@ def test_resume_redoes_only_missing_shard(corpus, tiny_codec_dir, tmp_path):
     again = run_encode(*args)
     assert again.returncode == 0, again.stderr[-3000:]
     assert "1 to encode" in again.stdout
+    # Both runs recorded the hardware they encoded on; the same kind twice is not worth a warning.
+    runs = json.loads((out / "plan.json").read_text())["encode_runs"]
+    assert [r["device_kind"] for r in runs] == ["cpu", "cpu"] and "warning" not in again.stdout
     after = {sid: os.stat(p).st_mtime_ns for sid, p in published_shards(out).items()}
     assert after[0] == before[0] and after[2] == before[2] and after[1] != before[1]
     rows = read_rows(out)

@@ -16,10 +16,10 @@ def test_placed_device_refuses_a_missing_npu_and_keeps_the_cpu_for_cpu(monkeypat
     with pytest.raises(AcceleratorMissing) as refused:
         placed_device("npu", "encoder-7 on node-a")
     message = str(refused.value)
-    assert "encoder-7 on node-a, placed on a NPU resource, expects an Ascend NPU" in message
+    assert "encoder-7 on node-a, placed on Ray's NPU resource: expected an Ascend NPU, but" in message
     assert "ASCEND_RT_VISIBLE_DEVICES='3'" in message
     assert "set_env.sh" in message and "--device cpu" in message
-    with pytest.raises(AcceleratorMissing, match="expects a CUDA GPU"):
+    with pytest.raises(AcceleratorMissing, match="expected a CUDA GPU"):
         placed_device("cuda", "encoder-8")
     assert placed_device("cpu", "encoder-9").kind == "cpu"
     monkeypatch.setenv(SIMULATED_ACCELERATORS_VAR, "1")
@@ -42,7 +42,7 @@ def test_encoder_placed_on_an_npu_it_cannot_see_fails_the_job(tiny_codec_dir, tm
     assert code != 0, log[-3000:]
     # The job's own last words name the encoder, what it expected and the fix (not just "the actor died").
     assert "encoder-0 could not start: shared.device.AcceleratorMissing: encoder-0 on " in log, log[-3000:]
-    assert "placed on a NPU resource, expects an Ascend NPU" in log, log[-3000:]
+    assert "placed on Ray's NPU resource: expected an Ascend NPU, but" in log, log[-3000:]
     assert "ASCEND_RT_VISIBLE_DEVICES='0'" in log  # the card Ray gave it
     assert "Fix:" in log
     assert not published_shards(out), "nothing may be encoded on the CPU in the NPU's place"

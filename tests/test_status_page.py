@@ -3,7 +3,6 @@ headless Chromium at desktop and phone sizes, and scraped by a real Prometheus s
 report what /status reports."""
 import json
 import re
-import shutil
 import subprocess
 import time
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ from shared.schema import SUMMARY_FILE
 from shared.synth import synth_utterance
 from tests.conftest import run_encode, synth_corpus, write_manifest
 from tests.raycluster import free_port
-from tests.prometheus_server import PrometheusServer, prometheus_binary
+from tests.prometheus_server import PrometheusServer
+from tests.system_tools import system_tool
 from tests.test_status import TOKEN, auth
 
 # Clip lengths spread over several histogram bins, and bad rows of four reasons.
@@ -36,7 +36,7 @@ class EncodedJob:
     out: Path
     port: int  # where the job's driver served status (free again once it exited)
     token_file: Path
-    prometheus: PrometheusServer | None  # scraping that port since before the job started; None if not installed
+    prometheus: PrometheusServer  # scraping that port since before the job started
     started: float
     finished: float
 
@@ -60,10 +60,8 @@ def job(tmp_path_factory, tiny_codec_dir):
     token_file.write_text(TOKEN)
     port = free_port()
     target = f"127.0.0.1:{port}"
-    prometheus = None
-    if prometheus_binary() is not None:
-        prometheus = PrometheusServer(root / "prometheus", jobs={"encode": (target, token_file),
-                                                                 "no-token": (target, None)})
+    prometheus = PrometheusServer(root / "prometheus",
+                                  jobs={"encode": (target, token_file), "no-token": (target, None)})
     try:
         started = time.time()
         done = run_encode("--manifest", str(manifest), "--codec", str(tiny_codec_dir), "--output", str(root / "out"),
@@ -72,8 +70,7 @@ def job(tmp_path_factory, tiny_codec_dir):
         assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
         yield EncodedJob(root / "out", port, token_file, prometheus, started, time.time())
     finally:
-        if prometheus is not None:
-            prometheus.stop()
+        prometheus.stop()
 
 
 @pytest.fixture
@@ -108,13 +105,6 @@ def _duration_bar_counts(body: str) -> list[str]:
     return re.findall(r'<span class="n">(\d+)</span>', section)
 
 
-def chromium() -> str:
-    path = shutil.which("chromium") or shutil.which("chromium-browser")
-    if path is None:
-        pytest.skip("chromium is not installed (apt-get install -y chromium; .ci/run installs it)")
-    return path
-
-
 def screenshot(browser: str, url: str, size: tuple[int, int], target: Path, profile: Path) -> None:
     """Headless Chromium as root in a container: --no-sandbox is required (it refuses to run as root otherwise);
     no GPU and a small /dev/shm are common there too."""
@@ -126,7 +116,7 @@ def screenshot(browser: str, url: str, size: tuple[int, int], target: Path, prof
 
 
 def test_page_in_headless_chromium_at_desktop_and_phone_size(encoded, tmp_path):
-    browser = chromium()
+    browser = system_tool("chromium", "chromium", "chromium-browser")
     with start_status_server(encoded, "127.0.0.1", 0) as server:  # Chromium cannot send a bearer header
         for name, size in VIEWPORTS.items():
             target = tmp_path / f"{name}.png"
@@ -155,7 +145,7 @@ def _green_run(image: Image.Image, y: int) -> int:
 
 
 def test_prometheus_scraped_the_job_while_it_ran(job):
-    prometheus = job.prometheus or pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
+    prometheus = job.prometheus
     window = (job.started, job.finished)
     running = prometheus.series('qwen3tts_encode_state{job="encode",state="running"}', *window)
     assert 1 in [v for values in running.values() for v in values], "never scraped the job as running"
@@ -168,7 +158,7 @@ def test_prometheus_scraped_the_job_while_it_ran(job):
 
 
 def test_prometheus_scrapes_metrics_that_match_status(job):
-    prometheus = job.prometheus or pytest.skip("prometheus is not installed (apt-get install -y prometheus)")
+    prometheus = job.prometheus
     # the job's driver (and its server) are gone: a standalone server takes over the same port
     with start_status_server(job.out, "127.0.0.1", job.port, token=TOKEN) as server:
         status = httpx.get(f"{server.url}/status", headers=auth()).json()
@@ -211,9 +201,7 @@ def readme_prometheus_configs() -> list[dict]:
 
 
 def test_readme_scrape_configs_pass_promtool(tmp_path):
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        pytest.skip("promtool is not installed (apt-get install -y prometheus; .ci/run installs it)")
+    promtool = system_tool("prometheus", "promtool")  # Debian's prometheus package ships promtool
     configs = readme_prometheus_configs()
     assert len(configs) == 2, "the README shows a static scrape config and a KubeRay annotation-driven job"
     token_file = tmp_path / "token"
