@@ -153,6 +153,14 @@ def test_training_stream_never_sees_held_out_rows(speaker_encoded, builder):
     assert held == {"utt00000", "utt00006", "utt00008", "utt00001", "utt00007"}  # per speaker: see speaker_encoded
 
 
+def test_a_shard_held_out_whole_is_never_trained_on(speaker_encoded, builder):
+    config = DataConfig(shards=str(speaker_encoded), frame_budget=256, shards_per_round=2)
+    stream = ShardStream(config, builder, 0, 0, 1, 1)
+    stream.row_filter = training_rows(HeldOut(shards=frozenset({0})))
+    trained = {p.shard for step in stream.epoch_steps() for mb in step.micro_batches for seq in mb for p in seq}
+    assert trained == {1}
+
+
 def test_rows_without_a_speaker_form_one_speaker(synthetic_encoded, builder):
     from training.evaluate import collect_eval_rows
 

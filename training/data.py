@@ -91,6 +91,8 @@ def read_planned(path, shard: int, builder: SampleBuilder, row_filter: RowFilter
     rows = schema.read_rows(path, METADATA)
     good = [(i, r) for i, r in enumerate(rows) if r.ok and r.ref_audio and r.num_frames
             and (row_filter is None or row_filter.keeps(shard, r.id, r.speaker))]
+    if not good:  # e.g. a shard of error rows, or one held out whole (eval.shards): nothing to tokenize
+        return []
     return builder.plan_rows(shard, [i for i, _ in good], [r for _, r in good])
 
 
