@@ -241,7 +241,8 @@ def test_samples_are_the_weights_of_their_step_speaking(resumed, tmp_path):
     from training.export import export
 
     run = resumed[0]
-    tts = load_inference_model(export(run / f"step-{STEPS:06d}", tmp_path / "base"))
+    export(run / f"step-{STEPS:06d}", tmp_path / "base")
+    tts = load_inference_model(tmp_path / "base")
     score = json.loads((run / "samples" / f"step-{STEPS:06d}" / "scores.json").read_text())[1]
     xvector = speaker_embedding(tts.model.speaker_encoder, speaker_mel(load_audio(score["reference"]).samples))
     prompt = dict(ref_code=[None], ref_spk_embedding=[xvector], x_vector_only_mode=[True], icl_mode=[False])
