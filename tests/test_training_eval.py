@@ -291,7 +291,7 @@ def test_best_checkpoint_survives_retention_and_export_picks_it(resumed, tmp_pat
     assert (run / "best").resolve() == (run / f"step-{lowest:06d}").resolve()
     assert STEPS in checkpoint.complete_checkpoints(run)  # keep=1 keeps the last, and the best besides
     out = subprocess.run([sys.executable, "-m", "training.export", "--checkpoint", str(run / "best"), "--output",
-                          str(tmp_path / "voice"), "--speaker-name", "eval_voice"], cwd=REPO, env=ENV, timeout=180,
+                          str(tmp_path / "voice"), "--speaker-name", "alice"], cwd=REPO, env=ENV, timeout=180,
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"exported {run / f'step-{lowest:06d}'}" in out.stdout
