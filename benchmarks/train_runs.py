@@ -10,6 +10,10 @@ from pathlib import Path
 
 from benchmarks.common import REPO, child_env, python, run_measured
 
+# main just before metadata planning, packing and the background input landed (training/ and shared/ as of the
+# ShardRow change): the "before" of the training benchmarks.
+BEFORE = "c2f8353"
+
 
 def export_revision(ref: str, work_dir: Path) -> Path:
     """The training code of git revision `ref` (shared/, training/) in a directory of its own, to run as it

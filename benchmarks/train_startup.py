@@ -1,6 +1,6 @@
 """Training start-up against corpus size: seconds from `python -m training.train` to its first optimizer step,
 for 20k and 200k rows of encoded shards (1,000 rows per shard), same config, in one run; this checkout
-("after") beside another revision's training code ("before", default: main).
+("after") beside another revision's training code ("before", default: main just before packing landed).
 
     python benchmarks/train_startup.py --json startup.json
     python benchmarks/train_startup.py --quick          # 2k vs 20k rows
@@ -18,14 +18,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import inputs  # noqa: E402
 from benchmarks.common import REPO, base_parser, machine_info, markdown_table, ratio, write_json  # noqa: E402
-from benchmarks.train_runs import export_revision, run_training  # noqa: E402
+from benchmarks.train_runs import BEFORE, export_revision, run_training  # noqa: E402
 
 
 def parse_args(argv=None):
     p = base_parser(__doc__)
     p.add_argument("--rows", default="20000,200000", help="comma list of corpus sizes (rows)")
     p.add_argument("--rows-per-shard", type=int, default=1000)
-    p.add_argument("--before", default="main", help="git revision of the 'before' code ('' to skip it)")
+    p.add_argument("--before", default=BEFORE, help="git revision of the 'before' code ('' to skip it)")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

@@ -3,6 +3,7 @@ thread pool so the accelerator never waits for soundfile/soxr (both release the 
 every core they are given)."""
 from __future__ import annotations
 
+import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Callable, Iterator, Sequence, TypeVar
@@ -15,6 +16,8 @@ T = TypeVar("T")
 def probe_duration(path: str) -> float:
     """Seconds of audio from the header alone; 0 for anything unreadable (decode reports why later)."""
     try:
+        if not os.path.isfile(path):  # never open a FIFO (it would wait for a writer forever) or a directory
+            return 0.0
         info = sf.info(path)
         return info.frames / info.samplerate if info.samplerate else 0.0
     except Exception:

@@ -1,11 +1,12 @@
 """EncoderPool: places encoder actors on the cluster's accelerators and keeps them fed with shards.
 
-A lost actor (its process or node died) gives its in-flight shards back to the queue and is
-replaced; an application error in a shard is retried a few times and then reported as failed; a shard
-that cannot be written stops the job (the storage is at fault, not the shard). Unless a fixed count is
-asked for, accelerators that join the cluster mid-run get encoders too. The first encoders are waited
-for; later ones are given shards only once started, so a slow or never-placed actor holds no work that
-others could do.
+A lost actor (its process or node died, while it works or while it starts) gives its in-flight shards back to
+the queue and is replaced at once; only an error raised by the actor's own start-up code (the same on every
+try) ends the job, and only before any encoder came up. An application error in a shard is retried a few times
+and then reported as failed; a shard that cannot be written stops the job (the storage is at fault, not the
+shard). Unless a fixed count is asked for, accelerators that join the cluster mid-run get encoders too. The
+first encoders are waited for; later ones are given shards only once started, so a slow or never-placed actor
+holds no work that others could do.
 """
 from __future__ import annotations
 
@@ -15,15 +16,28 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import ray
-from ray.exceptions import ActorDiedError, ActorUnavailableError, GetTimeoutError, RayActorError, RayTaskError
+from ray.exceptions import (ActorDiedError, ActorUnavailableError, GetTimeoutError, OutOfMemoryError, RayActorError,
+                            RayTaskError, WorkerCrashedError)
 
 from services.encoder import EncoderActor, EncoderOptions
 from services.writer import OutputWriteError
 from services.plan import ShardSpec
 from shared.device import RAY_RESOURCE
 
-LOST = (RayActorError, ActorDiedError, ActorUnavailableError)
+# The encoder's process is gone: killed, crashed, its node lost, or killed by Ray's memory monitor (seen here killing
+# an encoder in start-up while another job filled the machine's memory).
+LOST = (RayActorError, ActorDiedError, ActorUnavailableError, OutOfMemoryError, WorkerCrashedError)
 START_TIMEOUT_SECONDS = 180.0  # the first encoders' start (codec load) is waited for this long at most
+
+
+class EncoderStartError(RuntimeError):
+    """An encoder's start-up code raised (a bad codec, a missing device): every replacement would too."""
+
+
+def last_line(exc: BaseException) -> str:
+    """The line of a Ray error that says what went wrong: the last one of the remote traceback."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__
 
 
 def cluster_kind(device: str) -> str:
@@ -77,9 +91,12 @@ class EncoderPool:
         self.encoders: dict[str, Encoder] = {}
         self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(EncoderActor)
         self._next_index = 0
-        self.failed: dict[int, str] = {}
-        self.attempts: dict[int, int] = {}
-        self.losses = 0
+        self.failed: dict[int, str] = {}  # shard id -> reason, for shards that failed for good
+        self.attempts: dict[int, int] = {}  # shard id -> failed attempts so far
+        self.losses = 0  # encoders lost in this run
+        self.losses_since_progress = 0  # lost since a shard was last written: many in a row end the job
+        self.changed = False  # a failure, retry or loss the driver has not yet written to its heartbeat
+        self._scale_now = False
         self.started = 0  # encoders that came up; until one has, a failing start fails the job at once
         self.first_started_at: float | None = None  # start-up (actor, device, codec load) ends here
 
@@ -138,23 +155,31 @@ class EncoderPool:
                 else:
                     self._collect(ref, queue, on_done)
             now = time.time()
-            if now - last_scale > 5.0:
+            if self._scale_now or now - last_scale > 5.0:
+                self._scale_now = False
                 self.scale()
                 last_scale = now
-            if on_tick and now - last_tick > tick_seconds:
+            # A failure or a loss is told at once (driver.json, so /status), not at the next regular tick.
+            if on_tick and (self.changed or now - last_tick > tick_seconds):
+                self.changed = False
                 on_tick()
                 last_tick = now
         return self.failed
+
+    @property
+    def retries(self) -> int:
+        """Failed shard attempts that were given another try."""
+        return sum(min(n, self.max_retries) for n in self.attempts.values())
 
     def _check_started(self, enc: Encoder) -> None:
         try:
             info = ray.get(enc.starting)
         except (*LOST, RayTaskError) as exc:
-            # The last line is the actor's own error (e.g. its accelerator is missing, and the fix); the first
-            # is Ray's "The actor died because of an error raised in its creation task".
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            if not self.started:
-                raise RuntimeError(f"{enc.name} could not start: {reason}") from exc
+            # An exception from the start-up code itself fails the same way on every try; a process that died
+            # (killed, out of memory, its node gone) is replaced like any lost encoder.
+            deterministic = isinstance(exc, RayTaskError) or getattr(exc, "actor_init_failed", False)
+            if deterministic and not self.started:
+                raise EncoderStartError(f"{enc.name} could not start: {last_line(exc)}") from exc
             self._lose(enc, exc)
             return
         enc.starting = None
@@ -176,8 +201,11 @@ class EncoderPool:
         enc.in_flight.clear()
         self._drop(enc)
         self.losses += 1
-        if self.losses > 3 * self.desired_count() + 3:
-            raise RuntimeError(f"encoders keep dying ({self.losses} lost); last: {exc}") from exc
+        self.losses_since_progress += 1
+        self.changed = self._scale_now = True  # tell the heartbeat; start the replacement now, not at the next tick
+        if self.losses_since_progress > 3 * self.desired_count() + 3:
+            raise RuntimeError(f"encoders keep dying ({self.losses_since_progress} lost with no shard written "
+                               f"in between); last: {last_line(exc)}") from exc
 
     def _collect(self, ref, queue: deque, on_done) -> None:
         enc = next(e for e in self.encoders.values() if ref in e.in_flight)
@@ -192,7 +220,8 @@ class EncoderPool:
             if isinstance(getattr(exc, "cause", None), OutputWriteError):
                 raise exc.cause from None
             self.attempts[spec.id] = self.attempts.get(spec.id, 0) + 1
-            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            self.changed = True
+            reason = last_line(exc)
             if self.attempts[spec.id] <= self.max_retries:
                 self.log(f"shard {spec.id} failed on {enc.name} (attempt {self.attempts[spec.id]}): {reason}; retrying")
                 queue.append(spec)
@@ -201,6 +230,7 @@ class EncoderPool:
                 self.failed[spec.id] = reason
             return
         del enc.in_flight[ref]
+        self.losses_since_progress = 0
         on_done(spec, stats)
 
     def shutdown(self) -> None:

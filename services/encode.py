@@ -6,20 +6,26 @@ local Ray. Re-running with the same arguments finishes only the shards that are 
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import socket
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
-from services.encoder import EncoderOptions
 from services.lock import OutputLock, OutputLocked
 from services.manifest import ManifestError
-from services.plan import PlanMismatch, prepare_plan, record_encode_run, write_json_atomic
+from services.preflight import InputProblem, check_inputs
+from services.progress import read_json_object
 from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, write_failure
-from shared.device import DEVICE_CHOICES, codec_numerics
-from shared.schema import published_shards
+from shared.schema import COMPLETE_MARKER, PLAN_FILE, SUMMARY_FILE, published_shards
 from shared.storage import local_path
+
+# shared.device's list, spelled out so that `--help` and the input checks do not wait for torch to import
+# (tests/test_encode_preflight.py checks the two agree).
+DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 
 
 def output_directory(text: str) -> Path:
@@ -59,32 +65,102 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--export-jsonl", type=Path, default=None, help="also write upstream train_with_codes.jsonl")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--progress-seconds", type=float, default=10.0)
+    p.add_argument("--max-retries", type=int, default=2, help="tries of a shard that raised, after the first, "
+                   "before it is reported failed")
+    p.add_argument("--ray-dashboard", action="store_true", help="start Ray's dashboard with the private local "
+                   "Ray (off by default: it costs seconds of start-up)")
     return p.parse_args(argv)
 
 
-def connect_ray(address: str | None) -> None:
+def connect_ray(address: str | None, dashboard: bool = False) -> subprocess.Popen | None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a private local Ray and its reaper
+    (services/reaper.py), which is returned: closing its stdin, or this process's death, sends it reaping."""
     import ray
 
     address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, logging_level="WARNING", log_to_driver=True)
+        return None
+    reaper = subprocess.Popen([sys.executable, "-m", "services.reaper", str(os.getpid())], stdin=subprocess.PIPE,
+                              process_group=0)
     # "local" starts a private cluster instead of joining whatever runs on this machine.
-    ray.init(address=address or "local", logging_level="WARNING", log_to_driver=True)
+    ray.init(address="local", logging_level="WARNING", log_to_driver=True, include_dashboard=dashboard)
+    return reaper
+
+
+class PlanInBackground:
+    """prepare_plan on a thread, so that hashing the codec and normalising the manifest overlap Ray's start.
+    (Ray itself is started on the main thread: its daemons die with the thread that started them.)"""
+
+    def __init__(self, driver: "Driver"):
+        self.plan, self.error = None, None
+        self.started = time.time()
+        self.seconds = 0.0
+        self._thread = threading.Thread(target=self._run, args=(driver,), name="plan", daemon=True)
+        self._thread.start()
+
+    def _run(self, driver: "Driver") -> None:
+        from services.plan import PlanMismatch  # imports torch (shared.device): here, beside Ray's start
+
+        try:
+            try:
+                self.plan = self._prepare(driver, driver.args.replan)
+            except PlanMismatch:
+                # A plan nothing was published under (its job stopped at start-up, e.g. on a codec that would not
+                # load) holds nothing to keep: the corrected command replans instead of asking for --replan.
+                if published_shards(driver.output):
+                    raise
+                driver.log("the plan there is for other inputs and has no published shard: replanning")
+                self.plan = self._prepare(driver, True)
+        except BaseException as exc:  # re-raised on the main thread by result()
+            self.error = exc
+        self.seconds = time.time() - self.started
+
+    @staticmethod
+    def _prepare(driver: "Driver", replan: bool):
+        from services.plan import prepare_plan
+
+        args = driver.args
+        return prepare_plan(driver.output, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
+                            min_seconds=args.min_seconds, max_seconds=args.max_seconds, ref_audio=args.ref_audio,
+                            replan=replan, log=driver.log)
+
+    def result(self):
+        self._thread.join()
+        if self.error is not None:
+            raise self.error
+        return self.plan
 
 
 class Driver:
     def __init__(self, args: argparse.Namespace):
         self.args, self.output = args, args.output.resolve()
         self.started = time.time()
-        self.failed: dict[int, str] = {}
+        self.pool = None  # the EncoderPool once Ray is up
+        self.kind = "cpu"  # the accelerator kind encoders are placed on, once Ray is up
+        self.ray_up = False
+        self.reaper: subprocess.Popen | None = None
         self.encode_seconds = 0.0  # time spent with encoders running, for the throughput line
         self.run_rows, self.run_audio_seconds = 0, 0.0  # what this run (not earlier ones) encoded
+
+    @property
+    def failed(self) -> dict[int, str]:
+        return self.pool.failed if self.pool is not None else {}
 
     def log(self, message: str) -> None:
         print(f"[encode {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
-    def heartbeat(self, state: str, encoders: int = 0, message: str = "") -> None:
+    def heartbeat(self, state: str, message: str = "") -> None:
+        """driver.json: read by /status. Failures, retries and lost encoders are live: the pool asks for a
+        heartbeat as soon as one happens."""
+        from services.plan import write_json_atomic
+
+        pool = self.pool
         write_json_atomic(self.output / "driver.json", {
             "pid": os.getpid(), "host": socket.gethostname(), "state": state, "started": self.started,
-            "updated": time.time(), "num_encoders": encoders, "failed_shards": {str(k): v for k, v in self.failed.items()},
+            "updated": time.time(), "num_encoders": len(pool.encoders) if pool else 0,
+            "failed_shards": {str(k): v for k, v in self.failed.items()},
+            "shard_retries": pool.retries if pool else 0, "encoders_lost": pool.losses if pool else 0,
             "message": message})
 
     def start_status(self):
@@ -105,29 +181,87 @@ class Driver:
         self.log(f"status: {server.url}/status")
         return server
 
+    def since_start(self) -> str:
+        return f"{time.time() - self.started:.1f} s"
+
     def run(self) -> int:
+        """Plan (on a thread) while Ray and the encoders start, unless the job is already complete."""
+        # On a fresh output the actors start with Ray. A resubmit's plan may turn out to be for other inputs
+        # (refused) or be moved aside (--replan): its actors wait for the plan. (Read before the plan is written.)
+        fresh = not (self.output / PLAN_FILE).exists()
+        planning = PlanInBackground(self)
+        try:
+            if not (self.output / COMPLETE_MARKER).exists():
+                # The encoder pool's imports (torch among them) load on a thread while Ray starts on this one.
+                threading.Thread(target=importlib.import_module, args=("services.dispatch",), daemon=True).start()
+                self.start_encoders(spawn=fresh)
+            plan = planning.result()
+            self.log(f"planned in {planning.seconds:.1f} s")
+            return self.finish(plan)
+        finally:
+            self.stop_encoders()
+
+    def start_encoders(self, spawn: bool) -> None:
+        from services.dispatch import EncoderPool, cluster_kind
+        from services.encoder import EncoderOptions
+
+        args = self.args
+        self.reaper = connect_ray(args.address, args.ray_dashboard)
+        self.ray_up = True
+        kind = self.kind = cluster_kind(args.device)
+        self.log(f"Ray ready after {self.since_start()}")
+        options = EncoderOptions(
+            codec=str(args.codec.resolve()), output=str(self.output),
+            max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
+            decode_threads=args.decode_threads, placement=kind, exact_tail=args.exact_tail,
+            min_seconds=args.min_seconds, max_seconds=args.max_seconds,
+            torch_threads=max(1, int(args.cpus_per_encoder)) if kind == "cpu" else 0)
+        self.pool = EncoderPool(options, kind, args.num_encoders or None, args.cpus_per_encoder,
+                                max_retries=args.max_retries, log=self.log)
+        if spawn:
+            self.pool.scale()
+
+    def stop_encoders(self) -> None:
+        if self.ray_up:
+            import ray
+
+            if self.pool is not None:
+                self.pool.shutdown()
+            ray.shutdown()
+            self.ray_up = False
+        if self.reaper is not None:
+            self.reaper.stdin.close()  # the reaper ends whatever of the private Ray is left, then exits
+            self.reaper.wait(timeout=30)
+            self.reaper = None
+
+    def finish(self, plan) -> int:
         from services.finalize import export_jsonl, write_summary
         from services.progress import collect_progress, format_progress_line
 
         args = self.args
-        plan = prepare_plan(self.output, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
-                            min_seconds=args.min_seconds, max_seconds=args.max_seconds, ref_audio=args.ref_audio,
-                            replan=args.replan, log=self.log)
-        self.plan = plan
         writer = ShardWriter(self.output)
-        removed = writer.remove_temporaries()  # safe: we hold the lock and no encoder of ours runs yet
+        removed = writer.remove_temporaries()  # safe: we hold the lock and no encoder of ours has work yet
         if removed:
             self.log(f"removed {len(removed)} temporary files left by encoders that were killed mid-shard")
         done = published_shards(self.output)
         pending = [s for s in plan.shards if s.id not in done]
         self.log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; {len(done)} already published, "
                  f"{len(pending)} to encode")
-        status = self.start_status()
-        try:
-            if pending:
-                writer.check_writable()  # fail now, not after the encoders have started
-                self.encode(pending)
+        if not pending:  # a rerun of a finished job: keep the summary's time, it is the job's
+            self.stop_encoders()
+            previous = read_json_object(self.output / SUMMARY_FILE) or {}
+            summary = write_summary(self.output, plan, previous.get("elapsed_seconds") or time.time() - self.started)
+            self.heartbeat("finished" if summary["complete"] else "failed")
+            self.log(f"nothing to encode: all {len(plan.shards)} shards were already published")
+        else:
+            status = self.start_status()
+            try:
+                writer.check_writable()  # fail now, not after the encoders have taken shards
+                self.encode(plan, pending)
                 writer.remove_temporaries()  # of encoders killed mid-shard this run; ours are stopped now
+            finally:
+                if status is not None:
+                    status.stop()
             summary = write_summary(self.output, plan, time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
                            f"{len(self.failed)} shards failed; re-run the same command to retry them")
@@ -136,66 +270,57 @@ class Driver:
                 self.log(f"throughput this run: {len(pending)} shards in {self.encode_seconds:.1f} s "
                          f"({self.run_rows / self.encode_seconds:.1f} rows/s, "
                          f"{self.run_audio_seconds / self.encode_seconds:.1f} audio-s/s)")
-            self.log(f"summary: {summary['rows_ok']} rows ok, {summary['rows_error']} errors "
-                     f"{summary['errors_by_reason']}, {summary['audio_hours']:.4f} h audio; "
-                     f"{'complete' if summary['complete'] else 'INCOMPLETE'} -> {self.output}")
-            if args.export_jsonl and summary["complete"]:
-                self.log(f"exported {export_jsonl(self.output, args.export_jsonl)} rows to {args.export_jsonl}")
-            return 0 if summary["complete"] else 1
-        finally:
-            if status is not None:
-                status.stop()
+        self.log(f"summary: {summary['rows_ok']} rows ok, {summary['rows_error']} errors "
+                 f"{summary['errors_by_reason']}, {summary['audio_hours']:.4f} h audio; "
+                 f"{'complete' if summary['complete'] else 'INCOMPLETE'} -> {self.output}")
+        if args.export_jsonl and summary["complete"]:
+            for line in export_jsonl(self.output, args.export_jsonl).describe(args.export_jsonl):
+                self.log(line)
+        return 0 if summary["complete"] else 1
 
-    def encode(self, pending) -> None:
-        import ray
-
-        from services.dispatch import EncoderPool, cluster_kind
+    def encode(self, plan, pending) -> None:
         from services.progress import collect_progress, format_progress_line
+        from services.plan import record_encode_run
+        from shared.device import codec_numerics
 
-        args = self.args
-        connect_ray(args.address)
-        kind = cluster_kind(args.device)
-        record_encode_run(self.output, self.plan, codec_numerics(kind), self.log)  # plan.json: which hardware
-        fixed = args.num_encoders or None
-        options = EncoderOptions(
-            codec=str(args.codec.resolve()), output=str(self.output),
-            max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
-            decode_threads=args.decode_threads, placement=kind, exact_tail=args.exact_tail,
-            min_seconds=args.min_seconds, max_seconds=args.max_seconds,
-            torch_threads=max(1, int(args.cpus_per_encoder)) if kind == "cpu" else 0)
-        pool = EncoderPool(options, kind, fixed, args.cpus_per_encoder, log=self.log)
+        if not self.ray_up:
+            self.start_encoders(spawn=True)
+        record_encode_run(self.output, plan, codec_numerics(self.kind), self.log)  # plan.json: which hardware
+        pool = self.pool
         pool.scale()
-        self.heartbeat("running", len(pool.encoders))
-
-        def beat(*_):
-            self.heartbeat("running", len(pool.encoders))
+        self.heartbeat("running")
 
         def on_done(spec, stats):
             self.run_rows += stats.rows_ok
             self.run_audio_seconds += stats.audio_seconds
-            beat()
+            self.heartbeat("running")
 
         def on_tick():
-            beat()
+            self.heartbeat("running")
             self.log(format_progress_line(collect_progress(self.output)))
 
         try:
             begun = time.time()
-            self.failed = pool.run(pending, on_done, on_tick, args.progress_seconds)
+            pool.run(pending, on_done, on_tick, self.args.progress_seconds)
             # Throughput counts from the first encoder ready: actor start and codec load are a fixed cost.
             ready = pool.first_started_at or begun
             self.encode_seconds = time.time() - ready
-            self.log(f"encoders took {ready - begun:.1f} s to start (actor, device, codec load)")
+            self.log(f"first encoder ready {ready - self.started:.1f} s after the driver started "
+                     f"(imports, Ray, actor, device, codec load)")
         except BaseException as exc:
             self.heartbeat("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", message=str(exc))
             raise
         finally:
-            pool.shutdown()
-            ray.shutdown()
+            self.stop_encoders()
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    try:
+        check_inputs(args)  # before Ray starts and before anything is written
+    except InputProblem as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     lock = OutputLock(args.output.resolve())
     try:
         lock.acquire()
@@ -203,7 +328,15 @@ def main(argv: list[str] | None = None) -> int:
     except OutputLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 3
-    except (PlanMismatch, ManifestError, FileNotFoundError) as exc:
+    except (ManifestError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except RuntimeError as exc:
+        from services.dispatch import EncoderStartError
+        from services.plan import PlanMismatch
+
+        if not isinstance(exc, (PlanMismatch, EncoderStartError)):
+            raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

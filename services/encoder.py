@@ -3,6 +3,7 @@ Parquet file. Bad input becomes an error row; only a failure of the encoder itse
 from __future__ import annotations
 
 import os
+import re
 import socket
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from services.batching import Prefetcher, form_batches, probe_duration
-from services.manifest import LINE_ERROR, read_range
+from services.manifest import ENTRY_ERROR, LINE_ERROR, read_range
 from services.plan import ShardSpec, write_json_atomic
 from services.writer import ShardWriter
 from shared.audio import SAMPLES_PER_FRAME, AudioError, AudioLimits, Clip, load_audio
@@ -21,6 +22,8 @@ from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, apply_codec_numeric
 from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardRow, ShardStats
 
 HEARTBEAT_SECONDS = 2.0
+MAX_TEXT_CHARACTERS = 2000  # ~2 minutes of fast speech: more than any clip under the 60 s limit can say
+CONTROL_CHARACTERS = re.compile(r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # tab and newlines are allowed
 RATE_WINDOW_SECONDS = 30.0
 
 
@@ -43,19 +46,29 @@ class EncoderOptions:
 
 
 def _error_row(index: int, entry: dict, message: str) -> ShardRow:
-    return ShardRow.from_entry(index, {k: v for k, v in entry.items() if k != LINE_ERROR}, error=message)
+    return ShardRow.from_entry(index, {k: v for k, v in entry.items() if k not in (LINE_ERROR, ENTRY_ERROR)},
+                               error=message)
 
 
 def check_entry(entry: dict) -> str | None:
     """Reasons a manifest entry cannot be encoded before any audio is read."""
     if LINE_ERROR in entry:
         return f"bad_line: {entry[LINE_ERROR]}"
+    if ENTRY_ERROR in entry:
+        return str(entry[ENTRY_ERROR])
     audio = entry.get("audio")
     if not isinstance(audio, str) or not audio:
         return "no_audio: the entry has no 'audio' path; add one"
     text = entry.get("text")
     if not isinstance(text, str) or not text.strip():
         return f"empty_text: {audio} has no transcript text; add 'text' to its manifest line"
+    if len(text) > MAX_TEXT_CHARACTERS:
+        return (f"text_too_long: {audio} has {len(text)} characters of text (at most {MAX_TEXT_CHARACTERS}); "
+                "check the transcript belongs to this clip, or split both")
+    control = CONTROL_CHARACTERS.search(text)
+    if control:
+        return (f"bad_text: {audio}'s text holds a control character (U+{ord(control.group()):04X} at "
+                f"{control.start()}); remove it from the transcript")
     ref = entry.get("ref_audio")
     if ref is not None and (not isinstance(ref, str) or not os.path.isfile(ref)):
         return f"missing_ref_audio: reference {ref} does not exist; fix 'ref_audio' in the manifest"

@@ -2,13 +2,22 @@
 upstream-format JSONL export for tools that expect `train_with_codes.jsonl`."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
+import soundfile as sf
+
 from services.plan import Plan, write_json_atomic
+from shared.audio import CODEC_SAMPLE_RATE, AudioError, AudioLimits, load_audio
 from shared.schema import COMPLETE_MARKER, ERRORS_FILE, SUMMARY_FILE, ShardRow, published_shards, read_rows, read_stats
+
+
+REFS_24K_DIR = "refs_24k"
+REFERENCE_MAX_SECONDS = 600.0  # references may be longer than the clips the encode service accepts
 
 
 def iter_rows(output: Path, columns: list[str]):
@@ -45,15 +54,66 @@ def write_summary(output: Path, plan: Plan, elapsed: float) -> dict:
     return summary
 
 
-def export_jsonl(output: Path, destination: Path) -> int:
-    """Good rows as upstream's train_with_codes.jsonl: audio, text, ref_audio, audio_codes (frames x 16)."""
+@dataclass
+class JsonlExport:
+    rows: int
+    resampled: dict[str, str] = field(default_factory=dict)  # reference -> its 24 kHz copy under refs_24k/
+    unreadable: list[str] = field(default_factory=list)  # references whose rate could not be read (kept as is)
+
+    def describe(self, destination: Path) -> list[str]:
+        lines = [f"exported {self.rows} rows to {destination}"]
+        if self.resampled:
+            lines.append(f"{len(self.resampled)} reference(s) not at 24 kHz (upstream's dataset.py asserts 24 kHz): "
+                         f"ref_audio points at their 24 kHz copies in {destination.parent / REFS_24K_DIR}")
+        if self.unreadable:
+            lines.append(f"{len(self.unreadable)} reference(s) could not be read and were kept as they are: "
+                         f"{', '.join(self.unreadable[:5])}")
+        return lines
+
+
+def export_jsonl(output: Path, destination: Path) -> JsonlExport:
+    """Good rows as upstream's train_with_codes.jsonl: every key of the manifest line (audio, text, ref_audio,
+    speaker, language and any other) plus audio_codes (frames x 16). Upstream's dataset.py asserts 24 kHz
+    references, so a reference at another rate is written once, resampled, to refs_24k/ next to the export,
+    and the line's ref_audio points at that copy."""
+    destination = Path(destination)
+    export = JsonlExport(0)
+    rates: dict[str, int | None] = {}
     tmp = destination.with_name(destination.name + ".tmp")
-    count = 0
     with open(tmp, "w", encoding="utf-8") as f:
-        for row in iter_rows(output, ["audio", "text", "ref_audio", "codes", "error"]):
-            if row.ok:
-                f.write(json.dumps({"audio": row.audio, "text": row.text, "ref_audio": row.ref_audio,
-                                    "audio_codes": row.codes.tolist()}, ensure_ascii=False) + "\n")
-                count += 1
+        for row in iter_rows(output, ["audio", "text", "ref_audio", "speaker", "language", "extra", "codes",
+                                      "error"]):
+            if not row.ok:
+                continue
+            line = row.manifest_line()
+            if row.ref_audio:
+                line["ref_audio"] = _reference_at_24k(row.ref_audio, destination.parent / REFS_24K_DIR, rates, export)
+            line["audio_codes"] = row.codes.tolist()
+            f.write(json.dumps(line, ensure_ascii=False) + "\n")
+            export.rows += 1
     os.replace(tmp, destination)
-    return count
+    return export
+
+
+def _reference_at_24k(ref: str, refs_dir: Path, rates: dict, export: JsonlExport) -> str:
+    """The path to write for `ref`: itself at 24 kHz, else its copy under refs_dir (written on first use)."""
+    if ref not in rates:
+        try:
+            rates[ref] = sf.info(ref).samplerate
+            if rates[ref] != CODEC_SAMPLE_RATE:
+                export.resampled[ref] = str(_write_24k_copy(ref, refs_dir))
+        except (OSError, RuntimeError, AudioError) as exc:
+            rates[ref] = None
+            export.unreadable.append(f"{ref} ({exc})")
+    return export.resampled.get(ref, ref)
+
+
+def _write_24k_copy(ref: str, refs_dir: Path) -> Path:
+    """Mono 24 kHz float wav (the resampling the encoder uses), named by stem + a hash of the source path."""
+    refs_dir.mkdir(parents=True, exist_ok=True)
+    target = refs_dir / f"{Path(ref).stem}-{hashlib.sha1(ref.encode()).hexdigest()[:10]}.wav"
+    samples = load_audio(ref, AudioLimits(min_seconds=0.0, max_seconds=REFERENCE_MAX_SECONDS)).samples
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    sf.write(tmp, samples, CODEC_SAMPLE_RATE, subtype="FLOAT", format="WAV")
+    os.replace(tmp, target)
+    return target

@@ -12,6 +12,8 @@ AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".aiff", ".aif"}
 TRANSCRIPT_SUFFIXES = (".txt", ".lab")
 # Key an entry carries when its input line could not be read; the encoder turns it into an error row.
 LINE_ERROR = "line_error"
+# Key an entry carries when the manifest as a whole rejects it: "reason: detail", the error row's text as is.
+ENTRY_ERROR = "entry_error"
 
 
 class ManifestError(ValueError):
@@ -93,10 +95,12 @@ def write_normalised(source: Path, destination: Path, ref_audio: str | None = No
     entries = iter_directory(source, ref_audio) if source.is_dir() else iter_jsonl(source)
     tmp = destination.with_name(destination.name + ".tmp")
     count = 0
+    first_line_of_id: dict[str, int] = {}
     with open(tmp, "w", encoding="utf-8") as out:
         for entry in entries:
             if ref_audio and not entry.get("ref_audio") and LINE_ERROR not in entry:
                 entry["ref_audio"] = str(Path(ref_audio).resolve())
+            mark_duplicate_id(entry, count, first_line_of_id)
             out.write(json.dumps(entry, ensure_ascii=False) + "\n")
             count += 1
     if count == 0:
@@ -104,6 +108,19 @@ def write_normalised(source: Path, destination: Path, ref_audio: str | None = No
         raise ManifestError(f"manifest {source} holds no entries; nothing to encode")
     os.replace(tmp, destination)
     return count
+
+
+def mark_duplicate_id(entry: dict, line: int, first_line_of_id: dict[str, int]) -> None:
+    """A second line with an id already used becomes an error row: ids name rows downstream (export, training
+    logs), and a repeated id is usually a line pasted twice."""
+    entry_id = entry.get("id")
+    if entry_id is None or LINE_ERROR in entry:
+        return
+    key = str(entry_id)
+    first = first_line_of_id.setdefault(key, line)
+    if first != line:
+        entry[ENTRY_ERROR] = (f"duplicate_id: id {key[:80]!r} is already used by manifest line {first + 1}; "
+                              "give every line its own id (or remove the repeated line)")
 
 
 def read_range(manifest: Path, byte_start: int, byte_end: int) -> list[dict]:

@@ -128,6 +128,13 @@ def failed_shard_ids(driver: dict | None) -> set[int]:
     return {int(k) for k in failed if str(k).isdigit()}
 
 
+def driver_faults(driver: dict | None) -> dict:
+    """Retried shard attempts and lost encoders of the current (or last) run, as the driver last told them (a key
+    only when driver.json has it)."""
+    driver = driver or {}
+    return {key: int(as_number(driver[key])) for key in ("shard_retries", "encoders_lost") if key in driver}
+
+
 def idle_rate(stats: list[ShardStats], summary: dict | None) -> tuple[float, float]:
     """(rows/s, audio-s/s) when no encoder is alive: over the job's wall time once the summary gives it,
     else the speed the published shards were encoded at (encoder time, so one encoder's speed)."""
@@ -197,6 +204,7 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
         "audio_hours": audio_seconds / 3600.0,
         "rate": {"rows_per_s": rows_per_s, "audio_seconds_per_s": audio_per_s},
         "eta_seconds": eta,
+        "faults": driver_faults(driver),
         "encoders": encoders,
         "nodes": nodes,
         "updated": now,

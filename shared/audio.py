@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import io
 import os
+import stat
 from dataclasses import dataclass
 
 import numpy as np
@@ -61,16 +62,40 @@ def resample(samples: np.ndarray, source_rate: int, target_rate: int = CODEC_SAM
     return np.pad(out, (0, length - len(out)))
 
 
+def check_regular_file(path: str) -> None:
+    """Raise AudioError unless `path` is a regular file this process can open. Never opens anything that could
+    block (a FIFO waits for a writer) or that is not a file (a directory, a device)."""
+    try:
+        st = os.stat(path)  # follows symlinks: a loop or a dangling link fails here
+    except FileNotFoundError:
+        raise AudioError(path, "missing_file", "file does not exist; fix the path in the manifest") from None
+    except (OSError, ValueError) as exc:  # ELOOP, ENOTDIR, ENAMETOOLONG, EACCES, a NUL byte in the path
+        detail = getattr(exc, "strerror", None) or str(exc)
+        raise AudioError(path, "unreadable", f"cannot open the path ({detail}); fix the path or the file") from None
+    if stat.S_ISDIR(st.st_mode):
+        raise AudioError(path, "not_a_file", "is a directory, not an audio file; point the manifest at a file in it")
+    if not stat.S_ISREG(st.st_mode):
+        raise AudioError(path, "not_a_file", "is not a regular file (a pipe, socket or device); copy the audio "
+                                             "into a file and point the manifest at it")
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise AudioError(path, "unreadable", f"cannot open the file ({exc.strerror}); fix its permissions or "
+                                             "storage") from None
+
+
 def load_audio(path: str, limits: AudioLimits = AudioLimits(), data: bytes | None = None) -> Clip:
     """Decode `path` (or the given bytes, named `path` in errors) into a validated 24 kHz mono clip."""
-    if data is None and not os.path.isfile(path):
-        raise AudioError(path, "missing_file", "file does not exist; fix the path in the manifest")
+    if data is None:
+        check_regular_file(path)
     source = io.BytesIO(data) if data is not None else path
     try:
         info = sf.info(source)
     except Exception as exc:  # libsndfile's errors are plain RuntimeErrors with a message
         detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise AudioError(path, "undecodable", f"not a readable audio file ({detail}); re-export it as WAV/FLAC") from None
+        raise AudioError(path, "undecodable", f"not a readable audio file ({detail}); re-export it as WAV/FLAC "
+                                              "(soundfile also reads OGG/Vorbis, Opus and MP3)") from None
     if info.frames <= 0 or info.samplerate <= 0:
         raise AudioError(path, "empty_audio", "file holds no samples; re-record or drop it from the manifest")
     duration = info.frames / info.samplerate
@@ -82,7 +107,8 @@ def load_audio(path: str, limits: AudioLimits = AudioLimits(), data: bytes | Non
     try:
         samples, rate = sf.read(source, dtype="float32", always_2d=False)
     except Exception as exc:
-        raise AudioError(path, "undecodable", f"decoding failed ({exc}); the file is truncated or corrupt, re-export it") from None
+        raise AudioError(path, "undecodable",
+                         f"decoding failed ({exc}); the file is truncated or corrupt, re-export it") from None
     samples = to_mono(samples)
     if samples.size == 0:
         raise AudioError(path, "empty_audio", "file holds no samples; re-record or drop it from the manifest")

@@ -179,7 +179,17 @@ def save_model_dir(model: Qwen3TTSForConditionalGeneration, out: str | Path, sta
     config["speaker_encoder_config"] = {k: v for k, v in config.get("speaker_encoder_config", {}).items()
                                         if k in accepted}
     config["architectures"] = [type(model).__name__]
+    _drop_local_paths(config)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tensors = state_dict if state_dict is not None else model.state_dict()
     save_file({k: v.detach().contiguous() for k, v in tensors.items()}, out / "model.safetensors",
               metadata={"format": "pt"})
+
+
+def _drop_local_paths(config: dict) -> None:
+    """`_name_or_path` records the directory the model was loaded from: a written model must not carry it."""
+    for key, value in config.items():
+        if key == "_name_or_path":
+            config[key] = ""
+        elif isinstance(value, dict):
+            _drop_local_paths(value)

@@ -8,12 +8,12 @@ from pathlib import Path
 from shared.tiny_codec import write_codec
 
 
-def write_tiny(output: str | Path, seed: int = 0) -> Path:
+def write_tiny(output: str | Path, seed: int = 0, shape: str = "1.7b", distinct_speakers: bool = False) -> Path:
     from shared.tiny_model import write_model
 
     out = Path(output)
     codec_dir = write_codec(out / "codec", "tiny", seed)
-    write_model(out / "model", codec_dir, seed)
+    write_model(out / "model", codec_dir, seed, shape, distinct_speakers)
     return out
 
 
@@ -21,8 +21,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--output", required=True, help="directory to write codec/ and model/ into")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--shape", default="1.7b", choices=["1.7b", "0.6b"],
+                        help="0.6b: text width larger than the talker's, as in Qwen3-TTS-12Hz-0.6B-Base")
+    parser.add_argument("--distinct-speakers", action="store_true",
+                        help="a speaker encoder whose x-vectors tell voices apart (several speakers)")
     args = parser.parse_args(argv)
-    out = write_tiny(args.output, args.seed)
+    out = write_tiny(args.output, args.seed, args.shape, args.distinct_speakers)
     print(f"wrote tiny codec to {out / 'codec'} and tiny model to {out / 'model'}")
 
 

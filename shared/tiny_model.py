@@ -4,6 +4,10 @@ It keeps every id of the released checkpoints (talker vocab 3072 with codec pad 
 text vocab 151936 with <|im_start|> 151644 and the tts pad/bos/eos 151671..151673) so the same code paths
 run on it as on real weights; only widths and depths shrink. The text embedding is the largest tensor
 (151936 x TEXT_HIDDEN), hence a very small text width.
+
+Two shapes: "1.7b" (the default; text width at most the talker's, as in 1.7B where both are 2048) and "0.6b"
+(text width larger than the talker's, as in 0.6B: text 2048, talker 1024, so `text_projection` changes the
+width and a forward that skips it cannot even run).
 """
 from __future__ import annotations
 
@@ -18,6 +22,8 @@ from shared.qwen import Qwen3TTSConfig, Qwen3TTSForConditionalGeneration, save_m
 TEXT_VOCAB_SIZE = 151936
 TEXT_HIDDEN = 32
 HIDDEN = 64
+# shape -> (text hidden, talker hidden, code-predictor hidden)
+SHAPES = {"1.7b": (TEXT_HIDDEN, HIDDEN, 32), "0.6b": (64, 32, 32)}
 
 # Special text tokens at the ids the released tokenizer gives them.
 TEXT_SPECIALS = {
@@ -61,10 +67,44 @@ _TOKENIZER_CORPUS = [
 ]
 
 
-def tiny_config() -> Qwen3TTSConfig:
-    talker = dict(TALKER, code_predictor_config=dict(CODE_PREDICTOR))
-    return Qwen3TTSConfig(talker_config=talker, speaker_encoder_config=dict(SPEAKER_ENCODER),
-                          tokenizer_type="qwen3_tts_tokenizer_12hz", tts_model_size="tiny", tts_model_type="base")
+def tiny_config(shape: str = "1.7b") -> Qwen3TTSConfig:
+    if shape not in SHAPES:
+        raise ValueError(f"tiny model shape {shape!r}: choose one of {', '.join(SHAPES)}")
+    text_hidden, hidden, predictor_hidden = SHAPES[shape]
+    talker = dict(TALKER, hidden_size=hidden, text_hidden_size=text_hidden,
+                  code_predictor_config=dict(CODE_PREDICTOR, hidden_size=predictor_hidden))
+    return Qwen3TTSConfig(talker_config=talker, speaker_encoder_config=dict(SPEAKER_ENCODER, enc_dim=hidden),
+                          tokenizer_type="qwen3_tts_tokenizer_12hz",
+                          tts_model_size="0b6" if shape == "0.6b" else "tiny",  # "0b6": the released 0.6B's value
+                          tts_model_type="base")
+
+
+def spread_speaker_encoder(encoder, seed: int = 0, clips: int = 8) -> None:
+    """Make a random speaker encoder tell voices apart, as a trained one does.
+
+    Random ECAPA weights map any two speech clips to nearly the same x-vector (cosine ~0.99, norm ~0.3): every
+    log-mel shares a large common part that dominates the pooled statistics. Here the final layer is redrawn
+    to project the statistics' deviation from their mean over generated speech clips, scaled to unit spread per
+    dimension: distinct voices then give clearly distinct vectors (cosines well below 0.9). Tests of several
+    speakers need this; nothing else about the encoder changes.
+    """
+    from shared.qwen import speaker_mel
+    from shared.synth import synth_utterance
+
+    pooled = []
+    hook = encoder.fc.register_forward_hook(lambda module, inputs, output: pooled.append(inputs[0][0, :, 0]))
+    with torch.no_grad():
+        for i in range(clips):
+            encoder(speaker_mel(synth_utterance(1.0, 24_000, seed * 1000 + i)).unsqueeze(0))
+    hook.remove()
+    stats = torch.stack(pooled)
+    center = stats.mean(0)
+    spread = (stats - center).norm(dim=1).mean().clamp_min(1e-6)
+    weight = torch.randn(encoder.fc.out_channels, encoder.fc.in_channels,
+                         generator=torch.Generator().manual_seed(seed)) / spread
+    with torch.no_grad():
+        encoder.fc.weight.copy_(weight.unsqueeze(-1))
+        encoder.fc.bias.copy_(-weight @ center)
 
 
 def write_text_tokenizer(output: Path) -> None:
@@ -110,17 +150,21 @@ def write_text_tokenizer(output: Path) -> None:
     fast.save_pretrained(output, legacy_format=False)
 
 
-def write_model(output_dir: str | Path, codec_dir: str | Path, seed: int = 0) -> Path:
-    """Write a loadable tiny random Base model (weights, configs, tokenizer, speech_tokenizer/) to output_dir."""
+def write_model(output_dir: str | Path, codec_dir: str | Path, seed: int = 0, shape: str = "1.7b",
+                distinct_speakers: bool = False) -> Path:
+    """Write a loadable tiny random Base model (weights, configs, tokenizer, speech_tokenizer/) to output_dir.
+    `distinct_speakers`: a speaker encoder whose x-vectors differ between voices (spread_speaker_encoder)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = Qwen3TTSForConditionalGeneration(tiny_config()).eval()
+    model = Qwen3TTSForConditionalGeneration(tiny_config(shape)).eval()
     # Default init uses std 0.02: widen the codec embeddings so random generation is not one repeated code.
     with torch.no_grad():
         model.talker.model.codec_embedding.weight.normal_(0.0, 1.0)
         for emb in model.talker.code_predictor.model.codec_embedding:
             emb.weight.normal_(0.0, 1.0)
+    if distinct_speakers:
+        spread_speaker_encoder(model.speaker_encoder, seed)
     save_model_dir(model, out)
     (out / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))
     write_text_tokenizer(out)

@@ -65,6 +65,15 @@ def test_codes_equal_upstream_tokenizer(corpus, tiny_codec_dir, tmp_path):
         assert codes.min() >= 0 and codes.max() < CODEBOOK_SIZE
         assert len(np.unique(codes)) > 1, "a codec that emits one code proves nothing"
     assert partial_tails >= 5
+    # Upstream's batched prepare_data.py (every file in one `encode` call): the default's codes on every frame
+    # but the last frame of the batch's longest clip.
+    batched = reference_encode(codec, [entry["audio"] for entry in entries])
+    longest = max(range(len(entries)), key=lambda i: len(batched[i]))
+    for i, (row, upstream) in enumerate(zip(padded_rows, batched)):
+        codes = row["audio_codes"]
+        assert codes.shape == upstream.shape
+        last = len(codes) - 1 if i == longest else len(codes)
+        assert np.array_equal(codes[:last], upstream[:last]), row["id"]
 
 
 def test_resume_redoes_only_missing_shard(corpus, tiny_codec_dir, tmp_path):
@@ -117,14 +126,35 @@ def test_second_job_on_same_output_is_refused(corpus, tiny_codec_dir, tmp_path):
 
 
 def test_export_jsonl_in_upstream_format(corpus, tiny_codec_dir, tmp_path):
-    manifest, entries = corpus
-    out, exported = tmp_path / "out", tmp_path / "train_with_codes.jsonl"
+    """Every key of each manifest line comes back with the codes; a reference not at 24 kHz is replaced by a
+    24 kHz copy in refs_24k/ next to the export (upstream's dataset.py asserts 24 kHz), and the log says so."""
+    import soundfile as sf
+
+    from shared.audio import AudioLimits, load_audio
+
+    _, entries = corpus
+    assert sf.info(entries[1]["audio"]).samplerate == 16_000
+    # Speakers, languages and keys the pipeline does not know, on top of the upstream ones; two references.
+    entries = [{**e, "ref_audio": entries[i % 2]["audio"], "speaker": f"spk{i % 2}", "emotion": {"calm": i},
+                **({"language": "English"} if i % 3 else {})} for i, e in enumerate(entries)]
+    manifest = write_manifest(tmp_path / "raw.jsonl", entries)
+    out, exported = tmp_path / "out", tmp_path / "export" / "train_with_codes.jsonl"
+    exported.parent.mkdir()
     result = run_encode("--manifest", str(manifest), "--codec", str(tiny_codec_dir), "--output", str(out),
                         "--export-jsonl", str(exported))
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "1 reference(s) not at 24 kHz" in result.stdout and str(exported.parent / "refs_24k") in result.stdout
     lines = [json.loads(line) for line in exported.read_text().splitlines()]
     assert [line["audio"] for line in lines] == [e["audio"] for e in entries]
     by_id = {r["audio"]: r["audio_codes"] for r in read_rows(out)}
-    for line in lines:
-        assert set(line) == {"audio", "text", "ref_audio", "audio_codes"}
-        assert np.array_equal(np.array(line["audio_codes"]), by_id[line["audio"]])
+    copies = sorted((exported.parent / "refs_24k").iterdir())
+    assert len(copies) == 1
+    for line, entry in zip(lines, entries):
+        assert np.array_equal(np.array(line.pop("audio_codes")), by_id[line["audio"]])
+        if entry["ref_audio"] == entries[1]["audio"]:  # 16 kHz: the copy, resampled as the encoder resamples
+            assert line.pop("ref_audio") == str(copies[0])
+            entry = {k: v for k, v in entry.items() if k != "ref_audio"}
+        assert line == entry
+    copy, rate = sf.read(copies[0], dtype="float32")
+    assert rate == 24_000
+    np.testing.assert_array_equal(copy, load_audio(entries[1]["audio"], AudioLimits()).samples)

@@ -103,3 +103,67 @@ def test_cli_fails_clearly_without_prosody(tmp_path: Path):
     result = run_cli("--root", str(tmp_path), "--output", str(tmp_path / "out.jsonl"))
     assert result.returncode != 0
     assert "prosody.txt not found" in result.stderr
+
+
+# Lines in the KAN-TTS format, with every mark kind: breaks #0..#4 (one led by `*`), part-of-speech marks |1..|9,
+# phrase tones %L / %H, and a `*` leading the text.
+MARKED = {
+    "000001": ("*今天#0天气|2很好%H#1，我们#2一起|1去%L#3公园#4。", "今天天气很好，我们一起去公园。"),
+    "000002": ("学习|3语音*#1合成|2%L#2模型#4！", "学习语音合成模型！"),
+    "000003": ("hello #1 world|1 %H#3 again#4", "hello world again"),
+}
+
+
+def write_speaker_tree(root: Path, speaker: str, utterances: dict, rate: int) -> None:
+    tree = root / speaker
+    lines = []
+    for utt, (marked, _) in utterances.items():
+        lines += [f"{utt}\t{marked}", "\tjin1 tian1 tian1 qi4 hen3 hao3"]
+        write_wav(tree / "wav" / f"{utt}.wav", sr=rate)
+    (tree / "prosody").mkdir(parents=True)
+    (tree / "prosody" / "prosody.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def test_every_kantts_mark_kind_is_stripped():
+    for marked, clean in MARKED.values():
+        assert kantts.clean_text(marked) == clean
+
+
+def test_multi_speaker_root_converts_with_a_reference_per_speaker(tmp_path: Path):
+    root = tmp_path / "speakers"
+    write_speaker_tree(root, "female_a", MARKED, 16000)
+    write_speaker_tree(root, "male_b", {k: MARKED[k] for k in ("000001", "000002")}, 24000)
+    (root / "notes").mkdir()  # a directory without prosody/ is not a speaker
+    ref = tmp_path / "ref_b.wav"
+    write_wav(ref)
+    out = tmp_path / "train_raw.jsonl"
+    result = run_cli("--root", str(root), "--output", str(out), "--ref-audio", f"male_b={ref}", "--seed", "1")
+    assert result.returncode == 0, result.stderr
+    rows = read_jsonl(out)
+    assert [(r["speaker"], r["id"], r["text"]) for r in rows] == [
+        ("female_a", "female_a-000001", MARKED["000001"][1]), ("female_a", "female_a-000002", MARKED["000002"][1]),
+        ("female_a", "female_a-000003", MARKED["000003"][1]),
+        ("male_b", "male_b-000001", MARKED["000001"][1]), ("male_b", "male_b-000002", MARKED["000002"][1])]
+    refs = {r["speaker"]: r["ref_audio"] for r in rows}
+    assert len({r["ref_audio"] for r in rows if r["speaker"] == "female_a"}) == 1
+    assert Path(refs["female_a"]).parent == (root / "female_a" / "wav").resolve()  # picked among its own wavs
+    assert refs["male_b"] == str(ref.resolve())
+    assert all(Path(r["audio"]).is_file() for r in rows)
+    # The pick depends only on the seed and the files.
+    again = kantts.convert(root, {"male_b": ref}, seed=1).rows
+    assert again == rows
+    picks = {kantts.convert(root, seed=s).references["female_a"] for s in range(12)}
+    assert len(picks) > 1
+
+
+def test_multi_speaker_root_refuses_a_single_reference_or_an_unknown_speaker(tmp_path: Path):
+    root = tmp_path / "speakers"
+    write_speaker_tree(root, "a", MARKED, 16000)
+    write_speaker_tree(root, "b", MARKED, 16000)
+    ref = tmp_path / "ref.wav"
+    write_wav(ref)
+    one = run_cli("--root", str(root), "--output", str(tmp_path / "o.jsonl"), "--ref-audio", str(ref))
+    assert one.returncode == 2 and "--ref-audio NAME=PATH" in one.stderr
+    unknown = run_cli("--root", str(root), "--output", str(tmp_path / "o.jsonl"), "--ref-audio", f"c={ref}")
+    assert unknown.returncode == 2 and "unknown speaker(s) c" in unknown.stderr and "a, b" in unknown.stderr
+    assert not (tmp_path / "o.jsonl").exists()

@@ -1,6 +1,8 @@
 """Training matches inference: greedy generation's codes, replayed through the training forward, are the
 argmax of both heads at every frame (the proof that the four upstream bugs are absent), alone in its batch and
-packed between other utterances (each with its own positions, attending only to itself)."""
+packed between other utterances (each with its own positions, attending only to itself). Both codec prefixes are
+replayed: inference's "auto" (nothink, think_bos, think_eos) and an explicit language (think, think_bos,
+language id, think_eos), which moves the speaker slot and everything after it one position on."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +30,8 @@ class Replay:
     trainer: TalkerForTraining
     ids: SpecialIds
     model: object
+    language: str
+    hidden: torch.Tensor  # (T, D) generation's talker hidden states: the one that predicted each frame
 
     @property
     def talker_logits(self):  # (L, vocab) of the generated utterance's positions
@@ -38,15 +42,19 @@ class Replay:
         return self.out.sub_logits[self.batch.frame_utterance == self.utterance]
 
 
-def other_samples(ids, sizes, seed):
+def other_samples(ids, sizes, seed, languages=None):
     rng = np.random.default_rng(seed)
+    languages = languages or [None] * len(sizes)
     return [build_sample([151644, 358, 198], list(rng.integers(300, 400, size=n)),
-                         rng.integers(0, 2048, size=(t, 16)), ids) for n, t in sizes]
+                         rng.integers(0, 2048, size=(t, 16)), ids, language)
+            for (n, t), language in zip(sizes, languages)]
 
 
-@pytest.fixture(scope="module", params=["alone", "packed"])
+@pytest.fixture(scope="module", params=[("auto", "alone"), ("auto", "packed"), ("english", "alone"),
+                                        ("english", "packed")], ids="-".join)
 def replay(tiny_dir, request):
     """Greedy non-streaming generation with an x-vector prompt, then our training forward on its codes."""
+    language, placement = request.param
     torch.manual_seed(0)
     inference = load_inference_model(tiny_dir / "model")
     model = inference.model
@@ -54,19 +62,25 @@ def replay(tiny_dir, request):
     items = inference.create_voice_clone_prompt(ref_audio=(ref, 24000), x_vector_only_mode=True)
     prompt = inference._prompt_items_to_voice_clone_prompt(items)
     input_ids = inference._tokenize_texts([f"<|im_start|>assistant\n{TEXT}<|im_end|>\n<|im_start|>assistant\n"])
-    codes, _ = model.generate(input_ids=input_ids, voice_clone_prompt=prompt, languages=["auto"],
-                              non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
-                              repetition_penalty=1.0, max_new_tokens=MAX_NEW_TOKENS)
-    codes = codes[0]
+    codes, hidden = model.generate(input_ids=input_ids, voice_clone_prompt=prompt, languages=[language],
+                                   non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
+                                   repetition_penalty=1.0, max_new_tokens=MAX_NEW_TOKENS)
+    codes, hidden = codes[0], hidden[0]
     ids = SpecialIds.from_config(model.config)
     role, text_ids = text_token_ids(inference.processor.tokenizer, TEXT)
     xvector = speaker_embedding(model.speaker_encoder, speaker_mel(ref))
     torch.testing.assert_close(xvector, items[0].ref_spk_embedding.float(), rtol=0, atol=1e-6)
-    sample = build_sample(role, text_ids, codes.numpy(), ids)
-    if request.param == "alone":
+    sample = build_sample(role, text_ids, codes.numpy(), ids, language)
+    assert sample.speaker_pos == (6 if language == "auto" else 7)
+    assert list(sample.codec_ids[3:sample.speaker_pos, 0]) == (
+        [ids.codec_nothink, ids.codec_think_bos, ids.codec_think_eos] if language == "auto" else
+        [ids.codec_think, ids.codec_think_bos, model.config.talker_config.codec_language_id[language],
+         ids.codec_think_eos])
+    if placement == "alone":
         rows, where = [[sample]], (0, 0, 0)
-    else:  # second in a row of three, beside a shorter row (so the batch has padding too)
-        before, after, other = other_samples(ids, [(4, 9), (3, 5), (2, 6)], seed=1)
+    else:  # second in a row of three (neighbours with and without a language), beside a shorter row
+        before, after, other = other_samples(ids, [(4, 9), (3, 5), (2, 6)], seed=1,
+                                             languages=[None, "Chinese", "auto"])
         rows, where = [[other], [before, sample, after]], (1, len(before), 2)
     speakers = torch.randn(sum(len(r) for r in rows), xvector.shape[0])
     speakers[where[2]] = xvector
@@ -74,7 +88,30 @@ def replay(tiny_dir, request):
     trainer = TalkerForTraining(model.talker).eval()
     with torch.no_grad():
         out = trainer(batch, return_logits=True)
-    return Replay(codes, sample, batch, out, *where, trainer, ids, model)
+    return Replay(codes, sample, batch, out, *where, trainer, ids, model, language, hidden)
+
+
+def predicting_hidden(trainer: TalkerForTraining, batch, utterance: int) -> torch.Tensor:
+    """The training forward's hidden states at the positions that predict each frame of one utterance."""
+    with torch.no_grad():
+        hidden = trainer.hidden_states(batch)
+    index = batch.predictor_index[batch.frame_utterance == utterance]
+    return hidden[index[:, 0], index[:, 1]]
+
+
+def test_talker_hidden_states_equal_generation_and_the_other_prefix_differs(replay):
+    """Every hidden state generation computed is reproduced (to float rounding) with the row's prefix; the
+    other prefix (language id present or absent) shifts them far beyond rounding, so the replay tells the two
+    apart even where the tiny model's argmax does not."""
+    torch.testing.assert_close(predicting_hidden(replay.trainer, replay.batch, replay.utterance), replay.hidden,
+                               rtol=0, atol=1e-5)
+    text_ids = replay.sample.text_ids
+    role = text_ids[:3].tolist()
+    text = text_ids[replay.sample.speaker_pos + 2:len(text_ids) - len(replay.codes) - 3].tolist()
+    other = build_sample(role, text, replay.codes.numpy(), replay.ids,
+                         "auto" if replay.language != "auto" else "chinese")
+    batch = collate([[other]], replay.batch.speaker[replay.utterance:replay.utterance + 1], replay.ids.tts_pad)
+    assert (predicting_hidden(replay.trainer, batch, 0) - replay.hidden).abs().max() > 1e-3
 
 
 def test_generation_is_not_degenerate(replay):

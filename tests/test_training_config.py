@@ -8,8 +8,9 @@ from training.config import dump_config, load_config, parse_override
 CONFIGS = Path(__file__).resolve().parents[1] / "training" / "configs"
 
 
-def test_shipped_1_7b_config_has_the_corrected_upstream_values():
-    c = load_config(CONFIGS / "qwen3tts_1.7b.yaml")
+@pytest.mark.parametrize("name", ["qwen3tts_1.7b.yaml", "qwen3tts_0.6b.yaml"])
+def test_shipped_configs_have_the_corrected_upstream_values(name):
+    c = load_config(CONFIGS / name)
     assert (c.fsdp.param_dtype, c.fsdp.reduce_dtype) == ("bfloat16", "float32")
     assert 2e-6 <= c.train.lr <= 2e-5
     assert (c.train.weight_decay, c.train.grad_clip, c.train.sub_talker_weight) == (0.01, 1.0, 0.3)

@@ -26,7 +26,10 @@ def test_follow_mode_trains_on_the_encode_service_output_as_it_appears(tiny_dir,
     output, run = tmp_path / "encoded", tmp_path / "run"
 
     trainer = subprocess.Popen([sys.executable, *train_command(tiny_dir, output, run), "data.follow=true",
-                                "train.steps=0", "data.poll_seconds=0.2", "checkpoint.interval=2"],
+                                "train.steps=0", "data.poll_seconds=0.2", "checkpoint.interval=2",
+                                # ~2 packed utterances per micro-batch: several steps per round, whatever
+                                # the arrival order makes the rounds
+                                "data.frame_budget=64", "data.pack_length=0"],
                                cwd=REPO, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     encode = subprocess.run([sys.executable, "-m", "services.encode", "--manifest", str(manifest), "--codec",
                              str(tiny_dir / "codec"), "--output", str(output), "--device", "cpu", "--num-encoders",

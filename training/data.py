@@ -247,16 +247,21 @@ class ShardStream:
         if not shards:
             raise FileNotFoundError(f"no published shards under {self.output / schema.SHARDS_DIR}")
         paths = schema.published_shards(self.output)
-        stats = [schema.read_stats(paths[sid]) for sid in shards]
-        first = self._epoch_order(shards, 0)[: self.config.shards_per_round]
+        stats = {sid: schema.read_stats(paths[sid]) for sid in shards}
+        order = self._epoch_order(shards, 0)
+        first = order[: self.config.shards_per_round]
         rows = self._round_rows(first)
         if not rows:
             return 1
         batches = plan_micro_batches(rows, self.config, round_rng(self.seed, 0, first))
         positions, frames = sum(r.length for r in rows), sum(r.frames for r in rows)
-        total = sum(s.frames for s in stats) + sum(s.rows_ok for s in stats) * (positions - frames) / len(rows)
-        rounds = math.ceil(len(shards) / self.config.shards_per_round)
-        return max(rounds, round(len(batches) * total / positions / (self.world * self.grad_accum)))
+        per_row, per_position = (positions - frames) / len(rows), len(batches) / positions
+        per_step, size = self.world * self.grad_accum, self.config.shards_per_round
+        steps = 0
+        for start in range(0, len(order), size):  # each round's micro-batches are padded to whole steps
+            round_positions = sum(stats[s].frames + stats[s].rows_ok * per_row for s in order[start:start + size])
+            steps += math.ceil(max(1, round(round_positions * per_position)) / per_step)
+        return max(1, steps)
 
 
 class RoundCodes:

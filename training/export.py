@@ -1,10 +1,14 @@
 """Turn a training checkpoint into a model directory Qwen3TTSModel.from_pretrained loads.
 
+    python -m training.export --checkpoint runs/x/step-000500 --output out/voices --all-speakers
     python -m training.export --checkpoint runs/x/step-000500 --output out/my_voice --speaker-name my_voice
 
-With --speaker-name: the single-speaker custom-voice form (tts_model_type custom_voice, spk_id {name: 3000},
-the reference's x-vector in codec-embedding row 3000, no speaker_encoder weights); use it with
-generate_custom_voice(text, speaker=name). Without: a Base model directory (generate_voice_clone).
+A custom-voice model (tts_model_type custom_voice, no speaker_encoder weights) holds each exported speaker's
+x-vector in a row of the talker's codec embedding, from 3000 on, and names it in talker_config.spk_id
+(lower-cased, as inference looks names up); use it with generate_custom_voice(text, speaker=name).
+--all-speakers writes every speaker of the run (rows without `speaker` need --speaker-name for their name);
+--speaker-name alone writes one. A speaker's x-vector is the mean of its references' x-vectors, the vector
+training used (training.reference). Without either flag: a Base model directory (generate_voice_clone).
 Tokenizer files, generation_config.json and speech_tokenizer/ are copied from the base model.
 """
 from __future__ import annotations
@@ -12,22 +16,25 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-from collections import Counter
 from pathlib import Path
 
 import torch
 import yaml
 
-from shared import schema
 from shared.audio import AudioLimits, load_audio
 from shared.qwen import load_tts_model, save_model_dir, speaker_mel
 from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.data import resolve_output_dir
 from training.model import TalkerForTraining, speaker_embedding
+from training.reference import ReferenceCache, SpeakerTable, scan_speakers, speaker_key
 
-SPEAKER_ROW = 3000  # the codec-embedding row upstream's custom-voice fine-tunes use
+FIRST_SPEAKER_ROW = 3000  # the codec-embedding row upstream's custom-voice fine-tunes use for their speaker
 _NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(ValueError):
+    """A flag combination or run that cannot be exported; the message says what to pass instead."""
 
 
 def run_config(checkpoint: Path) -> dict:
@@ -35,15 +42,45 @@ def run_config(checkpoint: Path) -> dict:
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
-def most_common_reference(shards: str) -> str:
-    """The reference the training data used most (upstream recommends one reference for every line)."""
-    counts: Counter[str] = Counter()
-    for path in schema.published_shards(resolve_output_dir(shards)).values():
-        counts.update(row.ref_audio for row in schema.read_rows(path, ["ref_audio", "error"])
-                      if row.ok and row.ref_audio)
-    if not counts:
-        raise ValueError(f"no good rows under {shards}; pass --ref-audio")
-    return counts.most_common(1)[0][0]
+def choose_speakers(table: SpeakerTable, speaker_name: str | None, all_speakers: bool) -> dict[str, str | None]:
+    """Exported name -> speaker key of the run (None: the unnamed speaker), in row order (sorted names)."""
+    if not table.references:
+        raise ExportError("the run's shards (data.shards of its config.yaml) hold no good row with a reference; "
+                          "pass --ref-audio with --speaker-name")
+    named = table.named
+    if all_speakers:
+        chosen = {name: name for name in named}
+        if None in table.references:
+            if not speaker_name:
+                raise ExportError("some rows have no `speaker`: they form one speaker; name it with --speaker-name")
+            if speaker_key(speaker_name) in chosen:
+                raise ExportError(f"--speaker-name {speaker_name!r} is also a manifest speaker; pick another name")
+            chosen[speaker_key(speaker_name)] = None
+    else:
+        key = speaker_key(speaker_name)
+        if None in table.references:
+            source = None  # the rows without `speaker`, as a single-speaker run always was
+        elif len(named) == 1 or key in named:
+            source = named[0] if len(named) == 1 else key
+        else:
+            raise ExportError(f"the run has speakers {', '.join(named)}: pass --all-speakers, or --speaker-name "
+                              "with one of them")
+        chosen = {key: source}
+    return dict(sorted(chosen.items()))
+
+
+def speaker_vectors(encoder: torch.nn.Module, shards: str, speaker_name: str | None, all_speakers: bool,
+                    ref_audio: str | None) -> dict[str, torch.Tensor]:
+    """Exported name -> x-vector: the mean over the speaker's references (as in training), or --ref-audio's."""
+    if ref_audio:
+        if all_speakers:
+            raise ExportError("--ref-audio names one reference; with --all-speakers each speaker's references "
+                              "come from the shards")
+        mel = speaker_mel(load_audio(ref_audio, AudioLimits(max_seconds=600.0)).samples)
+        return {speaker_key(speaker_name): speaker_embedding(encoder, mel)}
+    table = scan_speakers(resolve_output_dir(shards))
+    cache = ReferenceCache(encoder, table)
+    return {name: cache.speaker_vector(key) for name, key in choose_speakers(table, speaker_name, all_speakers).items()}
 
 
 def copy_base_files(base: Path, out: Path) -> None:
@@ -59,34 +96,39 @@ def copy_base_files(base: Path, out: Path) -> None:
 
 
 def export(checkpoint: Path, output: Path, model_path: str | None = None, speaker_name: str | None = None,
-           ref_audio: str | None = None, dtype: str = "auto") -> Path:
+           ref_audio: str | None = None, dtype: str = "auto", all_speakers: bool = False) -> dict[str, int]:
+    """Write the model directory; returns the exported speakers (name -> codec-embedding row)."""
     checkpoint = resolve_checkpoint(checkpoint)  # RUN/best -> the step with the lowest eval loss
     config = run_config(checkpoint)
     base = Path(model_path or config.get("model", {}).get("path", ""))
     model = load_tts_model(base, "cpu", torch.float32)
     # The whole checkpoint (sharded over any number of ranks) is read into one unsharded model here.
     load_model_weights(checkpoint, TalkerForTraining(model.talker))
-    output.mkdir(parents=True, exist_ok=True)
-    copy_base_files(base, output)
 
-    state = None
-    if speaker_name:
-        ref = ref_audio or most_common_reference(config["data"]["shards"])
-        mel = speaker_mel(load_audio(ref, AudioLimits(max_seconds=600.0)).samples)
-        xvector = speaker_embedding(model.speaker_encoder, mel)
-        name = speaker_name.lower()  # inference looks speakers up lower-cased
+    state, rows = None, {}
+    if speaker_name or all_speakers:
+        vectors = speaker_vectors(model.speaker_encoder, config.get("data", {}).get("shards", ""), speaker_name,
+                                  all_speakers, ref_audio)
+        embedding = model.talker.get_input_embeddings().weight
+        if FIRST_SPEAKER_ROW + len(vectors) > embedding.shape[0]:
+            raise ExportError(f"{len(vectors)} speakers do not fit codec-embedding rows {FIRST_SPEAKER_ROW}.."
+                              f"{embedding.shape[0] - 1}")
+        rows = {name: FIRST_SPEAKER_ROW + i for i, name in enumerate(vectors)}
         with torch.no_grad():
-            model.talker.get_input_embeddings().weight[SPEAKER_ROW] = xvector
+            for name, vector in vectors.items():
+                embedding[rows[name]] = vector
         model.config.tts_model_type = "custom_voice"
-        model.config.talker_config.spk_id = {name: SPEAKER_ROW}
-        model.config.talker_config.spk_is_dialect = {name: False}
+        model.config.talker_config.spk_id = dict(rows)
+        model.config.talker_config.spk_is_dialect = {name: False for name in rows}
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("speaker_encoder.")}
     target_dtype = _target_dtype(base, dtype)
     if target_dtype != torch.float32:
         model = model.to(target_dtype)
         state = {k: v.to(target_dtype) for k, v in state.items()} if state is not None else None
+    output.mkdir(parents=True, exist_ok=True)
+    copy_base_files(base, output)
     save_model_dir(model, output, state_dict=state)
-    return output
+    return rows
 
 
 def _target_dtype(base: Path, dtype: str) -> torch.dtype:
@@ -102,15 +144,25 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--checkpoint", required=True, type=Path,
                         help="a step-NNNNNN/ folder of a run, or RUN/best (the lowest eval loss)")
     parser.add_argument("--output", required=True, type=Path)
-    parser.add_argument("--speaker-name", help="export the single-speaker custom-voice form under this name")
-    parser.add_argument("--ref-audio", help="reference wav for the speaker x-vector (default: the run's most "
-                                            "used reference)")
+    parser.add_argument("--all-speakers", action="store_true",
+                        help="export every speaker of the run as one custom-voice model")
+    parser.add_argument("--speaker-name", help="the custom-voice name of the run's rows without `speaker` (or, "
+                                               "alone, the one speaker to export)")
+    parser.add_argument("--ref-audio", help="with --speaker-name: take the x-vector from this wav instead of the "
+                                            "speaker's references in the shards")
     parser.add_argument("--model", help="base model directory (default: model.path of the run's config.yaml)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype to write")
     args = parser.parse_args(argv)
-    out = export(args.checkpoint, args.output, args.model, args.speaker_name, args.ref_audio, args.dtype)
-    kind = f" (custom voice {args.speaker_name!r})" if args.speaker_name else " (Base model)"
-    print(f"exported {resolve_checkpoint(args.checkpoint)} to {out}{kind}")
+    if args.ref_audio and not args.speaker_name:
+        parser.error("--ref-audio needs --speaker-name")
+    try:
+        rows = export(args.checkpoint, args.output, args.model, args.speaker_name, args.ref_audio, args.dtype,
+                      args.all_speakers)
+    except ExportError as e:
+        parser.exit(2, f"export: error: {e}\n")
+    kind = (f"custom voice, speakers {', '.join(f'{n!r} (row {r})' for n, r in rows.items())}" if rows
+            else "Base model")
+    print(f"exported {resolve_checkpoint(args.checkpoint)} to {args.output} ({kind})")
 
 
 if __name__ == "__main__":

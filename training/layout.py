@@ -1,16 +1,20 @@
-"""The dual-channel talker input, built exactly as non-streaming inference builds it (notes §4).
+"""The dual-channel talker input, built exactly as non-streaming inference builds it.
 
-Per utterance with n text tokens and T frames (L = n + T + 11 positions):
+Per utterance with n text tokens, T frames and a codec prefix of k ids (L = n + T + 8 + k positions):
 
-    pos        text channel                 codec channel
-    0..2       <|im_start|> assistant \\n     off
-    3..6       tts_pad x4                   nothink, think_bos, think_eos, speaker x-vector (pos 6)
-    7          tts_bos                      codec pad
-    8..8+n-1   text tokens                  codec pad
-    8+n        tts_eos                      codec pad
-    8+n+1      tts_pad                      codec bos
-    next T     tts_pad                      frame j: c0 embedding + code-predictor embeddings of c1..c15
-    last       tts_pad                      codec eos
+    pos          text channel                 codec channel
+    0..2         <|im_start|> assistant \\n     off
+    3..2+k       tts_pad                      the codec prefix (below)
+    s = 3+k      tts_pad                      speaker x-vector
+    s+1          tts_bos                      codec pad
+    s+2..s+1+n   text tokens                  codec pad
+    s+2+n        tts_eos                      codec pad
+    s+3+n        tts_pad                      codec bos
+    next T       tts_pad                      frame j: c0 embedding + code-predictor embeddings of c1..c15
+    last         tts_pad                      codec eos
+
+The codec prefix is what inference builds for the row's language: nothink, think_bos, think_eos (k = 3) for a
+row without one (inference's "auto"), think, think_bos, <language id>, think_eos (k = 4) for a row with one.
 
 Labels are stored already shifted: the label at position p is what the talker's output at p must predict
 (c0 of the frame at p+1, or eos after the last frame). Nothing downstream shifts again.
@@ -31,8 +35,8 @@ from training.packing import BatchShape, batch_shape
 
 IGNORE = -100
 ROLE_LEN = 3  # <|im_start|>assistant\n
-SPEAKER_POS = 6
 NUM_CODEBOOKS = 16
+AUTO_LANGUAGE = "auto"  # inference's name for "no language id"
 
 
 @dataclass(frozen=True)
@@ -46,6 +50,8 @@ class SpecialIds:
     codec_nothink: int
     codec_think_bos: int
     codec_think_eos: int
+    codec_think: int = 0
+    languages: tuple[tuple[str, int], ...] = ()  # (lower-cased name, codec id) of talker_config.codec_language_id
 
     @classmethod
     def from_config(cls, config) -> "SpecialIds":
@@ -53,7 +59,67 @@ class SpecialIds:
         t = config.talker_config
         return cls(config.tts_pad_token_id, config.tts_bos_token_id, config.tts_eos_token_id, t.codec_pad_id,
                    t.codec_bos_id, t.codec_eos_token_id, t.codec_nothink_id, t.codec_think_bos_id,
-                   t.codec_think_eos_id)
+                   t.codec_think_eos_id, t.codec_think_id,
+                   tuple(sorted((name.lower(), int(i)) for name, i in (t.codec_language_id or {}).items())))
+
+    def language_id(self, language: str) -> int:
+        """The codec id of a language, looked up lower-cased as inference does."""
+        ids = dict(self.languages)
+        if language.lower() not in ids:
+            raise ValueError(f"language {language!r} is not one of this model's languages "
+                             f"({', '.join(sorted(ids)) or 'none'}); fix the manifest's `language` or leave it out")
+        return ids[language.lower()]
+
+    def codec_prefix(self, language: str | None) -> tuple[int, ...]:
+        """The codec ids between the role tokens and the speaker slot, as inference builds them for `language`."""
+        if not has_language(language):
+            return (self.codec_nothink, self.codec_think_bos, self.codec_think_eos)
+        return (self.codec_think, self.codec_think_bos, self.language_id(language), self.codec_think_eos)
+
+
+def has_language(language: str | None) -> bool:
+    """A row trains with a language id unless it has none or says "auto" (inference's default)."""
+    return bool(language) and language.lower() != AUTO_LANGUAGE
+
+
+def prefix_length(language: str | None) -> int:
+    return 4 if has_language(language) else 3
+
+
+@dataclass(frozen=True)
+class Positions:
+    """Where each part of one utterance's prompt sits; every index of the layout is derived here."""
+    num_text: int
+    num_frames: int
+    prefix_len: int = 3
+
+    @property
+    def speaker(self) -> int:  # the x-vector slot, right after the codec prefix
+        return ROLE_LEN + self.prefix_len
+
+    @property
+    def tts_bos(self) -> int:
+        return self.speaker + 1
+
+    @property
+    def text_start(self) -> int:
+        return self.speaker + 2
+
+    @property
+    def tts_eos(self) -> int:
+        return self.text_start + self.num_text
+
+    @property
+    def codec_bos(self) -> int:
+        return self.tts_eos + 1
+
+    @property
+    def first_frame(self) -> int:
+        return self.codec_bos + 1
+
+    @property
+    def length(self) -> int:  # frames, then codec eos
+        return self.first_frame + self.num_frames + 1
 
 
 def assistant_prompt(text: str) -> str:
@@ -76,12 +142,14 @@ def text_token_ids(tokenizer, text: str) -> tuple[list[int], list[int]]:
 
 def batch_text_token_ids(tokenizer, texts: list[str]) -> list[tuple[list[int], list[int]]]:
     """text_token_ids of many texts in one tokenizer call (no padding: each prompt is tokenized alone)."""
+    if not texts:  # a shard of error rows only; the fast tokenizer fails on an empty batch
+        return []
     encoded = tokenizer([assistant_prompt(t) for t in texts])["input_ids"]
     return [(ids[:ROLE_LEN], ids[ROLE_LEN:-5]) for ids in encoded]
 
 
-def sequence_length(num_text: int, num_frames: int) -> int:
-    return num_text + num_frames + 11
+def sequence_length(num_text: int, num_frames: int, language: str | None = None) -> int:
+    return Positions(num_text, num_frames, prefix_length(language)).length
 
 
 @dataclass
@@ -93,27 +161,31 @@ class Sample:
     labels: np.ndarray  # (L,) talker target at each position (IGNORE where none), already shifted
     predictor_pos: np.ndarray  # (T,) position whose hidden state predicted frame j (its sub-talker input)
     frames: np.ndarray  # (T, 16) the codes
-    speaker_pos: int = SPEAKER_POS  # the position whose codec-channel input is the x-vector
+    speaker_pos: int  # the position whose codec-channel input is the x-vector (after the codec prefix)
 
     def __len__(self) -> int:
         return len(self.text_ids)
 
 
-def build_sample(role_ids: list[int], text_ids: list[int], codes: np.ndarray, ids: SpecialIds) -> Sample:
+def build_sample(role_ids: list[int], text_ids: list[int], codes: np.ndarray, ids: SpecialIds,
+                 language: str | None = None) -> Sample:
+    """One utterance's training input; `language` (a row's manifest language, None or "auto" for none) picks
+    the codec prefix inference uses for it."""
+    prefix = ids.codec_prefix(language)
     n, t = len(text_ids), len(codes)
-    length = sequence_length(n, t)
-    first_frame = 8 + n + 2
+    pos = Positions(n, t, len(prefix))
+    length, first_frame = pos.length, pos.first_frame
     text = np.full(length, ids.tts_pad, dtype=np.int64)
     text[:ROLE_LEN] = role_ids
-    text[7] = ids.tts_bos
-    text[8:8 + n] = text_ids
-    text[8 + n] = ids.tts_eos
+    text[pos.tts_bos] = ids.tts_bos
+    text[pos.text_start:pos.tts_eos] = text_ids
+    text[pos.tts_eos] = ids.tts_eos
 
     codec = np.zeros((length, NUM_CODEBOOKS), dtype=np.int64)
-    codec[3:6, 0] = (ids.codec_nothink, ids.codec_think_bos, ids.codec_think_eos)
-    codec[SPEAKER_POS, 0] = ids.codec_pad  # placeholder id; the x-vector replaces this embedding
-    codec[7:first_frame - 1, 0] = ids.codec_pad
-    codec[first_frame - 1, 0] = ids.codec_bos
+    codec[ROLE_LEN:pos.speaker, 0] = prefix
+    codec[pos.speaker, 0] = ids.codec_pad  # placeholder id; the x-vector replaces this embedding
+    codec[pos.tts_bos:pos.codec_bos, 0] = ids.codec_pad
+    codec[pos.codec_bos, 0] = ids.codec_bos
     codec[first_frame:first_frame + t] = codes
     codec[-1, 0] = ids.codec_eos
 
@@ -127,7 +199,8 @@ def build_sample(role_ids: list[int], text_ids: list[int], codes: np.ndarray, id
     labels[first_frame - 1:first_frame - 1 + t] = codes[:, 0]
     labels[first_frame - 1 + t] = ids.codec_eos
     predictor_pos = np.arange(first_frame - 1, first_frame - 1 + t)
-    return Sample(text, codec, codec_on, frame_on, labels, predictor_pos, np.asarray(codes, dtype=np.int64))
+    return Sample(text, codec, codec_on, frame_on, labels, predictor_pos, np.asarray(codes, dtype=np.int64),
+                  pos.speaker)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from shared.schema import ShardRow
 from training.layout import (Sample, SpecialIds, TalkerBatch, batch_text_token_ids, build_sample, collate,
                              load_text_tokenizer, sequence_length)
 from training.packing import plan_packed
-from training.reference import ReferenceCache
+from training.reference import ReferenceCache, SpeakerTable
 
 
 @dataclass
@@ -42,11 +42,13 @@ class SampleBuilder:
         self.role_ids = self.text_ids([""])[0][0]
 
     @classmethod
-    def for_model(cls, model_path: str | Path, model, speaker_device: torch.device | None = None) -> "SampleBuilder":
+    def for_model(cls, model_path: str | Path, model, speaker_device: torch.device | None = None,
+                  speakers: SpeakerTable | None = None) -> "SampleBuilder":
         """From a loaded Qwen3TTSForConditionalGeneration: its special ids, its directory's tokenizer and its
-        (frozen) speaker encoder, moved to `speaker_device`."""
+        (frozen) speaker encoder, moved to `speaker_device`; `speakers`: each speaker's references (the run's
+        shards), whose mean x-vector its rows train with."""
         encoder = model.speaker_encoder
-        references = ReferenceCache(encoder.to(speaker_device) if speaker_device is not None else encoder)
+        references = ReferenceCache(encoder.to(speaker_device) if speaker_device is not None else encoder, speakers)
         return cls(load_text_tokenizer(model_path), SpecialIds.from_config(model.config), references)
 
     def text_ids(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
@@ -56,22 +58,24 @@ class SampleBuilder:
 
     def plan_rows(self, shard: int, positions: list[int], rows: list[ShardRow]) -> list[PlannedRow]:
         """Good rows (metadata only) with their text tokens and lengths; texts tokenized in one call."""
+        if not rows:  # a shard of error rows only: the tokenizer fails on an empty batch
+            return []
         tokens = self.text_ids([r.text or "" for r in rows])
         return [PlannedRow(shard, p, r, t, self.length(r, t)) for p, r, (_, t) in zip(positions, rows, tokens)]
 
     def length(self, row: ShardRow, text_ids: list[int]) -> int:
-        return sequence_length(len(text_ids), int(row.num_frames))
+        return sequence_length(len(text_ids), int(row.num_frames), row.language)
 
     def sample(self, row: ShardRow, text_ids: list[int]) -> Sample:
         if row.codes is None:
             raise ValueError(f"row {row.id}: codes not read")
-        return build_sample(self.role_ids, text_ids, row.codes, self.ids)
+        return build_sample(self.role_ids, text_ids, row.codes, self.ids, row.language)
 
     def speaker(self, row: ShardRow) -> torch.Tensor:
-        """The x-vector fed at the row's speaker slot: its reference's, cached per reference."""
+        """The x-vector fed at the row's speaker slot: its speaker's (the mean over the speaker's references)."""
         if self.references is None:
             raise ValueError("this SampleBuilder has no speaker encoder (built without references)")
-        return self.references.xvector(row.ref_audio)
+        return self.references.speaker_vector(row.speaker, row.ref_audio)
 
     def collate(self, sequences: list[list[PlannedRow]]) -> TalkerBatch:
         """One micro-batch (sequences of planned rows with codes) -> a host batch."""

@@ -75,3 +75,17 @@ def write_encoded(output: str | Path, codec_dir: str | Path, num_shards: int = 2
     if complete:
         (out / schema.COMPLETE_MARKER).write_text("")
     return out
+
+
+def write_utterances(output: str | Path, codec_dir: str | Path, entries: list[dict], clips: list[np.ndarray],
+                     complete: bool = True) -> Path:
+    """One published shard of good rows: manifest `entries` (any keys) with the codes of their 24 kHz `clips`."""
+    out = Path(output)
+    codes = encode_clips(load_codec(codec_dir), clips)
+    rows = [schema.ShardRow.from_entry(i, entry, codes=c, duration=len(clip) / CODEC_SAMPLE_RATE,
+                                       sample_rate=CODEC_SAMPLE_RATE)
+            for i, (entry, c, clip) in enumerate(zip(entries, codes, clips))]
+    write_shard(out, 0, rows)
+    if complete:
+        (out / schema.COMPLETE_MARKER).write_text("")
+    return out

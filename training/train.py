@@ -16,6 +16,7 @@ import argparse
 import logging
 import math
 import os
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -27,17 +28,19 @@ from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from training import checkpoint
 from training.board import Board
-from training.config import Config, dump_config, load_config
-from training.data import DataPosition, ShardStream, Step
+from training.config import Config, dump_config
+from training.data import DataPosition, ShardStream, Step, resolve_output_dir
 from training.evaluate import evaluator_for
 from training.flops import FlopModel, accelerator_name, peak_tflops
-from training.layout import TalkerBatch
+from training.layout import SpecialIds, TalkerBatch
 from training.metrics import MetricsLog, Throughput
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
 from training.prefetch import Prefetcher
+from training.reference import SpeakerTable, scan_speakers
 from training.samples import SampleBuilder
 from training.split import HeldOut, check_same_rule, training_rows
+from training.validate import validate_or_exit
 
 log = logging.getLogger("training")
 
@@ -105,7 +108,8 @@ def train(config: Config) -> None:
 
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
-    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device)
+    speakers = _speakers(config, SpecialIds.from_config(model.config), rank, store)
+    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers)
     module = TalkerForTraining(model.talker).to(device.torch_device).train()
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
     del model
@@ -172,6 +176,22 @@ def train(config: Config) -> None:
     dist.destroy_process_group()
 
 
+def _speakers(config: Config, ids: SpecialIds, rank: int, store: dist.Store) -> SpeakerTable:
+    """Rank 0's view of the shards' speakers on every rank (all must average the same references; exchanged
+    through the store, as the stream's shard listings are), with every manifest language checked against the
+    model before any step runs."""
+    if rank == 0:
+        table = scan_speakers(resolve_output_dir(config.data.shards))
+        store.set("speaker-table", pickle.dumps(table))
+    else:
+        table = pickle.loads(store.get("speaker-table"))
+    for language in sorted(table.languages):
+        ids.codec_prefix(language)  # raises, naming the language and the model's languages
+    log.info("speakers: %s", ", ".join(f"{k or '(unnamed)'}: {len(v)} reference(s)"
+                                       for k, v in sorted(table.references.items(), key=lambda kv: kv[0] or "")))
+    return table
+
+
 def _setup_logging(rank: int) -> None:
     """Our own logger only: the root logger at INFO would echo every transformers config message."""
     handler = logging.StreamHandler()
@@ -231,7 +251,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML config (see training/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
     args = parser.parse_args(argv)
-    train(load_config(args.config, args.overrides))
+    train(validate_or_exit(args.config, args.overrides))  # one line and exit 2 on a bad input, nothing written
 
 
 if __name__ == "__main__":

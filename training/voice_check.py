@@ -3,8 +3,8 @@
 Each eval gathers the full talker weights from the FSDP shards (a collective: every rank takes part), loads
 them into an unsharded inference model on rank 0 (Qwen3TTSModel, loaded once from model.path) and
 synthesises `eval.sentences` for each speaker, conditioned on the x-vector that speaker's rows train with
-(SampleBuilder.speaker; x-vector only, non-streaming layout, no language id). Each sample lands in
-RUN/samples/step-NNNNNN/<speaker>-<k>.wav and is scored:
+(SampleBuilder.speaker; x-vector only, non-streaming layout, the rows' language id when they share one).
+Each sample lands in RUN/samples/step-NNNNNN/<speaker>-<k>.wav and is scored:
 - similarity: cosine of the model's own speaker-encoder x-vector of the sample and that conditioning vector;
 - with eval.asr_model: the transcript, its character and word error rates against the sentence.
 Sampling is seeded per sentence inside a forked RNG, so samples are repeatable and training's random
@@ -29,6 +29,7 @@ from shared.qwen import load_inference_model, speaker_mel
 from training.asr import Transcriber, cer, wer
 from training.checkpoint import step_dir_name
 from training.config import Config
+from training.layout import has_language
 from training.model import speaker_embedding
 from training.samples import SampleBuilder
 
@@ -64,6 +65,13 @@ class SampleScore:
 def guess_language(texts: list[str]) -> str:
     """chinese when the speaker's texts hold CJK characters, else english (the keys of DEFAULT_SENTENCES)."""
     return "chinese" if any(re.search(r"[\u4e00-\u9fff]", t or "") for t in texts) else "english"
+
+
+def generation_language(rows) -> str:
+    """The language the speaker's rows train with (their codec prefix carries its id), when they share one;
+    else "Auto", inference's prefix without a language id (what rows without a language train with)."""
+    languages = {r.language.lower() for r in rows if has_language(r.language)}
+    return languages.pop() if len(languages) == 1 and all(has_language(r.language) for r in rows) else "Auto"
 
 
 def file_name(speaker: str) -> str:
@@ -121,8 +129,9 @@ class VoiceCheck:
         for speaker in speakers.values():
             # The vector the speaker's rows train with (the builder's), taken from a row on its main reference.
             reference = self.builder.speaker(next(r for r in speaker.rows if r.ref_audio == speaker.reference))
+            language = generation_language(speaker.rows)
             for k, sentence in enumerate(self.sentences(speaker)):
-                wav, rate = self._generate(sentence, reference, seed=self.config.train.seed + k)
+                wav, rate = self._generate(sentence, language, reference, seed=self.config.train.seed + k)
                 path = out_dir / f"{file_name(speaker.name)}-{k}.wav"
                 sf.write(path, wav, rate)
                 wav, rate = sf.read(path, dtype="float32")  # score what was written (16-bit PCM)
@@ -130,13 +139,13 @@ class VoiceCheck:
         (out_dir / "scores.json").write_text(json.dumps([s.to_dict() for s in scores], indent=1, ensure_ascii=False))
         return scores
 
-    def _generate(self, sentence: str, xvector: torch.Tensor, seed: int) -> tuple[np.ndarray, int]:
+    def _generate(self, sentence: str, language: str, xvector: torch.Tensor, seed: int) -> tuple[np.ndarray, int]:
         prompt = dict(ref_code=[None], ref_spk_embedding=[xvector], x_vector_only_mode=[True], icl_mode=[False])
         extra = {"max_new_tokens": self.config.eval.max_new_tokens} if self.config.eval.max_new_tokens else {}
         devices = [] if self.device.type == "cpu" else [self.device.index or 0]
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
             torch.manual_seed(seed)
-            wavs, rate = self.tts.generate_voice_clone(text=sentence, language="Auto", voice_clone_prompt=prompt,
+            wavs, rate = self.tts.generate_voice_clone(text=sentence, language=language, voice_clone_prompt=prompt,
                                                        non_streaming_mode=True, **extra)
         return np.asarray(wavs[0], dtype=np.float32), int(rate)
 

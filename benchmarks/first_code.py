@@ -1,0 +1,117 @@
+"""Time to the first code, and the whole small job: the upstream-style script against `python -m services.encode`,
+each a whole process from its start to its exit, side by side in one run.
+
+    python benchmarks/first_code.py                     # 40 clips of 1-5 s, released-size random codec, CPU
+    python benchmarks/first_code.py --clips 40 --json out/first_code.json
+
+  (a) upstream: `benchmarks.encode_flows reference`, sequential batches of paths through Qwen3TTSTokenizer.encode
+      (imports, codec load, encode, JSONL at the end);
+  (b) the encode job with its defaults on this machine (one CPU encoder), private local Ray, shards of
+      --shard-size rows so that the first shard marks the first codes.
+For (b) the job's own log gives its phases (Ray ready, plan, first encoder ready); the first code is the
+modification time of the first published shard. For (a), start-up is its wall time less its encode phase.
+Target: (a)'s wall time over (b)'s >= 1.5.
+"""
+from __future__ import annotations
+
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/X.py` from anywhere
+
+from benchmarks import inputs  # noqa: E402
+from benchmarks.common import (add_corpus_args, base_parser, child_env, machine_info, markdown_table,  # noqa: E402
+                               parse_last, parse_result, python, ratio, ratio_lines, resolve_device, run_measured,
+                               write_json)
+
+PHASES = {  # the job's log lines that end each phase, seconds since the driver started
+    "ray_ready_s": r"Ray ready after ([\d.]+) s",
+    "first_encoder_ready_s": r"first encoder ready ([\d.]+) s after the driver started",
+}
+PLANNED = r"planned in ([\d.]+) s"
+THROUGHPUT = r"throughput this run: \d+ shards in ([\d.]+) s"
+FIRST_PROGRESS = r"progress rows=\d+ audio_seconds=[\d.]+ elapsed=([\d.]+)"
+
+
+def parse_args(argv=None):
+    p = base_parser(__doc__)
+    add_corpus_args(p, clips=40)
+    p.set_defaults(max_seconds=5.0, device="cpu")
+    p.add_argument("--shard-size", type=int, default=4, help="(b) rows per shard")
+    p.add_argument("--reference-batch", type=int, default=8, help="(a) paths per Qwen3TTSTokenizer.encode call")
+    p.add_argument("--timeout", type=float, default=1800.0)
+    return p.parse_args(argv)
+
+
+def upstream(args, manifest: Path, codec: Path, runs: Path, env: dict, device: str) -> dict:
+    command = [python(), "-m", "benchmarks.encode_flows", "reference", "--manifest", str(manifest), "--codec",
+               str(codec), "--device", device, "--threads", str(args.threads), "--batch", str(args.reference_batch),
+               "--output", str(runs / "first-code-reference.jsonl")]
+    print(f"[a] {' '.join(command)}", flush=True)
+    measured = run_measured(command, env, args.timeout, log_to=runs / "first-code-a")
+    result = parse_result(measured.stdout)
+    if measured.returncode != 0 or result is None:
+        raise SystemExit(f"(a) failed: {measured.tail()}")
+    start_up = measured.wall_s - result["encode_seconds"]
+    first_batch = float(re.search(FIRST_PROGRESS, measured.stdout)[1])  # the first batch's end
+    return {"flow": "(a) upstream-style script", "wall_s": measured.wall_s, "start_up_s": start_up,
+            "first_code_s": start_up + first_batch, "encode_s": result["encode_seconds"],
+            "codec_load_s": result["load_seconds"], "cpu_s": measured.cpu_s}
+
+
+def job(args, manifest: Path, codec: Path, runs: Path, env: dict, device: str) -> dict:
+    from shared.schema import published_shards
+
+    output = runs / "first-code-job"
+    shutil.rmtree(output, ignore_errors=True)
+    command = [python(), "-m", "services.encode", "--manifest", str(manifest), "--codec", str(codec), "--output",
+               str(output), "--device", device, "--cpus-per-encoder", str(args.threads), "--status-port", "-1",
+               "--shard-size", str(args.shard_size), "--progress-seconds", "60"]
+    print(f"[b] {' '.join(command)}", flush=True)
+    started = time.time()
+    measured = run_measured(command, env, args.timeout, log_to=runs / "first-code-b")
+    if measured.returncode != 0:
+        raise SystemExit(f"(b) failed: {measured.tail()}")
+    first_shard = min(p.stat().st_mtime for p in published_shards(output).values())
+    phases = {name: float(parse_last(pattern, measured.stdout)[1]) for name, pattern in PHASES.items()}
+    encode_s = float(parse_last(THROUGHPUT, measured.stdout)[1])
+    return {"flow": "(b) python -m services.encode", "wall_s": measured.wall_s,
+            "start_up_s": phases["first_encoder_ready_s"], "first_code_s": first_shard - started,
+            "encode_s": encode_s, "plan_s": float(parse_last(PLANNED, measured.stdout)[1]), **phases,
+            "cpu_s": measured.cpu_s}
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    device = resolve_device(args.device)
+    manifest, audio = inputs.corpus(args.work_dir, args.clips, args.min_seconds, args.max_seconds)
+    codec = inputs.codec(args.work_dir, args.codec_size)
+    runs = args.work_dir / "runs"
+    runs.mkdir(parents=True, exist_ok=True)
+    env = child_env(args.threads)
+    info = machine_info(device)
+    print(f"corpus: {args.clips} clips, {audio:.0f} s of audio ({args.min_seconds:g}-{args.max_seconds:g} s); codec "
+          f"{args.codec_size}; device {device['kind']}; {args.threads} torch thread(s)", flush=True)
+    a = upstream(args, manifest, codec, runs, env, device["kind"])
+    b = job(args, manifest, codec, runs, env, device["kind"])
+    columns = ["flow", "wall s", "start-up s", "first code s", "encode s", "CPU s"]
+    print()
+    print(markdown_table(columns, [[r["flow"], r["wall_s"], r["start_up_s"], r["first_code_s"], r["encode_s"],
+                                    r["cpu_s"]] for r in (a, b)]))
+    print(f"(b) phases, seconds since the driver started: Ray ready {b['ray_ready_s']:.1f}, plan (on a thread "
+          f"beside Ray's start) took {b['plan_s']:.1f}, first encoder ready {b['first_encoder_ready_s']:.1f}, "
+          f"first shard published {b['first_code_s']:.1f}")
+    checks = [("a/b whole process", ratio(a["wall_s"], b["wall_s"]), 1.5)]
+    for line in ratio_lines(checks):
+        print(line)
+    print(f"load average at start {info['loadavg_at_start']} on {info['nproc']} cores")
+    write_json(args.json, {"benchmark": "first_code", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
+                           "audio_seconds": audio, "results": {"a": a, "b": b},
+                           "ratios": {name: value for name, value, _ in checks}})
+
+
+if __name__ == "__main__":
+    main()
