@@ -170,6 +170,19 @@ def test_rows_without_a_speaker_form_one_speaker(synthetic_encoded, builder):
     assert all(r.codes is not None and len(r.codes) == r.num_frames for r in speakers["default"].rows)
 
 
+def test_samples_speak_the_language_their_rows_train_with():
+    from shared.schema import ShardRow
+    from training.voice_check import generation_language
+
+    def rows(*languages):
+        return [ShardRow(i, f"u{i}", None, "t", "r.wav", language=lang) for i, lang in enumerate(languages)]
+
+    assert generation_language(rows("Chinese", "chinese")) == "chinese"
+    assert generation_language(rows("chinese", "english")) == "Auto"  # no one prefix to match
+    assert generation_language(rows("chinese", None)) == "Auto"
+    assert generation_language(rows(None, "auto")) == "Auto"
+
+
 def test_error_rates():
     assert cer("The quick, brown fox!", "the quick brown fox") == 0.0
     assert wer("the quick brown fox", "the quack brown") == 0.5  # one substitution, one deletion, 4 words
