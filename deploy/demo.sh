@@ -30,13 +30,22 @@ p = collect_progress(sys.argv[1])
 print(json.dumps({k: p[k] for k in ("state", "shards", "rows", "audio_hours")}, indent=1))
 PY
 
-step "FSDP2 training on the shards: torchrun, 2 CPU ranks (gloo)"
+step "FSDP2 training on the shards: torchrun, 2 CPU ranks (gloo), 10% held out, eval every 4 steps"
+python -m shared.tiny_asr --output "$work/tiny/asr"
 torchrun --standalone --nproc_per_node "${DEMO_RANKS:-2}" -m training.train --config training/configs/tiny.yaml \
-  model.path="$work/tiny/model" data.shards="$work/shards" checkpoint.dir="$work/run" train.steps="${DEMO_STEPS:-12}"
+  model.path="$work/tiny/model" data.shards="$work/shards" checkpoint.dir="$work/run" train.steps="${DEMO_STEPS:-12}" \
+  eval.fraction=0.1 eval.interval=4 eval.max_new_tokens=24 eval.asr_model="$work/tiny/asr"
+ls "$work"/run/samples/*/
+python - "$work/run" <<'PY'
+import sys
+from training.metrics import read_metrics
+for r in read_metrics(sys.argv[1], "eval"):
+    scores = ", ".join(f"{k[7:]} {r[k]:.3f}" for k in ("sample_similarity", "sample_cer") if k in r)
+    print(f"step {r['step']}: eval loss {r['eval_loss']:.4f} over {r['eval_rows']} rows; samples: {scores}")
+PY
 
-step "export the last checkpoint with both speakers as one custom-voice model and synthesise with it"
-last="$(ls -d "$work"/run/step-* | sort | tail -1)"
-python -m training.export --checkpoint "$last" --output "$work/my_voice" --all-speakers
+step "export the checkpoint with the lowest eval loss (RUN/best) with both speakers as one custom-voice model and synthesise with it"
+python -m training.export --checkpoint "$work/run/best" --output "$work/my_voice" --all-speakers
 python - "$work/my_voice" "$work/my_voice.wav" <<'PY'
 import sys
 import soundfile as sf
@@ -56,6 +65,6 @@ torchrun --standalone --nproc_per_node 1 -m training.train --config training/con
   train.steps="${DEMO_PROOF_STEPS:-150}" train.lr=5e-3 train.lr_schedule=constant train.warmup_steps=0 \
   train.weight_decay=0 checkpoint.interval=1000
 last="$(ls -d "$work"/proof/run/step-* | sort | tail -1)"
-python -m training.export --checkpoint "$last" --output "$work/proof/voice" --all-speakers
+python -m training.export --checkpoint "$work/run/best" --output "$work/proof/voice" --all-speakers
 python -m training.reproduce check --voice "$work/proof/voice" --shards "$work/proof/data"
-step "done: shards in $work/shards, checkpoints in $work/run, model in $work/my_voice, proof in $work/proof"
+step "done: shards in $work/shards, checkpoints in $work/run (eval samples in $work/run/samples, TensorBoard: tensorboard --logdir $work/run/tensorboard), model in $work/my_voice, proof in $work/proof"

@@ -5,7 +5,9 @@ always means a complete checkpoint; a crash mid-save leaves only a temporary tha
 """
 from __future__ import annotations
 
+import json
 import logging
+import os
 import random
 import re
 import shutil
@@ -26,6 +28,8 @@ warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category
 
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 MODEL_KEY = "model"
+BEST_FILE = "best.json"  # {"step", "eval_loss"} of the checkpoint with the lowest eval loss so far
+BEST_NAME = "best"  # RUN/best: a link to that step-NNNNNN/ (export also resolves the name through best.json)
 
 
 def step_dir_name(step: int) -> str:
@@ -70,10 +74,44 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.opt
         if final.exists():  # re-saving the same step (e.g. final save after an interval save)
             shutil.rmtree(final)
         temporary.rename(final)
+        best = read_best(run_dir)
         for old_step, path in list(complete_checkpoints(run_dir).items())[:-keep]:
-            shutil.rmtree(path, ignore_errors=True)
+            if not best or old_step != best["step"]:  # the best checkpoint outlives retention
+                shutil.rmtree(path, ignore_errors=True)
     dist.barrier()
     return final
+
+
+def read_best(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / BEST_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def record_best(run_dir: Path, step: int, eval_loss: float) -> None:
+    """Rank 0, once step-NNNNNN/ is complete: best.json and the RUN/best link, each replaced atomically."""
+    temporary = run_dir / f".{BEST_FILE}.tmp"
+    temporary.write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
+    temporary.rename(run_dir / BEST_FILE)
+    link = run_dir / f".{BEST_NAME}.tmp"
+    if link.is_symlink() or link.exists():
+        link.unlink()
+    os.symlink(step_dir_name(step), link)
+    link.rename(run_dir / BEST_NAME)
+
+
+def resolve_checkpoint(path: Path) -> Path:
+    """A step-NNNNNN/ folder as given, or RUN/best -> the step folder best.json names."""
+    path = Path(path)
+    if path.name == BEST_NAME:
+        best = read_best(path.parent)
+        if best is None:
+            raise FileNotFoundError(f"{path.parent / BEST_FILE} not found: this run has no eval loss yet; set "
+                                    f"eval.fraction (or eval.shards) when training, or pass a step-NNNNNN folder")
+        path = path.parent / step_dir_name(best["step"])
+    if not (path / ".metadata").exists():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no .metadata); pass a step-NNNNNN folder "
+                                f"of a run, or RUN/best")
+    return path
 
 
 def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict | None:

@@ -74,12 +74,31 @@ class CheckpointConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Held-out data, eval loss, samples and their scores; off unless fraction > 0 or shards are named."""
+    fraction: float = 0.0  # share of each speaker's rows held out (a hash of row id, speaker and seed decides)
+    shards: list[int] = field(default_factory=list)  # shard ids held out whole (e.g. a recording session)
+    seed: int = 0  # the split's seed; changing it (or fraction/shards) mid-run is refused
+    interval: int = 0  # steps between evals; 0 = at the end of training only
+    max_rows: int = 256  # held-out rows per speaker scored for the eval loss (the rest stay unused)
+    sentences: list[str] = field(default_factory=list)  # synthesised per speaker; empty = defaults per language
+    samples: bool = True  # synthesise and score sentences at each eval (rank 0)
+    max_new_tokens: int = 0  # codec frames per sample at most; 0 = the model's generation_config
+    asr_model: str = ""  # a local speech-recognition model directory (transformers ASR pipeline) for CER/WER
+
+    @property
+    def enabled(self) -> bool:
+        return self.fraction > 0 or bool(self.shards)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self) -> "Config":
         problems = []
@@ -108,6 +127,13 @@ class Config:
             problems.append("data.pack_length and data.prefetch_steps must be >= 0, train.log_interval >= 1")
         if self.data.pack_length > self.data.frame_budget:
             problems.append("data.pack_length must not exceed data.frame_budget (a micro-batch holds whole sequences)")
+        if not 0.0 <= self.eval.fraction < 1.0:
+            problems.append("eval.fraction must be in [0, 1): the share of each speaker's rows held out")
+        if self.eval.interval < 0 or self.eval.max_rows < 1 or self.eval.max_new_tokens < 0:
+            problems.append("eval.interval and eval.max_new_tokens must be >= 0, eval.max_rows >= 1")
+        if self.eval.asr_model and not Path(self.eval.asr_model, "config.json").is_file():
+            problems.append(f"eval.asr_model {self.eval.asr_model} has no config.json; give a local "
+                            f"speech-recognition model directory (e.g. a Whisper checkpoint) or leave it empty")
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
         return self
@@ -127,8 +153,13 @@ class Config:
 
 
 def _coerce(value, annotation, key: str):
-    """Check/convert one value against a dataclass field type (bool, int, float, str, tuple of floats)."""
+    """Check/convert one value against a dataclass field type (bool, int, float, str, tuple, list)."""
     origin = typing.get_origin(annotation)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"{key}: expected a list, got {value!r}")
+        item = typing.get_args(annotation)[0]
+        return [_coerce(v, item, key) for v in value]
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{key}: expected a list, got {value!r}")

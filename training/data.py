@@ -33,6 +33,7 @@ from shared import schema
 from training.config import DataConfig
 from training.packing import BatchShape, MicroBatchPlan, batch_shape, plan_packed, plan_unpacked
 from training.samples import PlannedRow, SampleBuilder
+from training.split import RowFilter
 
 log = logging.getLogger(__name__)
 
@@ -84,11 +85,14 @@ def is_complete(output: Path) -> bool:
     return (output / schema.COMPLETE_MARKER).exists()
 
 
-def read_planned(path, shard: int, builder: SampleBuilder) -> list[PlannedRow]:
+def read_planned(path, shard: int, builder: SampleBuilder, row_filter: RowFilter | None = None) -> list[PlannedRow]:
     """Good rows of one published shard (error rows and rows without a reference or frames skipped), metadata
-    only, with text tokens and lengths."""
+    only, with text tokens and lengths; with `row_filter`, only the rows it keeps (one side of the eval split)."""
     rows = schema.read_rows(path, METADATA)
-    good = [(i, r) for i, r in enumerate(rows) if r.ok and r.ref_audio and r.num_frames]
+    good = [(i, r) for i, r in enumerate(rows) if r.ok and r.ref_audio and r.num_frames
+            and (row_filter is None or row_filter.keeps(shard, r.id, r.speaker))]
+    if not good:  # e.g. a shard of error rows, or one held out whole (eval.shards): nothing to tokenize
+        return []
     return builder.plan_rows(shard, [i for i, _ in good], [r for _, r in good])
 
 
@@ -142,6 +146,7 @@ class ShardStream:
         self.output = resolve_output_dir(config.shards)
         self.position = DataPosition()
         self.verbose = True  # log each round planned (rank 0)
+        self.row_filter: RowFilter | None = None  # the training side of the eval split, when there is one
         self._agreements = 0
         self._last_round: tuple[list[int] | None, list] = (None, [])
 
@@ -193,7 +198,8 @@ class ShardStream:
         if self._last_round[0] != shard_ids:
             published = schema.published_shards(self.output)
             self._last_round = (shard_ids, [(r.shard, r.position, r.row, r.text_ids, r.length) for sid in shard_ids
-                                            for r in read_planned(published[sid], sid, self.builder)])
+                                            for r in read_planned(published[sid], sid, self.builder,
+                                                                  self.row_filter)])
         return [PlannedRow(shard, position, dataclasses.replace(row), text_ids, length)
                 for shard, position, row, text_ids, length in self._last_round[1]]
 

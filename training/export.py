@@ -23,7 +23,7 @@ import yaml
 
 from shared.audio import AudioLimits, load_audio
 from shared.qwen import load_tts_model, save_model_dir, speaker_mel
-from training.checkpoint import load_model_weights
+from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.data import resolve_output_dir
 from training.model import TalkerForTraining, speaker_embedding
 from training.reference import ReferenceCache, SpeakerTable, scan_speakers, speaker_key
@@ -98,6 +98,7 @@ def copy_base_files(base: Path, out: Path) -> None:
 def export(checkpoint: Path, output: Path, model_path: str | None = None, speaker_name: str | None = None,
            ref_audio: str | None = None, dtype: str = "auto", all_speakers: bool = False) -> dict[str, int]:
     """Write the model directory; returns the exported speakers (name -> codec-embedding row)."""
+    checkpoint = resolve_checkpoint(checkpoint)  # RUN/best -> the step with the lowest eval loss
     config = run_config(checkpoint)
     base = Path(model_path or config.get("model", {}).get("path", ""))
     model = load_tts_model(base, "cpu", torch.float32)
@@ -140,7 +141,8 @@ def _target_dtype(base: Path, dtype: str) -> torch.dtype:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path, help="a step-NNNNNN/ folder of a run")
+    parser.add_argument("--checkpoint", required=True, type=Path,
+                        help="a step-NNNNNN/ folder of a run, or RUN/best (the lowest eval loss)")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--all-speakers", action="store_true",
                         help="export every speaker of the run as one custom-voice model")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.exit(2, f"export: error: {e}\n")
     kind = (f"custom voice, speakers {', '.join(f'{n!r} (row {r})' for n, r in rows.items())}" if rows
             else "Base model")
-    print(f"exported {args.checkpoint} to {args.output} ({kind})")
+    print(f"exported {resolve_checkpoint(args.checkpoint)} to {args.output} ({kind})")
 
 
 if __name__ == "__main__":

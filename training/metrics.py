@@ -22,11 +22,15 @@ class MetricsLog:
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
 
+    def append(self, record: dict) -> None:
+        if self.enabled:
+            with self.path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        self.append(record)
         mfu = f"  mfu {record['mfu']:.1%}" if record.get("mfu") is not None else ""
         log.info("step %d  loss %.4f (talker %.4f, sub-talker %.4f)  grad_norm %.3f  lr %.2e  %.0f frames/s  "
                  "%.3f TFLOP/s%s  padding %.1f%%  data wait %.3fs  step %.2fs  peak_mem %.2f GiB", record["step"],
@@ -74,6 +78,8 @@ class Throughput:
         return record
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
+def read_metrics(run_dir: Path, kind: str = "train") -> list[dict]:
+    """The records of one kind: "train" (one per logged step) or "eval" (records carrying kind "eval")."""
     path = Path(run_dir) / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [r for r in records if r.get("kind", "train") == kind]

@@ -27,8 +27,10 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from training import checkpoint
+from training.board import Board
 from training.config import Config, dump_config
 from training.data import DataPosition, ShardStream, Step, resolve_output_dir
+from training.evaluate import evaluator_for
 from training.flops import FlopModel, accelerator_name, peak_tflops
 from training.layout import SpecialIds, TalkerBatch
 from training.metrics import MetricsLog, Throughput
@@ -37,6 +39,7 @@ from training.parallelize import build_mesh, parallelize
 from training.prefetch import Prefetcher
 from training.reference import SpeakerTable, scan_speakers
 from training.samples import SampleBuilder
+from training.split import HeldOut, check_same_rule, training_rows
 from training.validate import validate_or_exit
 
 log = logging.getLogger("training")
@@ -99,6 +102,7 @@ def train(config: Config) -> None:
     run_dir = Path(config.checkpoint.dir)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
+        check_same_rule(run_dir, HeldOut.from_config(config.eval))  # before config.yaml is replaced
         dump_config(config, run_dir / "config.yaml")
     torch.manual_seed(config.train.seed)
 
@@ -114,6 +118,8 @@ def train(config: Config) -> None:
     optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
+    if config.eval.enabled:  # held-out rows are never trained on
+        stream.row_filter = training_rows(HeldOut.from_config(config.eval))
     total_steps = t.steps or _estimate_total_steps(config, stream)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
 
@@ -123,6 +129,8 @@ def train(config: Config) -> None:
         step, stream.position = resumed["step"], DataPosition.from_dict(resumed["data"])
     position = stream.position
     metrics = MetricsLog(run_dir, rank == 0)
+    board = Board(run_dir, rank == 0, step)
+    evaluator = evaluator_for(config, run_dir, builder, metrics, board, device.torch_device)
     peak = peak_tflops(accelerator_name(device.kind), t.peak_tflops)
     log.info("training on %s x %d (%s), %s, run dir %s, peak %s TFLOP/s", device.describe(), world, device.backend,
              f"{t.steps} steps" if t.steps else f"{t.epochs} epochs (~{total_steps} steps)", run_dir,
@@ -141,20 +149,29 @@ def train(config: Config) -> None:
             position = prepared.step.position
             counts = meter.add(prepared.step.shapes, inputs.wait_s)
             if step % t.log_interval == 0:
-                metrics.write(_record(sums, grad_norm, prepared.step, config) | counts | meter.rates()
-                              | dict(step=step, epoch=position.epoch, lr=lr,
-                                     peak_memory_bytes=peak_memory_bytes(device)))
-            if step % config.checkpoint.interval == 0:
+                record = (_record(sums, grad_norm, prepared.step, config) | counts | meter.rates()
+                          | dict(step=step, epoch=position.epoch, lr=lr, peak_memory_bytes=peak_memory_bytes(device)))
+                metrics.write(record)
+                board.train(record)
+            evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None
+            if step % config.checkpoint.interval == 0 or (evaluation and evaluation.new_best):
                 _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
                 last_saved = step
+            if evaluation:
+                evaluator.mark_best(evaluation)  # a new lowest eval loss was just checkpointed
+            if evaluation or last_saved == step:
                 meter.restart_clock()
             if t.steps and step >= t.steps:
                 break
     finally:
         inputs.close()
+    evaluation = evaluator.run(step, module) if evaluator and evaluator.last_step != step else None
     # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
     if last_saved != step:
         _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
+    if evaluation:
+        evaluator.mark_best(evaluation)
+    board.close()
     log.info("finished at step %d", step)
     dist.destroy_process_group()
 
