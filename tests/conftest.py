@@ -100,6 +100,7 @@ def encode_output(tmp_path) -> EncodeOutputBuilder:
 # Encode service: a tiny codec, generated corpora and a way to run the real job (services.encode).
 # ---------------------------------------------------------------------------------------------
 import os
+import signal
 import subprocess
 import sys
 
@@ -248,3 +249,17 @@ def synthetic_encoded(tiny_dir, tmp_path_factory) -> Path:
 
     return write_encoded(tmp_path_factory.mktemp("encoded"), tiny_dir / "codec", num_shards=2, rows_per_shard=6)
 # ---------------------------------------------------------------------------------------------
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its ranks: the ranks run in sessions of their own, so killing torchrun's process
+    group alone leaves them training (and writing checkpoints) as orphans."""
+    import psutil
+
+    victims = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=30)

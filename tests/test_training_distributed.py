@@ -3,7 +3,6 @@ checkpoints appear (the last `keep`), a killed run resumes to exactly the losses
 exported model loads and generates."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 
 from shared.qwen import load_inference_model
+from tests.conftest import kill_tree
 from training.checkpoint import complete_checkpoints
 from training.metrics import read_metrics
 
@@ -80,8 +80,7 @@ def test_killed_run_resumes_to_exactly_the_same_losses(tiny_dir, synthetic_encod
         while time.time() < deadline and max(losses_by_step(run), default=0) < 3:
             time.sleep(0.05)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # the whole torchrun group, mid-training
-        proc.wait(timeout=30)
+        kill_tree(proc)  # torchrun and its ranks, mid-training
     killed_at = max(losses_by_step(run))
     assert 3 <= killed_at < STEPS, "the run must be killed part-way through"
     assert STEPS not in complete_checkpoints(run)

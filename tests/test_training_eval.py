@@ -5,7 +5,6 @@ Two runs over the same shards: a 2-rank run killed after its first eval and resu
 and an uninterrupted 1-rank run accumulating the same micro-batches (eval loss only)."""
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from training.data import ShardStream, read_planned
 from training.metrics import read_metrics
 from training.model import speaker_embedding
 from training.split import HeldOut, eval_rows, is_held_out, read_split, training_rows
+from tests.conftest import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
@@ -37,20 +37,6 @@ def command(tiny_dir: Path, data: Path, run: Path, nproc: int, *overrides: str) 
     return [sys.executable, *launcher, "-m", "training.train", "--config", str(REPO / "training/configs/tiny.yaml"),
             f"model.path={tiny_dir / 'model'}", f"data.shards={data}", f"checkpoint.dir={run}",
             f"train.steps={STEPS}", "eval.fraction=0.3", "eval.interval=2", *overrides]
-
-
-def kill_tree(proc: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its ranks: the ranks run in sessions of their own, so killing torchrun's process
-    group alone leaves them training (and writing checkpoints) as orphans."""
-    import psutil
-
-    victims = [proc.pid, *(child.pid for child in psutil.Process(proc.pid).children(recursive=True))]
-    for pid in victims:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait(timeout=30)
 
 
 def eval_records(run: Path) -> dict[int, dict]:
