@@ -65,6 +65,6 @@ torchrun --standalone --nproc_per_node 1 -m training.train --config training/con
   train.steps="${DEMO_PROOF_STEPS:-150}" train.lr=5e-3 train.lr_schedule=constant train.warmup_steps=0 \
   train.weight_decay=0 checkpoint.interval=1000
 last="$(ls -d "$work"/proof/run/step-* | sort | tail -1)"
-python -m training.export --checkpoint "$work/run/best" --output "$work/proof/voice" --all-speakers
+python -m training.export --checkpoint "$last" --output "$work/proof/voice" --all-speakers
 python -m training.reproduce check --voice "$work/proof/voice" --shards "$work/proof/data"
 step "done: shards in $work/shards, checkpoints in $work/run (eval samples in $work/run/samples, TensorBoard: tensorboard --logdir $work/run/tensorboard), model in $work/my_voice, proof in $work/proof"
