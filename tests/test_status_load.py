@@ -9,7 +9,8 @@ from benchmarks.status_load import check_status_body, main, run_load
 
 
 def test_status_under_concurrent_load_while_encoding(tiny_codec_dir, tmp_path):
-    report = main(["--clients", "50", "--seconds", "3", "--utterances", "150", "--codec", str(tiny_codec_dir),
+    # 400 rows: the job must outlast the 3 s of load and the status read after it (150 once finished first)
+    report = main(["--clients", "50", "--seconds", "3", "--utterances", "400", "--codec", str(tiny_codec_dir),
                    "--workdir", str(tmp_path / "work"), "--json", str(tmp_path / "report.json")])
     load = report["load"]
     assert load["errors"] == 0, load["errors_by_kind"]
