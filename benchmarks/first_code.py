@@ -6,9 +6,10 @@ each a whole process from its start to its exit, side by side in one run.
 
   (a) upstream: `benchmarks.encode_flows reference`, sequential batches of paths through Qwen3TTSTokenizer.encode
       (imports, codec load, encode, JSONL at the end);
-  (b) the encode job with its defaults on this machine (one CPU encoder), private local Ray, shards of
-      --shard-size rows so that the first shard marks the first codes.
-For (b) the job's own log gives its phases (Ray ready, plan, first encoder ready); the first code is the
+  (b) the encode job with its defaults on this machine (one CPU encoder, private local Ray, shards of 256
+      rows: one shard for 40 clips);
+  (c) the same job with shards of --shard-size rows, so that the first published shard marks the first codes.
+For (b) and (c) the job's own log gives its phases (Ray ready, plan, first encoder ready); the first code is the
 modification time of the first published shard. For (a), start-up is its wall time less its encode phase.
 Target: (a)'s wall time over (b)'s >= 1.5.
 """
@@ -40,7 +41,7 @@ def parse_args(argv=None):
     p = base_parser(__doc__)
     add_corpus_args(p, clips=40)
     p.set_defaults(max_seconds=5.0, device="cpu")
-    p.add_argument("--shard-size", type=int, default=4, help="(b) rows per shard")
+    p.add_argument("--shard-size", type=int, default=4, help="(c) rows per shard")
     p.add_argument("--reference-batch", type=int, default=8, help="(a) paths per Qwen3TTSTokenizer.encode call")
     p.add_argument("--timeout", type=float, default=1800.0)
     return p.parse_args(argv)
@@ -62,23 +63,27 @@ def upstream(args, manifest: Path, codec: Path, runs: Path, env: dict, device: s
             "codec_load_s": result["load_seconds"], "cpu_s": measured.cpu_s}
 
 
-def job(args, manifest: Path, codec: Path, runs: Path, env: dict, device: str) -> dict:
+def job(args, manifest: Path, codec: Path, runs: Path, env: dict, device: str, label: str,
+        shard_size: int | None) -> dict:
     from shared.schema import published_shards
 
-    output = runs / "first-code-job"
+    output = runs / f"first-code-job-{label}"
     shutil.rmtree(output, ignore_errors=True)
     command = [python(), "-m", "services.encode", "--manifest", str(manifest), "--codec", str(codec), "--output",
                str(output), "--device", device, "--cpus-per-encoder", str(args.threads), "--status-port", "-1",
-               "--shard-size", str(args.shard_size), "--progress-seconds", "60"]
-    print(f"[b] {' '.join(command)}", flush=True)
+               "--progress-seconds", "60"]
+    if shard_size:
+        command += ["--shard-size", str(shard_size)]
+    print(f"[{label}] {' '.join(command)}", flush=True)
     started = time.time()
-    measured = run_measured(command, env, args.timeout, log_to=runs / "first-code-b")
+    measured = run_measured(command, env, args.timeout, log_to=runs / f"first-code-{label}")
     if measured.returncode != 0:
-        raise SystemExit(f"(b) failed: {measured.tail()}")
+        raise SystemExit(f"({label}) failed: {measured.tail()}")
     first_shard = min(p.stat().st_mtime for p in published_shards(output).values())
     phases = {name: float(parse_last(pattern, measured.stdout)[1]) for name, pattern in PHASES.items()}
     encode_s = float(parse_last(THROUGHPUT, measured.stdout)[1])
-    return {"flow": "(b) python -m services.encode", "wall_s": measured.wall_s,
+    flow = f"({label}) python -m services.encode" + (f" --shard-size {shard_size}" if shard_size else "")
+    return {"flow": flow, "wall_s": measured.wall_s,
             "start_up_s": phases["first_encoder_ready_s"], "first_code_s": first_shard - started,
             "encode_s": encode_s, "plan_s": float(parse_last(PLANNED, measured.stdout)[1]), **phases,
             "cpu_s": measured.cpu_s}
@@ -96,20 +101,24 @@ def main(argv=None) -> None:
     print(f"corpus: {args.clips} clips, {audio:.0f} s of audio ({args.min_seconds:g}-{args.max_seconds:g} s); codec "
           f"{args.codec_size}; device {device['kind']}; {args.threads} torch thread(s)", flush=True)
     a = upstream(args, manifest, codec, runs, env, device["kind"])
-    b = job(args, manifest, codec, runs, env, device["kind"])
+    b = job(args, manifest, codec, runs, env, device["kind"], "b", None)
+    c = job(args, manifest, codec, runs, env, device["kind"], "c", args.shard_size)
     columns = ["flow", "wall s", "start-up s", "first code s", "encode s", "CPU s"]
     print()
     print(markdown_table(columns, [[r["flow"], r["wall_s"], r["start_up_s"], r["first_code_s"], r["encode_s"],
-                                    r["cpu_s"]] for r in (a, b)]))
-    print(f"(b) phases, seconds since the driver started: Ray ready {b['ray_ready_s']:.1f}, plan (on a thread "
-          f"beside Ray's start) took {b['plan_s']:.1f}, first encoder ready {b['first_encoder_ready_s']:.1f}, "
-          f"first shard published {b['first_code_s']:.1f}")
-    checks = [("a/b whole process", ratio(a["wall_s"], b["wall_s"]), 1.5)]
+                                    r["cpu_s"]] for r in (a, b, c)]))
+    for label, r in (("b", b), ("c", c)):
+        print(f"({label}) phases, seconds since the driver started: Ray ready {r['ray_ready_s']:.1f}, plan (on a "
+              f"thread beside Ray's start) took {r['plan_s']:.1f}, first encoder ready "
+              f"{r['first_encoder_ready_s']:.1f}, first shard published {r['first_code_s']:.1f}")
+    checks = [("a/b whole process", ratio(a["wall_s"], b["wall_s"]), 1.5),
+              ("a/c whole process, small shards", ratio(a["wall_s"], c["wall_s"]), None),
+              ("a/c time to the first code", ratio(a["first_code_s"], c["first_code_s"]), None)]
     for line in ratio_lines(checks):
         print(line)
     print(f"load average at start {info['loadavg_at_start']} on {info['nproc']} cores")
     write_json(args.json, {"benchmark": "first_code", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                           "audio_seconds": audio, "results": {"a": a, "b": b},
+                           "audio_seconds": audio, "results": {"a": a, "b": b, "c": c},
                            "ratios": {name: value for name, value, _ in checks}})
 
 

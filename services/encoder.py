@@ -115,6 +115,17 @@ def use_huge_pages_for_host_tensors() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
+def skip_scikit_learn_in_transformers() -> None:
+    """Importing qwen_tts pulls in transformers' generation code, which imports scikit-learn (installed with
+    librosa) only to tune assisted generation's draft threshold: ~1.5 s of an encoder's ~7 s start on a CPU
+    (benchmarks/first_code.py). The codec never generates, so tell transformers, in this process only, that
+    scikit-learn is absent. Call it before anything imports qwen_tts."""
+    import transformers.utils.import_utils as import_utils
+
+    if hasattr(import_utils, "_sklearn_available"):
+        import_utils._sklearn_available = False
+
+
 class RateMeter:
     """Rows and audio seconds per second over a sliding window."""
 
@@ -139,6 +150,7 @@ class ShardEncoder:
 
     def __init__(self, options: EncoderOptions, name: str = "encoder-0"):
         use_huge_pages_for_host_tensors()  # first: importing qwen_tts already allocates tensors
+        skip_scikit_learn_in_transformers()
         import torch
 
         from shared.qwen import encode_clips, load_codec

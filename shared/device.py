@@ -2,13 +2,17 @@
 
 torch_npu is optional. Importing it on a machine without CANN breaks `import torch`, so it is only
 imported when an NPU is plausibly present (an Ascend driver or visible-devices variable) or asked for.
+torch itself is imported by the functions that use it: the encode driver needs this module's names but never
+torch, whose import (~2 s of a core) would slow Ray's start beside it and whose teardown costs ~0.6 s at exit.
 """
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 BACKEND_FOR = {"npu": "hccl", "cuda": "nccl", "cpu": "gloo"}
@@ -27,6 +31,7 @@ class DeviceInfo:
 
     @property
     def torch_device(self) -> torch.device:
+        import torch
         if self.kind == "cpu":
             return torch.device("cpu")
         return torch.device(self.kind, self.index or 0)
@@ -69,6 +74,8 @@ def npu_missing_reason() -> str | None:
     """None when torch_npu imports and sees at least one NPU; else what is missing (for error messages)."""
     if not _npu_plausible():
         return "this node has no Ascend driver or CANN (no /dev/davinci_manager, /usr/local/Ascend or ASCEND_HOME_PATH)"
+    import torch
+
     try:
         import torch_npu  # noqa: F401  (registers torch.npu)
     except Exception as exc:
@@ -81,6 +88,7 @@ def npu_missing_reason() -> str | None:
 
 
 def cuda_missing_reason() -> str | None:
+    import torch
     try:
         if torch.cuda.is_available() and torch.cuda.device_count() > 0:
             return None
@@ -144,6 +152,7 @@ def select_device(preference: str = "auto", local_index: int | None = None) -> D
     visible-devices variable), so local index 0 is the device Ray assigned. Under torchrun the
     caller passes LOCAL_RANK.
     """
+    import torch
     kind = resolve_kind(preference)
     if kind == "cpu":
         return DeviceInfo("cpu", None, None)
@@ -160,6 +169,7 @@ def select_device(preference: str = "auto", local_index: int | None = None) -> D
 
 
 def synchronize(dev: DeviceInfo) -> None:
+    import torch
     if dev.kind == "cuda":
         torch.cuda.synchronize()
     elif dev.kind == "npu":
@@ -168,6 +178,7 @@ def synchronize(dev: DeviceInfo) -> None:
 
 def peak_memory_bytes(dev: DeviceInfo) -> int:
     """Peak accelerator memory since start (or host RSS peak on CPU)."""
+    import torch
     if dev.kind == "cuda":
         return int(torch.cuda.max_memory_allocated())
     if dev.kind == "npu":
@@ -203,6 +214,7 @@ def apply_codec_numerics(dev: DeviceInfo) -> CodecNumerics:
     torch_npu turns HF32 on for fp32 convolutions by default (torch.npu.conv.allow_hf32 = True; matmul HF32 is
     off by default); CUDA turns TF32 on for cuDNN convolutions (torch.backends.cudnn.allow_tf32 = True).
     """
+    import torch
     if dev.kind == "npu":
         torch.npu.conv.allow_hf32 = False
         torch.npu.matmul.allow_hf32 = False
@@ -262,6 +274,7 @@ def precision_problem(kind: str, device_name: str, bf16_supported: bool, dtypes:
 def check_training_precision(dev: DeviceInfo, dtypes: dict[str, str]) -> None:
     """Fail before the model is loaded when the chip lacks a dtype the config asks for, instead of a kernel error
     at the first step."""
+    import torch
     if dev.kind == "npu":
         supported, name = bool(torch.npu.is_bf16_supported()), torch.npu.get_device_name(dev.index or 0)
     elif dev.kind == "cuda":
