@@ -138,3 +138,20 @@ def test_sample_builder_turns_shard_rows_into_packed_device_batches(tiny_dir, sy
     assert sum(o.talker_targets for o in outs) == sum(r.num_frames + 1 for r in rows)
     for o in outs:
         torch.testing.assert_close(o.utterance_talker_loss.sum(), o.talker_loss_sum)
+
+
+def test_a_batch_moved_to_an_npu_keeps_its_block_boundaries_on_the_host(monkeypatch):
+    """torch_npu's varlen attention reads cu_seq_lens on the host in every layer; moved to the NPU it would cost
+    a copy and a sync per layer. No NPU here: the same rule is checked on torch's `meta` device."""
+    from training import layout
+
+    assert layout.HOST_FIELDS_ON["npu"] == {"cu_seq_lens"}
+    ids = SpecialIds(tts_pad=1, tts_bos=2, tts_eos=3, codec_pad=4, codec_bos=5, codec_eos=6, codec_nothink=7,
+                     codec_think_bos=8, codec_think_eos=9)
+    items = samples(ids)
+    batch = collate([items[:2], items[2:3]], torch.zeros(3, 8), pad_text_id=ids.tts_pad)
+    monkeypatch.setitem(layout.HOST_FIELDS_ON, "meta", layout.HOST_FIELDS_ON["npu"])
+    moved = batch.to(torch.device("meta"))
+    assert moved.cu_seq_lens.device.type == "cpu" and torch.equal(moved.cu_seq_lens, batch.cu_seq_lens)
+    assert moved.text_ids.device.type == "meta" and moved.frames.device.type == "meta"
+    assert batch.to("cpu").cu_seq_lens.device.type == "cpu"

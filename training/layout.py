@@ -203,6 +203,12 @@ def build_sample(role_ids: list[int], text_ids: list[int], codes: np.ndarray, id
                   pos.speaker)
 
 
+# Fields that stay in host memory when a batch moves to a device of this type. torch_npu's variable-length
+# attention takes the block boundaries as a host list: transformers calls `.cpu()` on cu_seq_lens in every layer,
+# which on a device tensor is a copy and a stream sync per layer; a host tensor makes it free.
+HOST_FIELDS_ON = {"npu": frozenset({"cu_seq_lens"})}
+
+
 @dataclass
 class TalkerBatch:
     """Rows of packed utterances. Index tensors address (row, position); utterances are numbered row-major."""
@@ -223,16 +229,17 @@ class TalkerBatch:
     max_block: int  # longest block (flash attention varlen)
     shape: BatchShape  # host-side counts: no device sync needed to read them
 
-    def to(self, device: torch.device) -> "TalkerBatch":
-        return self._map(lambda t: t.to(device, non_blocking=True))
+    def to(self, device: torch.device | str) -> "TalkerBatch":
+        kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
+        return self._map(lambda t: t.to(device, non_blocking=True), keep=HOST_FIELDS_ON.get(kind, frozenset()))
 
     def pin_memory(self) -> "TalkerBatch":
         """Page-locked host tensors, so that `to(accelerator)` copies asynchronously."""
         return self._map(lambda t: t.pin_memory())
 
-    def _map(self, fn) -> "TalkerBatch":
-        return TalkerBatch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor) else v
-                              for f in fields(self)})
+    def _map(self, fn, keep: frozenset = frozenset()) -> "TalkerBatch":
+        return TalkerBatch(**{f.name: fn(v) if isinstance(v := getattr(self, f.name), torch.Tensor)
+                              and f.name not in keep else v for f in fields(self)})
 
     @property
     def num_frames(self) -> int:
