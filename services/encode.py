@@ -20,12 +20,9 @@ from services.manifest import ManifestError
 from services.preflight import InputProblem, check_inputs
 from services.progress import read_json_object
 from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, write_failure
+from shared.device import DEVICE_CHOICES  # without torch: the driver never imports it
 from shared.schema import COMPLETE_MARKER, PLAN_FILE, SUMMARY_FILE, published_shards
 from shared.storage import local_path
-
-# shared.device's list, spelled out so that `--help` and the input checks do not wait for torch to import
-# (tests/test_encode_preflight.py checks the two agree).
-DEVICE_CHOICES = ("auto", "npu", "cuda", "cpu")
 
 
 def output_directory(text: str) -> Path:
@@ -113,7 +110,7 @@ class PlanInBackground:
         self._thread.start()
 
     def _run(self, driver: "Driver") -> None:
-        from services.plan import PlanMismatch  # imports torch (shared.device): here, beside Ray's start
+        from services.plan import PlanMismatch
 
         try:
             try:
@@ -205,7 +202,8 @@ class Driver:
         planning = PlanInBackground(self)
         try:
             if not (self.output / COMPLETE_MARKER).exists():
-                # The encoder pool's imports (torch among them) load on a thread while Ray starts on this one.
+                # The encoder pool's imports (pyarrow, soundfile, Ray's actor API) load on a thread while Ray
+                # starts on this one.
                 threading.Thread(target=importlib.import_module, args=("services.dispatch",), daemon=True).start()
                 self.start_encoders(spawn=fresh)
             plan = planning.result()
