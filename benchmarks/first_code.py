@@ -19,6 +19,7 @@ issue's "upstream script"); a8/b is printed beside it.
 """
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import statistics
@@ -52,13 +53,27 @@ def parse_args(argv=None):
     p.add_argument("--shard-size", type=int, default=4, help="(c) rows per shard")
     p.add_argument("--reference-batches", default="32,8", help="(a<N>) paths per Qwen3TTSTokenizer.encode call; "
                    "the first is upstream's own")
+    p.add_argument("--cold-codec", action="store_true", help="drop the codec's weight files from the page cache "
+                   "before every flow (posix_fadvise DONTNEED): a node's first job, or weights on network storage")
     p.add_argument("--repeats", type=int, default=3, help="rounds of every flow; the ratios are their medians")
     p.add_argument("--timeout", type=float, default=1800.0)
     return p.parse_args(argv)
 
 
+def evict_from_page_cache(codec: Path) -> None:
+    """Drop the weight files' clean pages from the page cache, so that the next flow reads them from disk."""
+    for path in codec.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def upstream(args, manifest: Path, codec: Path, runs: Path, env: dict, device: str, batch: int) -> dict:
     label = f"a{batch}"
+    if args.cold_codec:
+        evict_from_page_cache(codec)
     command = [python(), "-m", "benchmarks.encode_flows", "reference", "--manifest", str(manifest), "--codec",
                str(codec), "--device", device, "--threads", str(args.threads), "--batch", str(batch),
                "--output", str(runs / f"first-code-reference-{batch}.jsonl")]
@@ -79,6 +94,8 @@ def job(args, manifest: Path, codec: Path, runs: Path, env: dict, device: str, l
         shard_size: int | None) -> dict:
     from shared.schema import published_shards
 
+    if args.cold_codec:
+        evict_from_page_cache(codec)
     output = runs / f"first-code-job-{label}"
     shutil.rmtree(output, ignore_errors=True)
     command = [python(), "-m", "services.encode", "--manifest", str(manifest), "--codec", str(codec), "--output",

@@ -115,6 +115,26 @@ def use_huge_pages_for_host_tensors() -> None:
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
 
 
+def warm_page_cache(codec_dir: str | Path) -> threading.Thread:
+    """Read the codec's weight files on a thread while the encoder imports torch and qwen-tts (~5 s of a core),
+    so that loading the codec afterwards finds them in the page cache. On a cold cache (a node's first job, or
+    weights on network storage) the load otherwise reads ~650 MB only after the imports: 0.5 s against 0.1 s on
+    this machine's local disk (docs/benchmarks.md §7). The thread only reads; a file it cannot read is left to
+    the codec load, which reports it."""
+    def read_all() -> None:
+        for path in sorted(Path(codec_dir).glob("*.safetensors")):
+            try:
+                with open(path, "rb", buffering=0) as f:
+                    while f.read(1 << 22):
+                        pass
+            except OSError:
+                pass
+
+    thread = threading.Thread(target=read_all, name="codec-page-cache", daemon=True)
+    thread.start()
+    return thread
+
+
 def skip_scikit_learn_in_transformers() -> None:
     """Importing qwen_tts pulls in transformers' generation code, which imports scikit-learn (installed with
     librosa) only to tune assisted generation's draft threshold: ~1.3 s of an encoder's ~7 s start on a CPU
@@ -150,6 +170,7 @@ class ShardEncoder:
 
     def __init__(self, options: EncoderOptions, name: str = "encoder-0"):
         use_huge_pages_for_host_tensors()  # first: importing qwen_tts already allocates tensors
+        warm_page_cache(options.codec)
         skip_scikit_learn_in_transformers()
         import torch
 

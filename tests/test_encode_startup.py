@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 
 import soundfile as sf
 
@@ -89,3 +90,24 @@ ray.shutdown()
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report == {"monitors": 1, "alive_before": [True], "alive_after": [False]}, report
+
+
+def test_the_encoder_reads_the_codec_weights_while_it_imports(tiny_codec_dir, tmp_path, monkeypatch):
+    """warm_page_cache reads every weight file once (this process's read counter grows by their size) and
+    leaves an unreadable file to the codec load, which names it."""
+    from services.encoder import warm_page_cache
+
+    weights = sum(p.stat().st_size for p in tiny_codec_dir.glob("*.safetensors"))
+    assert weights > 0
+
+    def bytes_read() -> int:
+        return int(next(line for line in open("/proc/self/io") if line.startswith("rchar:")).split()[1])
+
+    before = bytes_read()
+    warm_page_cache(tiny_codec_dir).join(timeout=60)
+    assert bytes_read() - before >= weights
+    raised = []
+    monkeypatch.setattr(threading, "excepthook", raised.append)
+    (tmp_path / "model.safetensors").mkdir()  # unreadable as a file
+    warm_page_cache(tmp_path).join(timeout=60)
+    assert raised == []
