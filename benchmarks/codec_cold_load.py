@@ -16,9 +16,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/X.py` from anywhere
 
 from benchmarks import inputs  # noqa: E402
-from benchmarks.common import (base_parser, child_env, machine_info, markdown_table, parse_result, python,  # noqa: E402
-                               run_measured, write_json)
-from benchmarks.first_code import evict_from_page_cache  # noqa: E402
+from benchmarks.common import (base_parser, child_env, evict_from_page_cache, machine_info, markdown_table,  # noqa: E402
+                               parse_result, python, run_measured, write_json)
 
 # One encoder start in a fresh process: what ShardEncoder.__init__ does before its first shard, timed.
 START = """

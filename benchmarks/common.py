@@ -237,6 +237,16 @@ def current_rss_self() -> int:
 RESULT_PREFIX = "BENCH_RESULT "
 
 
+def evict_from_page_cache(codec: Path) -> None:
+    """Drop the weight files' clean pages from the page cache, so that the next flow reads them from disk."""
+    for path in codec.glob("*.safetensors"):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
 def emit_result(result: dict) -> None:
     """A child's answer to its parent: one line on stdout."""
     print(RESULT_PREFIX + json.dumps(result), flush=True)

@@ -19,7 +19,6 @@ issue's "upstream script"); a8/b is printed beside it.
 """
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import statistics
@@ -31,8 +30,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmar
 
 from benchmarks import inputs  # noqa: E402
 from benchmarks.common import (add_corpus_args, base_parser, child_env, machine_info, markdown_table,  # noqa: E402
-                               parse_last, parse_result, python, ratio, ratio_lines, resolve_device, run_measured,
-                               write_json)
+                               evict_from_page_cache, parse_last, parse_result, python, ratio, ratio_lines,
+                               resolve_device, run_measured, write_json)
 
 PHASES = {  # the job's log lines that end each phase, seconds since the driver started
     "ray_ready_s": r"Ray ready after ([\d.]+) s",
@@ -58,16 +57,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=3, help="rounds of every flow; the ratios are their medians")
     p.add_argument("--timeout", type=float, default=1800.0)
     return p.parse_args(argv)
-
-
-def evict_from_page_cache(codec: Path) -> None:
-    """Drop the weight files' clean pages from the page cache, so that the next flow reads them from disk."""
-    for path in codec.glob("*.safetensors"):
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
 
 
 def upstream(args, manifest: Path, codec: Path, runs: Path, env: dict, device: str, batch: int) -> dict:
@@ -161,8 +150,8 @@ def main(argv=None) -> None:
     for line in ratio_lines(checks):
         print(line)
     print(f"load average at start {info['loadavg_at_start']} on {info['nproc']} cores")
-    write_json(args.json, {"benchmark": "first_code", "machine": info, "args": {k: str(v) for k, v in vars(args).items()},
-                           "audio_seconds": audio, "rounds": rounds, "ratios_per_round": per_round,
+    write_json(args.json, {"benchmark": "first_code", "machine": info,
+                           "args": {k: str(v) for k, v in vars(args).items()}, "audio_seconds": audio, "rounds": rounds, "ratios_per_round": per_round,
                            "ratios": {name: value for name, value, _ in checks}})
 
 if __name__ == "__main__":

@@ -138,7 +138,7 @@ def warm_page_cache(codec_dir: str | Path) -> threading.Thread:
 def skip_scikit_learn_in_transformers() -> None:
     """Importing qwen_tts pulls in transformers' generation code, which imports scikit-learn (installed with
     librosa) only to tune assisted generation's draft threshold: ~1.3 s of an encoder's ~7 s start on a CPU
-    (benchmarks/first_code.py). The codec never generates, so tell transformers, in this process only, that
+    (docs/benchmarks.md §7). The codec never generates, so tell transformers, in this process only, that
     scikit-learn is absent. Call it before anything imports qwen_tts."""
     import transformers.utils.import_utils as import_utils
 

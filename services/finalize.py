@@ -12,12 +12,11 @@ from pathlib import Path
 import soundfile as sf
 
 from services.plan import Plan, write_json_atomic
-from shared.audio import CODEC_SAMPLE_RATE, AudioError, AudioLimits, load_audio
-from shared.schema import COMPLETE_MARKER, ERRORS_FILE, SUMMARY_FILE, ShardRow, published_shards, read_rows, read_stats
+from shared.audio import CODEC_SAMPLE_RATE, REFERENCE_MAX_SECONDS, AudioError, AudioLimits, load_audio
+from shared.schema import COMPLETE_MARKER, ERRORS_FILE, SUMMARY_FILE, published_shards, read_rows, read_stats
 
 
 REFS_24K_DIR = "refs_24k"
-REFERENCE_MAX_SECONDS = 600.0  # references may be longer than the clips the encode service accepts
 
 
 def iter_rows(output: Path, columns: list[str]):

@@ -18,6 +18,7 @@ CODEC_SAMPLE_RATE = 24_000
 SAMPLES_PER_FRAME = 1920  # 24 kHz / 12.5 frames per second
 DEFAULT_MIN_SECONDS = 0.1
 DEFAULT_MAX_SECONDS = 60.0
+REFERENCE_MAX_SECONDS = 600.0  # reference audio may be longer than the clips the encode service accepts
 
 
 class AudioError(ValueError):

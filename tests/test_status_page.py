@@ -17,7 +17,6 @@ from PIL import Image
 
 from services.status import start_status_server
 from shared.schema import SUMMARY_FILE
-from shared.synth import synth_utterance
 from tests.conftest import run_encode, synth_corpus, write_manifest
 from tests.raycluster import free_port
 from tests.prometheus_server import PrometheusServer

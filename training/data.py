@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 from shared import schema
 from training.config import DataConfig
-from training.packing import BatchShape, MicroBatchPlan, batch_shape, plan_packed, plan_unpacked
+from training.packing import BatchShape, batch_shape, plan_packed, plan_unpacked
 from training.samples import PlannedRow, SampleBuilder
 from training.split import RowFilter
 

@@ -9,7 +9,6 @@ over the same rows on 1 or N ranks.
 from __future__ import annotations
 
 import logging
-import random
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

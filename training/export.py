@@ -21,11 +21,10 @@ from pathlib import Path
 import torch
 import yaml
 
-from shared.audio import AudioLimits, load_audio
-from shared.qwen import load_tts_model, save_model_dir, speaker_mel
+from shared.qwen import load_tts_model, save_model_dir
 from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.data import resolve_output_dir
-from training.model import TalkerForTraining, speaker_embedding
+from training.model import TalkerForTraining
 from training.reference import ReferenceCache, SpeakerTable, scan_speakers, speaker_key
 
 FIRST_SPEAKER_ROW = 3000  # the codec-embedding row upstream's custom-voice fine-tunes use for their speaker
@@ -76,8 +75,7 @@ def speaker_vectors(encoder: torch.nn.Module, shards: str, speaker_name: str | N
         if all_speakers:
             raise ExportError("--ref-audio names one reference; with --all-speakers each speaker's references "
                               "come from the shards")
-        mel = speaker_mel(load_audio(ref_audio, AudioLimits(max_seconds=600.0)).samples)
-        return {speaker_key(speaker_name): speaker_embedding(encoder, mel)}
+        return {speaker_key(speaker_name): ReferenceCache(encoder).xvector(ref_audio)}
     table = scan_speakers(resolve_output_dir(shards))
     cache = ReferenceCache(encoder, table)
     return {name: cache.speaker_vector(key) for name, key in choose_speakers(table, speaker_name, all_speakers).items()}

@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from shared import schema
-from shared.audio import AudioLimits, load_audio
+from shared.audio import REFERENCE_MAX_SECONDS, AudioLimits, load_audio
 from shared.qwen import speaker_mel
 from training.model import speaker_embedding
 
 # References may be long; the encode service's default 60 s cap does not apply to them.
-_REFERENCE_LIMITS = AudioLimits(min_seconds=0.1, max_seconds=600.0)
+_REFERENCE_LIMITS = AudioLimits(min_seconds=0.1, max_seconds=REFERENCE_MAX_SECONDS)
 
 
 def speaker_key(name: str | None) -> str | None:
