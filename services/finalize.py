@@ -5,51 +5,65 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import soundfile as sf
 
-from services.plan import Plan, write_json_atomic
+from services.plan import Plan
 from shared.audio import CODEC_SAMPLE_RATE, REFERENCE_MAX_SECONDS, AudioError, AudioLimits, load_audio
-from shared.schema import COMPLETE_MARKER, ERRORS_FILE, SUMMARY_FILE, published_shards, read_rows, read_stats
+from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, SHARDS_DIR, SUMMARY_FILE, published_shards, read_rows,
+                           read_stats, shard_name)
+from shared.store import Store, open_store
 
 
 REFS_24K_DIR = "refs_24k"
 
 
-def iter_rows(output: Path, columns: list[str]):
+def iter_rows(output: str | Path | Store, columns: list[str]):
     """Every row of every published shard, in shard order, with the asked ShardRow fields read."""
-    for _, path in published_shards(output).items():
+    for _, path in published_shards(open_store(output)).items():
         yield from read_rows(path, columns)
 
 
-def write_summary(output: Path, plan: Plan, elapsed: float) -> dict:
-    """Totals over the published shards plus errors.jsonl; _COMPLETE only if every shard is there."""
-    shards = published_shards(output)
-    stats = [read_stats(p) for p in shards.values()]
-    errors_path = output / ERRORS_FILE
-    tmp = errors_path.with_name(errors_path.name + ".tmp")
+def write_summary(output: str | Path | Store, plan: Plan, elapsed: float) -> dict:
+    """Totals over the published shards plus errors.jsonl; _COMPLETE, written last, only if every shard is there.
+
+    _COMPLETE lists every shard with its size, row count and sha256, so a reader can trust it alone (a listing
+    of an object store may lag; _COMPLETE names exactly what the job published)."""
+    store = open_store(output)
+    listing = store.listing(SHARDS_DIR)
+    shards = published_shards(store)
+    stats = {sid: read_stats(p) for sid, p in shards.items()}
     reasons: dict[str, int] = {}
-    with open(tmp, "w", encoding="utf-8") as f:
-        for row in iter_rows(output, ["index", "id", "audio", "error"]):
-            if not row.ok:
-                reasons[row.reason] = reasons.get(row.reason, 0) + 1
-                f.write(json.dumps({"index": row.index, "id": row.id, "audio": row.audio, "error": row.error},
-                                   ensure_ascii=False) + "\n")
-    os.replace(tmp, errors_path)
+    with tempfile.TemporaryDirectory(prefix=".summary-", dir=store.scratch_directory()) as scratch:
+        errors_path = Path(scratch) / ERRORS_FILE
+        with open(errors_path, "w", encoding="utf-8") as f:
+            for row in iter_rows(store, ["index", "id", "audio", "error"]):
+                if not row.ok:
+                    reasons[row.reason] = reasons.get(row.reason, 0) + 1
+                    f.write(json.dumps({"index": row.index, "id": row.id, "audio": row.audio, "error": row.error},
+                                       ensure_ascii=False) + "\n")
+        store.publish_file(ERRORS_FILE, errors_path)
     complete = len(shards) == len(plan.shards)
     summary = {
         "complete": complete, "shards_total": len(plan.shards), "shards_done": len(shards),
-        "rows_planned": plan.num_rows, "rows_ok": sum(s.rows_ok for s in stats),
-        "rows_error": sum(s.rows_error for s in stats), "errors_by_reason": reasons,
-        "audio_hours": sum(s.audio_seconds for s in stats) / 3600, "frames": sum(s.frames for s in stats),
-        "elapsed_seconds": elapsed, "finished": time.time(),
+        "rows_planned": plan.num_rows, "rows_ok": sum(s.rows_ok for s in stats.values()),
+        "rows_error": sum(s.rows_error for s in stats.values()), "errors_by_reason": reasons,
+        "audio_hours": sum(s.audio_seconds for s in stats.values()) / 3600,
+        "frames": sum(s.frames for s in stats.values()), "elapsed_seconds": elapsed, "finished": time.time(),
     }
-    write_json_atomic(output / SUMMARY_FILE, summary)
+    store.write_json(SUMMARY_FILE, summary)
     if complete:
-        (output / COMPLETE_MARKER).write_text(json.dumps({"finished": summary["finished"]}))
+        listed = []
+        for sid in shards:
+            name = shard_name(sid)
+            listed.append({"name": f"{SHARDS_DIR}/{name}", "size": listing[name].size, "rows": stats[sid].rows,
+                           "sha256": store.sha256(f"{SHARDS_DIR}/{name}")})
+        store.write_json(COMPLETE_MARKER, {"finished": summary["finished"], "rows": plan.num_rows,
+                                           "shards": listed})
     return summary
 
 

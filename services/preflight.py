@@ -113,7 +113,12 @@ def check_numbers(args: argparse.Namespace) -> None:
                            "0 <= min < max")
 
 
-def check_output(path: Path) -> None:
+def check_output(output: str | Path) -> None:
+    if isinstance(output, str) and output.lower().startswith("s3://"):
+        from services.store_preflight import check_s3_output
+
+        return check_s3_output(output)
+    path = Path(output)
     if path.exists() and not path.is_dir():
         raise InputProblem(f"--output {path}: is a file; pass a directory (it is created if missing)")
 
