@@ -40,6 +40,10 @@ def output_location(text: str) -> str:
     return str(path.resolve())
 
 
+def export_destination(text: str) -> str | Path:
+    return text if is_s3_uri(text) else Path(text)
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m services.encode", description=__doc__)
     p.add_argument("--manifest", required=True, type=Path, help="raw JSONL (audio, text, ref_audio) or a directory "
@@ -66,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--status-host", default="127.0.0.1")
     p.add_argument("--status-port", type=int, default=8000, help="serve GET /status while running; -1 disables")
     p.add_argument("--status-token-file", default=None, help="require this bearer token on /status")
-    p.add_argument("--export-jsonl", type=Path, default=None, help="also write upstream train_with_codes.jsonl")
+    p.add_argument("--export-jsonl", type=export_destination, default=None, help="also write upstream "
+                   "train_with_codes.jsonl (a path or an s3:// URI)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--progress-seconds", type=float, default=10.0)
     p.add_argument("--max-retries", type=int, default=2, help="tries of a shard that raised, after the first, "
@@ -343,11 +348,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     store = open_store(args.output)
 
-    def lease_lost(message: str) -> None:
+    def log(message: str) -> None:
         print(f"[encode {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def lease_lost(message: str) -> None:
+        log(message)
         _thread.interrupt_main()  # the driver stops its encoders and exits; the new holder finishes the job
 
-    guard = single_driver_guard(store, args.lease_seconds, on_lost=lease_lost)
+    guard = single_driver_guard(store, args.lease_seconds, log=log, on_lost=lease_lost)
     try:
         guard.acquire()
         return Driver(args).run()

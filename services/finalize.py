@@ -16,6 +16,7 @@ from services.plan import Plan
 from shared.audio import CODEC_SAMPLE_RATE, REFERENCE_MAX_SECONDS, AudioError, AudioLimits, load_audio
 from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, SHARDS_DIR, SUMMARY_FILE, published_shards, read_rows,
                            read_stats, shard_name)
+from shared.storage import is_uri
 from shared.store import Store, open_store
 
 
@@ -73,23 +74,38 @@ class JsonlExport:
     resampled: dict[str, str] = field(default_factory=dict)  # reference -> its 24 kHz copy under refs_24k/
     unreadable: list[str] = field(default_factory=list)  # references whose rate could not be read (kept as is)
 
-    def describe(self, destination: Path) -> list[str]:
+    def describe(self, destination: str | Path) -> list[str]:
         lines = [f"exported {self.rows} rows to {destination}"]
         if self.resampled:
+            refs = f"{str(destination).rpartition('/')[0] or '.'}/{REFS_24K_DIR}"
             lines.append(f"{len(self.resampled)} reference(s) not at 24 kHz (upstream's dataset.py asserts 24 kHz): "
-                         f"ref_audio points at their 24 kHz copies in {destination.parent / REFS_24K_DIR}")
+                         f"ref_audio points at their 24 kHz copies in {refs}")
         if self.unreadable:
             lines.append(f"{len(self.unreadable)} reference(s) could not be read and were kept as they are: "
                          f"{', '.join(self.unreadable[:5])}")
         return lines
 
 
-def export_jsonl(output: Path, destination: Path) -> JsonlExport:
+def export_jsonl(output: str | Path | Store, destination: str | Path) -> JsonlExport:
     """Good rows as upstream's train_with_codes.jsonl: every key of the manifest line (audio, text, ref_audio,
     speaker, language and any other) plus audio_codes (frames x 16). Upstream's dataset.py asserts 24 kHz
     references, so a reference at another rate is written once, resampled, to refs_24k/ next to the export,
-    and the line's ref_audio points at that copy."""
-    destination = Path(destination)
+    and the line's ref_audio points at that copy. `destination`: a path, or a URI of a store (shared.store):
+    the file and its refs_24k/ are built locally, then published there, ref_audio naming the copies' URIs."""
+    if not is_uri(str(destination)):
+        return _export_to(output, Path(destination), lambda copy: str(copy))
+    parent, _, name = str(destination).partition("?")[0].rpartition("/")
+    target = open_store(parent)
+    with tempfile.TemporaryDirectory(prefix="export-") as scratch:
+        local = Path(scratch) / name
+        export = _export_to(output, local, lambda copy: str(target.location(f"{REFS_24K_DIR}/{copy.name}")))
+        for copy in sorted((local.parent / REFS_24K_DIR).glob("*.wav")):
+            target.publish_file(f"{REFS_24K_DIR}/{copy.name}", copy)
+        target.publish_file(name, local)
+    return export
+
+
+def _export_to(output, destination: Path, name_of_copy) -> JsonlExport:
     export = JsonlExport(0)
     rates: dict[str, int | None] = {}
     tmp = destination.with_name(destination.name + ".tmp")
@@ -100,7 +116,8 @@ def export_jsonl(output: Path, destination: Path) -> JsonlExport:
                 continue
             line = row.manifest_line()
             if row.ref_audio:
-                line["ref_audio"] = _reference_at_24k(row.ref_audio, destination.parent / REFS_24K_DIR, rates, export)
+                line["ref_audio"] = _reference_at_24k(row.ref_audio, destination.parent / REFS_24K_DIR, rates, export,
+                                                      name_of_copy)
             line["audio_codes"] = row.codes.tolist()
             f.write(json.dumps(line, ensure_ascii=False) + "\n")
             export.rows += 1
@@ -108,13 +125,14 @@ def export_jsonl(output: Path, destination: Path) -> JsonlExport:
     return export
 
 
-def _reference_at_24k(ref: str, refs_dir: Path, rates: dict, export: JsonlExport) -> str:
-    """The path to write for `ref`: itself at 24 kHz, else its copy under refs_dir (written on first use)."""
+def _reference_at_24k(ref: str, refs_dir: Path, rates: dict, export: JsonlExport, name_of_copy) -> str:
+    """The path to write for `ref`: itself at 24 kHz, else its copy under refs_dir (written on first use), as
+    `name_of_copy` names it where the export is read."""
     if ref not in rates:
         try:
             rates[ref] = sf.info(ref).samplerate
             if rates[ref] != CODEC_SAMPLE_RATE:
-                export.resampled[ref] = str(_write_24k_copy(ref, refs_dir))
+                export.resampled[ref] = name_of_copy(_write_24k_copy(ref, refs_dir))
         except (OSError, RuntimeError, AudioError) as exc:
             rates[ref] = None
             export.unreadable.append(f"{ref} ({exc})")

@@ -228,7 +228,10 @@ def assert_rows_match(output: Path, entries: list[dict], expected: dict[str, np.
     for row in rows:
         assert row["error"] is None, row["error"]
         assert np.array_equal(row["audio_codes"], expected[row["audio"]]), f"codes of {row['id']} differ"
-    assert not [p.name for p in (output / schema.SHARDS_DIR).iterdir() if schema.shard_id_of(p.name) is None]
+    from shared.store import open_store
+
+    listed = open_store(output).listing(schema.SHARDS_DIR)  # a path or an s3:// URI alike
+    assert not [name for name in listed if schema.shard_id_of(name) is None]
 
 
 @pytest.fixture(scope="session")
