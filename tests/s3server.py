@@ -90,3 +90,13 @@ class S3Server:
         if self.process is not None and self.process.poll() is None:
             os.kill(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=30)
+
+
+def upload_tree(root, uri: str) -> None:
+    """Every file under the local directory `root` to the same names under `uri` (through shared.store)."""
+    from shared.store import open_store
+
+    store = open_store(uri)
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            store.write_bytes(str(path.relative_to(root)), path.read_bytes())

@@ -8,13 +8,7 @@ from services.finalize import export_jsonl
 from services.progress import collect_progress
 from services.status import start_status_server
 from shared.store import open_store
-
-
-def upload(root, uri: str) -> None:
-    store = open_store(uri)
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            store.write_bytes(str(path.relative_to(root)), path.read_bytes())
+from tests.s3server import upload_tree as upload
 
 
 def running_job(encode_output):

@@ -22,6 +22,8 @@ from torch.distributed.checkpoint.state_dict import (
     get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
+from training import remote_checkpoint as remote
+
 log = logging.getLogger(__name__)
 # DCP's filesystem writer calls the deprecated tensor.storage() on every tensor; nothing to act on.
 warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
@@ -36,7 +38,9 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def complete_checkpoints(run_dir: Path) -> dict[int, Path]:
+def complete_checkpoints(run_dir: Path | str) -> dict[int, Path | str]:
+    if remote.is_remote(run_dir):
+        return remote.complete_checkpoints(run_dir, STEP_RE)
     found = {}
     if run_dir.is_dir():
         for entry in run_dir.iterdir():
@@ -60,35 +64,57 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.opt
          scheduler, extra: dict, keep: int) -> Path:
     """Collective: every rank calls it. `extra` (data position etc.) is per rank."""
     rank = dist.get_rank()
+    if remote.is_remote(run_dir):  # no rename there: a commit marker instead (training.remote_checkpoint)
+        final = remote.join(run_dir, step_dir_name(step))
+        remote.save(final, _train_state(module, optimizer), _extra_state(step, scheduler, extra))
+        if rank == 0:
+            _apply_retention(run_dir, keep, remote.remove)
+        dist.barrier()
+        return final
     final = run_dir / step_dir_name(step)
     temporary = run_dir / f".{final.name}.tmp"
     if rank == 0 and temporary.exists():
         shutil.rmtree(temporary)
     dist.barrier()
-    state = {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
-    dcp.save(state, checkpoint_id=str(temporary))
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra},
-               temporary / f"extra-rank{rank:05d}.pt")
+    dcp.save(_train_state(module, optimizer), checkpoint_id=str(temporary))
+    torch.save(_extra_state(step, scheduler, extra), temporary / f"extra-rank{rank:05d}.pt")
     dist.barrier()
     if rank == 0:
         if final.exists():  # re-saving the same step (e.g. final save after an interval save)
             shutil.rmtree(final)
         temporary.rename(final)
-        best = read_best(run_dir)
-        for old_step, path in list(complete_checkpoints(run_dir).items())[:-keep]:
-            if not best or old_step != best["step"]:  # the best checkpoint outlives retention
-                shutil.rmtree(path, ignore_errors=True)
+        _apply_retention(run_dir, keep, lambda path: shutil.rmtree(path, ignore_errors=True))
     dist.barrier()
     return final
 
 
-def read_best(run_dir: Path) -> dict | None:
+def _train_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+
+
+def _extra_state(step: int, scheduler, extra: dict) -> dict:
+    return {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra}
+
+
+def _apply_retention(run_dir, keep: int, delete) -> None:
+    best = read_best(run_dir)
+    for old_step, path in list(complete_checkpoints(run_dir).items())[:-keep]:
+        if not best or old_step != best["step"]:  # the best checkpoint outlives retention
+            delete(path)
+
+
+def read_best(run_dir: Path | str) -> dict | None:
+    if remote.is_remote(run_dir):
+        return remote.read_json(remote.join(run_dir, BEST_FILE))
     path = Path(run_dir) / BEST_FILE
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def record_best(run_dir: Path, step: int, eval_loss: float) -> None:
-    """Rank 0, once step-NNNNNN/ is complete: best.json and the RUN/best link, each replaced atomically."""
+    """Rank 0, once step-NNNNNN/ is complete: best.json and the RUN/best link, each replaced atomically (on an
+    object store best.json alone, written whole)."""
+    if remote.is_remote(run_dir):
+        return remote.write_json(remote.join(run_dir, BEST_FILE), {"step": step, "eval_loss": eval_loss})
     temporary = run_dir / f".{BEST_FILE}.tmp"
     temporary.write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
     temporary.rename(run_dir / BEST_FILE)
@@ -101,6 +127,8 @@ def record_best(run_dir: Path, step: int, eval_loss: float) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step-NNNNNN/ folder as given, or RUN/best -> the step folder best.json names."""
+    if remote.is_remote(str(path)):
+        return _resolve_remote(str(path).rstrip("/"))
     path = Path(path)
     if path.name == BEST_NAME:
         best = read_best(path.parent)
@@ -114,7 +142,21 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict | None:
+def _resolve_remote(uri: str) -> str:
+    parent, _, name = uri.rpartition("/")
+    if name == BEST_NAME:
+        best = read_best(parent)
+        if best is None:
+            raise FileNotFoundError(f"{parent}/{BEST_FILE} not found: this run has no eval loss yet; pass a "
+                                    "step-NNNNNN folder")
+        uri = remote.join(parent, step_dir_name(best["step"]))
+    if not remote.is_complete(uri):
+        raise FileNotFoundError(f"{uri} is not a complete checkpoint (no {remote.COMMIT_MARKER}); pass a "
+                                "step-NNNNNN folder of a run, or RUN/best")
+    return uri
+
+
+def load_latest(run_dir: Path | str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict | None:
     """Restore the newest complete checkpoint into module/optimizer/scheduler/RNG; returns its extra state."""
     found = complete_checkpoints(run_dir)
     # Every rank must resume the same step: rank 0's listing decides.
@@ -122,15 +164,20 @@ def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.O
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         return None
-    path = run_dir / step_dir_name(choice[0])
-    state = {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
-    dcp.load(state, checkpoint_id=str(path))
+    state = _train_state(module, optimizer)
+    if remote.is_remote(run_dir):
+        path = remote.join(run_dir, step_dir_name(choice[0]))
+        remote.load(path, state)
+        extra = remote.load_extra(path, dist.get_rank())
+    else:
+        path = run_dir / step_dir_name(choice[0])
+        dcp.load(state, checkpoint_id=str(path))
+        extra_path = path / f"extra-rank{dist.get_rank():05d}.pt"
+        extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
     set_model_state_dict(module, state[MODEL_KEY])
     set_optimizer_state_dict(module, optimizer, state["optim"])
-    extra_path = path / f"extra-rank{dist.get_rank():05d}.pt"
-    if not extra_path.exists():
+    if extra is None:
         raise RuntimeError(f"{path} was written by a different number of ranks; resume with the same world size")
-    extra = torch.load(extra_path, weights_only=False)
     scheduler.load_state_dict(extra.pop("scheduler"))
     _set_rng_state(extra.pop("rng"))
     log.info("resumed from %s", path)
@@ -140,5 +187,8 @@ def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.O
 def load_model_weights(path: Path, module: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint into an unsharded module (export; no process group)."""
     state = {MODEL_KEY: module.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    if remote.is_remote(str(path)):
+        remote.load(str(path), state)
+    else:
+        dcp.load(state, checkpoint_id=str(path))
     module.load_state_dict(state[MODEL_KEY])

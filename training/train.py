@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
-from training import checkpoint
+from training import checkpoint, remote_checkpoint
 from training.board import Board
 from training.config import Config, dump_config
 from training.data import DataPosition, ShardStream, Step, resolve_output_dir
@@ -99,11 +99,15 @@ def train(config: Config) -> None:
     device, store = init_distributed(config.train.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     _setup_logging(rank)
-    run_dir = Path(config.checkpoint.dir)
+    run_dir = config.checkpoint.logs()  # logs; checkpoints go to checkpoint_dir (a path, or an s3:// URI)
+    checkpoint_dir = config.checkpoint.location()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_same_rule(run_dir, HeldOut.from_config(config.eval))  # before config.yaml is replaced
         dump_config(config, run_dir / "config.yaml")
+        if not isinstance(checkpoint_dir, Path):  # export reads the run's config next to its checkpoints
+            remote_checkpoint.write_bytes(remote_checkpoint.join(checkpoint_dir, "config.yaml"),
+                                          (run_dir / "config.yaml").read_bytes())
     torch.manual_seed(config.train.seed)
 
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
@@ -124,7 +128,7 @@ def train(config: Config) -> None:
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
 
     step = 0
-    resumed = checkpoint.load_latest(run_dir, module, optimizer, scheduler)
+    resumed = checkpoint.load_latest(checkpoint_dir, module, optimizer, scheduler)
     if resumed:
         step, stream.position = resumed["step"], DataPosition.from_dict(resumed["data"])
     position = stream.position
@@ -155,7 +159,7 @@ def train(config: Config) -> None:
                 board.train(record)
             evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None
             if step % config.checkpoint.interval == 0 or (evaluation and evaluation.new_best):
-                _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
+                _save(checkpoint_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
                 last_saved = step
             if evaluation:
                 evaluator.mark_best(evaluation)  # a new lowest eval loss was just checkpointed
@@ -168,7 +172,7 @@ def train(config: Config) -> None:
     evaluation = evaluator.run(step, module) if evaluator and evaluator.last_step != step else None
     # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
     if last_saved != step:
-        _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
+        _save(checkpoint_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
     if evaluation:
         evaluator.mark_best(evaluation)
     board.close()
@@ -211,8 +215,8 @@ def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
 
 
 def _save(run_dir, step, module, optimizer, scheduler, position: DataPosition, keep: int) -> None:
-    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": position.to_dict()}, keep)
-    log.info("saved %s", run_dir / checkpoint.step_dir_name(step))
+    log.info("saved %s", checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": position.to_dict()},
+                                         keep))
 
 
 def _train_step(module, optimizer, batches: list[TalkerBatch], step: Step, config: Config, world: int):
