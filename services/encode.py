@@ -21,7 +21,7 @@ from services.lock import OutputLocked
 from services.manifest import ManifestError
 from services.preflight import InputProblem, check_inputs
 from services.progress import DRIVER_FILE
-from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, write_failure
+from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, is_own_file, write_failure
 from shared.device import DEVICE_CHOICES  # without torch: the driver never imports it
 from shared.schema import COMPLETE_MARKER, PLAN_FILE, SUMMARY_FILE, published_shards
 from shared.storage import local_path
@@ -388,15 +388,6 @@ def main(argv: list[str] | None = None) -> int:
         return 4
     finally:
         guard.release()
-
-
-def is_own_file(filename, store) -> bool:
-    """Whether an OSError's file is under the output (a path, or a location of the object store)."""
-    if not filename:
-        return False
-    if is_s3_uri(str(filename)):
-        return str(filename).startswith(str(store.location()))
-    return Path(filename).resolve().is_relative_to(Path(store.root))
 
 
 if __name__ == "__main__":

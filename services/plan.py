@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -124,12 +123,6 @@ def plan_shards(manifest: Path, shard_size: int) -> tuple[int, list[ShardSpec]]:
     if line > start_line:
         shards.append(ShardSpec(len(shards), start_line, line, start_byte, offset))
     return line, shards
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(data, indent=1, ensure_ascii=False))
-    os.replace(tmp, path)
 
 
 def load_plan(store: Store | str | Path) -> Plan | None:

@@ -5,7 +5,6 @@ half-written or stale: nothing here raises on such a directory, it reports what 
 """
 from __future__ import annotations
 
-import json
 import math
 import time
 from pathlib import Path
@@ -36,15 +35,6 @@ class ShardStatsCache(FileVersionCache[ShardStats]):
 
 
 SHARD_STATS_CACHE = ShardStatsCache()
-
-
-def read_json_object(path: Path) -> dict | None:
-    """The JSON object in `path`, or None when it is absent, half-written or not an object."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def as_number(value: Any, default: float = 0.0) -> float:

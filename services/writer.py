@@ -17,7 +17,6 @@ import pyarrow.parquet as pq
 from shared.schema import SHARDS_DIR, ShardRow, ShardStats, build_table, shard_name
 from shared.store import Store, open_store
 
-TEMPORARY_GLOB = ".shard-*.tmp-*"
 # What to do about the storage errors a writer meets; anything else gets the generic fix.
 FIX_FOR_ERRNO = {
     errno.EROFS: "make it writable", errno.EACCES: "make it writable", errno.EPERM: "make it writable",
@@ -35,6 +34,15 @@ def write_failure(target: str | Path, exc: OSError) -> OutputWriteError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
     fix = FIX_FOR_ERRNO.get(exc.errno, "fix the storage")
     return OutputWriteError(f"cannot write {target}: {reason}; {fix} and re-run the same command")
+
+
+def is_own_file(filename, store: Store) -> bool:
+    """Whether an OSError's file is under the output (a path, or a location of the object store)."""
+    if not filename:
+        return False
+    if "://" in str(filename):
+        return str(filename).startswith(str(store.location()))
+    return Path(filename).resolve().is_relative_to(Path(store.root))
 
 
 class ShardWriter:
