@@ -235,7 +235,7 @@ def apply_codec_numerics(dev: DeviceInfo) -> CodecNumerics:
 
 # ------------------------------------------------------------------------------------------ training per chip
 
-ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flash_attention_2")
+ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2")
 HALF_DTYPES = ("bfloat16", "float16")
 
 
@@ -243,19 +243,40 @@ class UnsupportedPrecision(RuntimeError):
     """The chip cannot compute in the dtype the training config asks for."""
 
 
-def attention_for(requested: str, kind: str, compute_dtype: str) -> str:
+def flash_attn_installed() -> bool:
+    """True when the flash-attn package (CUDA's flash_attention_2 kernels) can be imported; never imports it."""
+    import importlib.util
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention_for(requested: str, kind: str, compute_dtype: str, flash_attn: bool | None = None) -> str:
     """The attention implementation training loads the model with; `auto` picks per device.
 
-    On an NPU with bf16/fp16 compute, transformers' "flash_attention_2" runs torch_npu's npu_fusion_attention,
-    in variable-length ("TND") form when a batch is packed or padded: no compute on padding and no L x L mask in
-    memory. The fused kernel takes half-precision inputs only, so fp32 compute (e.g. a 910A) keeps sdpa. CUDA
-    keeps sdpa (the flash-attn package is not a dependency), the CPU too.
+    Packed rows need a varlen path: sdpa and eager get a dense (B, 1, L, L) block-diagonal mask from the position
+    ids, which computes every pair (most of them between different utterances at pack_length 4096) and, on CUDA,
+    rules out sdpa's flash kernel and its GQA path.
+    - NPU, bf16/fp16: transformers' "flash_attention_2" runs torch_npu's npu_fusion_attention in varlen ("TND")
+      form. The fused kernel takes half precision only, so fp32 compute (e.g. a 910A) keeps sdpa.
+    - CUDA: "flash_attention_2" (flash-attn's varlen kernel on cu_seq_lens) when that package is installed and
+      compute is half precision; otherwise "flex_attention", torch's own kernel over a block mask that skips the
+      tiles between utterances (compiled with torch.compile on first use).
+    - CPU: sdpa (inductor compiles flex attention's forward only on CPU, not its backward).
+    `flash_attn` says whether flash-attn is installed (looked up when None).
     """
     if requested not in ATTENTION_CHOICES:
         raise ValueError(f"model.attn_implementation must be one of {ATTENTION_CHOICES}, got {requested!r}")
+    if requested == "flex_attention" and kind != "cuda":
+        raise ValueError(f"model.attn_implementation=flex_attention trains on CUDA only (this is {kind}: "
+                         "torch compiles no flex backward for it). Fix: model.attn_implementation=auto")
     if requested != "auto":
         return requested
-    return "flash_attention_2" if kind == "npu" and compute_dtype in HALF_DTYPES else "sdpa"
+    half = compute_dtype in HALF_DTYPES
+    if kind == "npu":
+        return "flash_attention_2" if half else "sdpa"
+    if kind == "cuda":
+        has_flash = flash_attn_installed() if flash_attn is None else flash_attn
+        return "flash_attention_2" if half and has_flash else "flex_attention"
+    return "sdpa"
 
 
 def precision_problem(kind: str, device_name: str, bf16_supported: bool, dtypes: dict[str, str]) -> str | None:

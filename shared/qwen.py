@@ -136,9 +136,16 @@ def reference_encode(codec: Qwen3TTSTokenizer, audios: list, sr: int | None = No
 
 def load_tts_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    attn_implementation: str = "eager") -> Qwen3TTSForConditionalGeneration:
-    """The bare `Qwen3TTSForConditionalGeneration` (what training wraps with FSDP2)."""
+    """The bare `Qwen3TTSForConditionalGeneration` (what training wraps with FSDP2).
+
+    "flex_attention" applies to the talker's layers only: upstream declares flex support on the talker's text model
+    but not on the top-level class or the code predictor, whose 16-position causal sequences are never packed and
+    stay on sdpa."""
+    flex = attn_implementation == "flex_attention"
     model = Qwen3TTSForConditionalGeneration.from_pretrained(
-        _check_dir(path, "model"), dtype=dtype, attn_implementation=attn_implementation)
+        _check_dir(path, "model"), dtype=dtype, attn_implementation="sdpa" if flex else attn_implementation)
+    if flex:
+        model.talker.model.set_attn_implementation({"": "flex_attention", "code_predictor_config": "sdpa"})
     return model.to(device)
 
 
