@@ -163,6 +163,8 @@ def select_device(preference: str = "auto", local_index: int | None = None) -> D
         raise RuntimeError(f"{kind} index {index} requested but only {count} visible ({VISIBLE_DEVICES_VAR[kind]}={visible})")
     if kind == "npu":
         torch.npu.set_device(index)
+        from shared.cpu_affinity import bind_to_card
+        bind_to_card(index)  # by the physical card id, which torch_npu's own binding does not translate to
     else:
         torch.cuda.set_device(index)
     return DeviceInfo(kind, index, visible)
