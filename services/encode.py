@@ -219,7 +219,7 @@ class Driver:
         args = self.args
         self.reaper = connect_ray(args.address, args.ray_dashboard)
         self.ray_up = True
-        kind = self.kind = cluster_kind(args.device)
+        kind = self.kind = cluster_kind(args.device, self.log)
         self.log(f"Ray ready after {self.since_start()}")
         options = EncoderOptions(
             codec=str(args.codec.resolve()), output=str(self.output),
