@@ -123,6 +123,7 @@ class EncoderPool:
         # One shard queued behind those the actor works on, so it never waits for the driver's round trip.
         self.max_in_flight = max_in_flight + shards_at_once(kind) - 1
         self.encoders: dict[str, Encoder] = {}
+        self.on_started: Callable[[dict], None] | None = None  # called with each started encoder's info()
         self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(EncoderActor)
         self._next_index = 0
         self.failed: dict[int, str] = {}  # shard id -> reason, for shards that failed for good
@@ -221,6 +222,8 @@ class EncoderPool:
         self.first_started_at = self.first_started_at or time.time()
         self.log(f"{enc.name} started on {info['hostname']} ({info['node']}, node {info['node_id'][:12]}) "
                  f"device {info['device']} {info.get('visible_devices') or ''}")
+        if self.on_started is not None:
+            self.on_started(info)
 
     def _drop(self, enc: Encoder) -> None:
         self.encoders.pop(enc.name, None)

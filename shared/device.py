@@ -197,8 +197,9 @@ class CodecNumerics:
     nearest-codebook choices and would make codes depend on which machine encoded a shard."""
     device_kind: str
     dtype: str = "float32"
-    conv_reduced_fp32: bool = False  # HF32 (npu) / TF32 (cuda) in convolutions
+    conv_reduced_fp32: bool = False  # HF32 (npu) / TF32 (cuda) in convolutions; fp16 inputs on Ascend before 910B
     matmul_reduced_fp32: bool = False  # the same for matmuls
+    fp32_inputs: str = "float32"  # what fp32 convolutions/matmuls really read: "float16" on Ascend before 910B
 
     def differs_from(self, other: "CodecNumerics") -> list[str]:
         return [f"{name} {getattr(other, name)} -> {getattr(self, name)}" for name in self.__dataclass_fields__
@@ -210,7 +211,27 @@ def codec_numerics(kind: str) -> CodecNumerics:
     return CodecNumerics(kind)
 
 
-def apply_codec_numerics(dev: DeviceInfo) -> CodecNumerics:
+# Chips before Ascend910B1 (910A, 310P) have fp16 cube units only: torch_npu feeds fp32 convolutions and matmuls to
+# them as fp16 inputs whatever the HF32 switches say. The same chips lack bf16, so torch.npu.is_bf16_supported()
+# tells them apart (the test training's precision check uses).
+FP16_INPUTS = CodecNumerics("npu", conv_reduced_fp32=True, matmul_reduced_fp32=True, fp32_inputs="float16")
+ALLOW_REDUCED_FLAG = "--allow-reduced-codec-precision"
+
+
+def npu_codec_numerics(device_name: str, bf16_supported: bool, allow_reduced: bool) -> CodecNumerics:
+    """The codec's numerics on an Ascend chip, or UnsupportedPrecision (with the fix) on a chip that computes fp32
+    from fp16 inputs, unless the user accepted that."""
+    if bf16_supported:
+        return CodecNumerics("npu")
+    if not allow_reduced:
+        raise UnsupportedPrecision(
+            f"{device_name} (before Ascend910B1: 910A, 310P) computes fp32 convolutions and matmuls from fp16 "
+            "inputs, so the codec's codes would depend on the chip. Fix: encode on an Ascend 910B or newer, a GPU "
+            f"or the CPU, or pass {ALLOW_REDUCED_FLAG} to accept it (plan.json then records fp32_inputs float16)")
+    return FP16_INPUTS
+
+
+def apply_codec_numerics(dev: DeviceInfo, allow_reduced: bool = False) -> CodecNumerics:
     """Switch this process's reduced-precision fp32 modes off and return what is in effect, read back from torch.
 
     torch_npu turns HF32 on for fp32 convolutions by default (torch.npu.conv.allow_hf32 = True; matmul HF32 is
@@ -218,8 +239,12 @@ def apply_codec_numerics(dev: DeviceInfo) -> CodecNumerics:
     """
     import torch
     if dev.kind == "npu":
+        chip = npu_codec_numerics(torch.npu.get_device_name(dev.index or 0), bool(torch.npu.is_bf16_supported()),
+                                  allow_reduced)
         torch.npu.conv.allow_hf32 = False
         torch.npu.matmul.allow_hf32 = False
+        if chip == FP16_INPUTS:
+            return chip  # the switches cannot lift what the chip does
         now = CodecNumerics("npu", conv_reduced_fp32=bool(torch.npu.conv.allow_hf32),
                             matmul_reduced_fp32=bool(torch.npu.matmul.allow_hf32))
     elif dev.kind == "cuda":
@@ -284,14 +309,18 @@ def attention_for(requested: str, kind: str, compute_dtype: str, flash_attn: boo
 def precision_problem(kind: str, device_name: str, bf16_supported: bool, dtypes: dict[str, str]) -> str | None:
     """Why this chip cannot train with `dtypes` ({"fsdp.param_dtype": "bfloat16", ...}), with the fix; None if
     it can."""
+    if kind == "npu" and not bf16_supported:  # whatever the dtypes: fp32 is no fallback on these chips
+        return (f"{device_name} (before Ascend910B1: 910A, 310P) cannot train here: it has no bf16 units, and "
+                "torch_npu computes fp32 matmuls and convolutions from fp16 inputs, so fp32 would really be fp16 "
+                "without the loss scaling this trainer does not do. Fix: train on an Ascend 910B or newer, a GPU "
+                "or the CPU")
     asked = [key for key, dtype in dtypes.items() if dtype == "bfloat16"]
     if not asked or bf16_supported or kind == "cpu":
         return None
-    chip = f"{device_name} (Ascend 910A and older have no bf16 units)" if kind == "npu" else device_name
     settings = " ".join(f"{key}=float32" for key in asked)
-    return (f"{', '.join(asked)}=bfloat16 but {chip} cannot compute in bf16. Fix: train in fp32, e.g. append "
-            f"`{settings}` to the deploy/train.sh command (or set it in the config); float16 runs too but this "
-            "trainer does no loss scaling, so small gradients underflow")
+    return (f"{', '.join(asked)}=bfloat16 but {device_name} cannot compute in bf16. Fix: train in fp32, e.g. "
+            f"append `{settings}` to the deploy/train.sh command (or set it in the config); float16 runs too but "
+            "this trainer does no loss scaling, so small gradients underflow")
 
 
 def check_training_precision(dev: DeviceInfo, dtypes: dict[str, str]) -> None:

@@ -1,6 +1,6 @@
 """Per-chip training settings: `auto` attention resolves to flash_attention_2 (transformers' route to torch_npu's
-npu_fusion_attention) on an NPU computing in bf16/fp16, to a varlen path on CUDA and to sdpa elsewhere; a chip without bf16 (910A) is
-refused before training with the config change that fixes it."""
+npu_fusion_attention) on an NPU computing in bf16/fp16, to a varlen path on CUDA and to sdpa elsewhere; an Ascend
+chip without bf16 (910A) is refused before training, fp32 included (its fp32 matmuls read fp16 inputs)."""
 import inspect
 
 import pytest
@@ -47,11 +47,12 @@ def test_transformers_routes_flash_attention_2_to_npu_fusion_attention():
 
 def test_chip_without_bf16_is_refused_with_the_fix():
     problem = precision_problem("npu", "Ascend910A", False, BF16_RUN)
-    assert problem and "fsdp.param_dtype=bfloat16" in problem and "910A" in problem
-    assert "`fsdp.param_dtype=float32`" in problem  # the override that fixes it
+    assert problem and "910A" in problem and "Fix: train on an Ascend 910B or newer" in problem
     assert precision_problem("npu", "Ascend910B3", True, BF16_RUN) is None
-    assert precision_problem("npu", "Ascend910A", False, {"fsdp.param_dtype": "float32",
-                                                          "fsdp.reduce_dtype": "float32"}) is None
+    # fp32 is no fallback there: torch_npu computes fp32 matmuls from fp16 inputs on chips before 910B1.
+    fp32 = precision_problem("npu", "Ascend910A", False, {"fsdp.param_dtype": "float32", "fsdp.reduce_dtype": "float32"})
+    assert fp32 and "fp16 inputs" in fp32
+    assert "`fsdp.param_dtype=float32`" in precision_problem("cuda", "Tesla V100", False, BF16_RUN)
     assert "Tesla V100" in precision_problem("cuda", "Tesla V100", False, BF16_RUN)
     check_training_precision(DeviceInfo("cpu", None, None), BF16_RUN)  # CPUs emulate bf16: nothing to refuse
     assert issubclass(UnsupportedPrecision, RuntimeError)
