@@ -41,17 +41,28 @@ class RssPeak(threading.Thread):
 
     def __init__(self, interval: float = 0.002):
         super().__init__(daemon=True)
-        self.interval, self.peak, self._stop = interval, current_rss_self(), threading.Event()
+        self.interval, self.peak, self._halt = interval, current_rss_self(), threading.Event()
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self.peak = max(self.peak, current_rss_self())
             time.sleep(self.interval)
 
     def stop(self) -> int:
-        self._stop.set()
+        self._halt.set()
         self.join()
         return max(self.peak, current_rss_self())
+
+
+def _settled_rss() -> int:
+    """RSS once freed heap memory is handed back: the model load frees gigabytes that glibc may keep, and an
+    allocation reusing them would not show in RSS."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    ctypes.CDLL("libc.so.6").malloc_trim(0)
+    return current_rss_self()
 
 
 def _tensor_bytes(modules) -> int:
@@ -65,8 +76,6 @@ def _inference_modules(tts) -> list:
 
 def worker(flow: str, model_dir: str, frames: int) -> None:
     """One rank of a flow (under torchrun): train-shaped FSDP2 module, then the eval's weight path and samples."""
-    import gc
-
     import torch
     import torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
@@ -83,9 +92,8 @@ def worker(flow: str, model_dir: str, frames: int) -> None:
     module = TalkerForTraining(model.talker)
     del model
     parallelize(module, FsdpConfig(param_dtype="bfloat16"), init_device_mesh("cpu", (dist.get_world_size(),)))
-    gc.collect()
     dist.barrier()
-    baseline = current_rss_self()
+    baseline = _settled_rss()
     sampler = RssPeak()
     sampler.start()
     device = torch.device("cpu")
@@ -112,8 +120,7 @@ def worker(flow: str, model_dir: str, frames: int) -> None:
                                  if next(m.parameters()).device.type != "cpu")
     dist.barrier()
     peak = sampler.stop()
-    gc.collect()
-    after = current_rss_self()
+    after = _settled_rss()
     print(RESULT + json.dumps(dict(flow=flow, rank=rank, baseline=baseline, peak_extra=peak - baseline,
                                    resident=after - baseline, device_resident=resident_on_device,
                                    copy_bytes=_tensor_bytes(_inference_modules(tts)) if tts is not None else 0)),

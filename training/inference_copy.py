@@ -18,6 +18,7 @@ import contextlib
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from shared.qwen import load_inference_model, place_inference_model
@@ -34,11 +35,12 @@ def gather_weights(module: torch.nn.Module, target: torch.nn.Module | None, dtyp
     """Collective: copy `module`'s (FSDP-sharded) parameters into `target`'s parameters of the same names, one
     at a time, cast to `dtype` before the gather. `target` is None on the ranks that only take part. Returns the
     number of parameters copied (0 where target is None)."""
-    if hasattr(module, "reshard"):
-        # The root is not resharded after a forward (training gathers it for the whole step): after the eval
-        # loss its parameters are full local tensors. Resharding makes every parameter a DTensor again and
-        # frees those full copies before the gather.
-        module.reshard()
+    for part in module.modules():
+        if isinstance(part, FSDPModule):
+            # The root (and every layer with fsdp.reshard_after_forward off) stays gathered after a forward:
+            # after the eval loss its parameters are full local tensors. Resharding makes each a DTensor again
+            # and frees those full copies before the samples need the memory.
+            part.reshard()
     targets = dict(target.named_parameters()) if target is not None else {}
     copied, names = 0, set()
     for name, param in module.named_parameters():
