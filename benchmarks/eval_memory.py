@@ -3,14 +3,15 @@ model state gathered in fp32 to rank 0's host, loaded into an inference model ke
 this checkout's ("after": training.inference_copy, parameter by parameter into a host copy in the compute
 dtype, on the device only while it generates), in one run.
 
-    python benchmarks/eval_memory.py --layers 1,2 --json eval_memory.json
+    python benchmarks/eval_memory.py --layers 1,3 --json eval_memory.json
     python benchmarks/eval_memory.py --quick      # 1 layer only (no extrapolation)
 
 Each flow is a real 2-rank torchrun (gloo, CPU) that loads the 1.7B-shaped model (true widths, `--layers` talker
 layers; benchmarks/model_1p7b.py) as training does, shards it with FSDP2 (compute dtype bf16), then runs the
-eval's weight path and a short generation (`--frames` codec frames). Host RSS of each rank is sampled every
-2 ms: peak extra = the highest RSS during the eval less the RSS just before it; resident = RSS after the eval
-less that baseline. Figures at 28 layers are extrapolated linearly from two layer counts.
+eval's weight path and a short generation (`--frames` codec frames). The anonymous RSS of each rank (RssAnon:
+tensors and heap) is sampled every 2 ms: peak extra = the highest during the eval less the value just before
+it; kept = the value after the eval less that baseline. Figures at 28 layers are extrapolated linearly from
+two layer counts.
 
 On CPU the "device" is the host, so device memory cannot be measured here (no GPU was available): the table
 gives, instead, the bytes of the inference model that the flow keeps on the training device between evals,
@@ -29,11 +30,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # `python benchmarks/X.py` from anywhere
 
 from benchmarks import inputs  # noqa: E402
-from benchmarks.common import (base_parser, child_env, current_rss_self, gib, markdown_table, python,  # noqa: E402
+from benchmarks.common import (base_parser, child_env, gib, markdown_table, python,  # noqa: E402
                                run_measured, write_json)
 
 FLOWS = ("before", "after")
 RESULT = "EVAL_MEMORY "
+
+
+def anonymous_rss() -> int:
+    """Anonymous resident memory (RssAnon): tensors and heap. File-backed pages (libraries, page cache) are left
+    out: the kernel drops and refaults them as other processes on the machine need memory."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
 
 
 class RssPeak(threading.Thread):
@@ -41,17 +51,17 @@ class RssPeak(threading.Thread):
 
     def __init__(self, interval: float = 0.002):
         super().__init__(daemon=True)
-        self.interval, self.peak, self._halt = interval, current_rss_self(), threading.Event()
+        self.interval, self.peak, self._halt = interval, anonymous_rss(), threading.Event()
 
     def run(self) -> None:
         while not self._halt.is_set():
-            self.peak = max(self.peak, current_rss_self())
+            self.peak = max(self.peak, anonymous_rss())
             time.sleep(self.interval)
 
     def stop(self) -> int:
         self._halt.set()
         self.join()
-        return max(self.peak, current_rss_self())
+        return max(self.peak, anonymous_rss())
 
 
 def _settled_rss() -> int:
@@ -62,7 +72,7 @@ def _settled_rss() -> int:
 
     gc.collect()
     ctypes.CDLL("libc.so.6").malloc_trim(0)
-    return current_rss_self()
+    return anonymous_rss()
 
 
 def _tensor_bytes(modules) -> int:
@@ -162,7 +172,7 @@ def extrapolate(by_layers: dict[int, float], target: int = 28) -> float | None:
 
 def main(argv=None) -> None:
     p = base_parser(__doc__)
-    p.add_argument("--layers", default="1,2", help="talker layer counts measured (two give the 28-layer figure)")
+    p.add_argument("--layers", default="1,3", help="talker layer counts measured (two give the 28-layer figure)")
     p.add_argument("--frames", type=int, default=4, help="codec frames generated per flow")
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--worker", choices=FLOWS, help=argparse.SUPPRESS)
@@ -177,7 +187,7 @@ def main(argv=None) -> None:
         for flow in FLOWS:
             print(f"[{flow}, {layers} talker layers]", flush=True)
             results[(flow, layers)] = run_flow(flow, model_dir, args.frames, args.timeout)
-    keys = [("peak_extra", "peak extra host RSS"), ("resident", "host RSS kept after the eval"),
+    keys = [("peak_extra", "peak extra host memory"), ("resident", "host memory kept after the eval"),
             ("device_resident", "kept on the device between evals (counted)")]
     rows = []
     for layers in layer_counts:
