@@ -10,7 +10,8 @@ Rows of pack_length positions filled with utterances of a realistic length mix (
     position ids; "flex" the tile-level block mask of training.document_mask; "flash" (CUDA, flash-attn
     installed) flash-attn's varlen kernel on the block boundaries;
   whole step: TalkerForTraining on a model of the 1.7B's widths with --layers talker layers (random weights),
-    forward and backward of the talker + code-predictor loss.
+    forward and backward of the talker + code-predictor loss; on the CPU (not --dry) the talker's layer stack
+    forward only, since there the code predictor's ~3000 x 16 positions per row dominate and take minutes.
 On the CPU, torch 2.9.1's inductor compiles flex attention's forward but not its backward (and flex without
 compile is an unfused reference that materializes every score), so flex is timed forward-only there and the
 backward columns stay empty. Seconds are medians of --repeats after --warmup calls.
@@ -139,6 +140,7 @@ def attention_only(args, device: str, dtype: torch.dtype, cu: torch.Tensor) -> d
                          "forward_s": timed(forward, device, args.warmup, args.repeats),
                          "forward_backward_s": timed(forward_backward, device, args.warmup, args.repeats)
                          if backward_runs(name, device) else None}
+        print("attention", name, results[name], flush=True)
     return results
 
 
@@ -161,6 +163,9 @@ def whole_step(args, device: str, dtype: torch.dtype, rows: list) -> dict:
     batch = collate(samples, speakers, ids.tts_pad)
     batch = batch.to(device)  # rows right-padded to the longest, as training collates them
     trainer = TalkerForTraining(model.talker)
+    # On the CPU the whole step is dominated by the code predictor (16 positions per frame, ~3000 frames per row),
+    # which no attention choice touches: time the talker's layer stack there, forward only.
+    talker_only = device == "cpu" and not args.dry
     results = {}
     names = ["sdpa"] + ["flex_attention"] + (["flash_attention_2"] if device == "cuda" and flash_attn_installed()
                                              else [])
@@ -170,16 +175,18 @@ def whole_step(args, device: str, dtype: torch.dtype, rows: list) -> dict:
 
         def forward():
             with torch.no_grad():
-                trainer.eval()(batch)
+                trainer.eval().hidden_states(batch) if talker_only else trainer.eval()(batch)
 
         def step():
             trainer.zero_grad(set_to_none=True)
             out = trainer.train()(batch)
             (out.talker_loss_sum + out.sub_loss_sum).backward()
         results[label] = {"forward_s": timed(forward, device, args.warmup, args.repeats),
+                          "forward_scope": "talker layers" if talker_only else "talker + code predictor + losses",
                           "step_s": timed(step, device, args.warmup, args.repeats)
-                          if backward_runs(label, device) else None,
+                          if backward_runs(label, device) and not talker_only else None,
                           "positions": int(batch.text_ids.numel()), "frames": batch.shape.frames}
+        print("step", label, results[label], flush=True)
     return results
 
 
