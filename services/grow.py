@@ -95,8 +95,9 @@ def grow_plan(output: Path, plan: Plan, inputs: PlanInputs, source: Path, log=pr
     finally:
         staged.unlink(missing_ok=True)
     if added:
-        log(f"the manifest grew by {num_rows - plan.num_rows} rows: shards {added[0].id}-{added[-1].id} added "
-            f"after the {len(plan.shards)} planned ones, which are kept")
+        ids = f"shard {added[0].id}" if len(added) == 1 else f"shards {added[0].id}-{added[-1].id}"
+        log(f"the manifest grew by {num_rows - plan.num_rows} rows: {ids} added after the {len(plan.shards)} "
+            "planned ones, which are kept")
     else:
         log("the manifest changed but its rows did not: plan updated, nothing new to encode")
     return grown

@@ -58,7 +58,7 @@ def test_appended_lines_get_new_shards_after_the_planned_ones(tmp_path, codec):
         assert prepare_plan(out, manifest, codec, 4).to_json() == grown.to_json()  # same manifest: reused
         (out / COMPLETE_MARKER).write_text("{}")
     assert [(s.start, s.end) for s in load_plan(out).shards] == [(0, 4), (4, 8), (8, 10), (10, 11), (11, 14)]
-    assert "grew by 3 rows: shards 4-4 added after the 4 planned ones" in log[-1]
+    assert "grew by 3 rows: shard 4 added after the 4 planned ones" in log[-1]
     assert sorted(p.name for p in out.iterdir()) == [COMPLETE_MARKER, MANIFEST_FILE, PLAN_FILE]
 
 
