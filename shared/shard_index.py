@@ -96,15 +96,15 @@ class ShardIndex:
     def load(cls, location: str | Path) -> "ShardIndex":
         """The index at `location`; empty when there is none or it cannot be used (another version, damaged):
         it is only a cache, so the shards are read instead."""
-        data = read_bytes(location)
-        if data is None:
-            return cls()
         try:
+            data = read_bytes(location)
+            if data is None:
+                return cls()
             document = json.loads(data)
             if document.get("version") != INDEX_VERSION:
                 return cls()
             return cls({e["name"]: IndexEntry.from_json(e) for e in document["shards"]})
-        except (ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError):
             return cls()
 
     def save(self, location: str | Path) -> None:
