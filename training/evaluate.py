@@ -73,6 +73,8 @@ def collect_eval_rows(shards: str, held_out: HeldOut, builder: SampleBuilder, ma
     published = schema.published_shards(resolve_output_dir(shards))
     speakers = {name: SpeakerSet(name, list(s.rows)) for name, s in (chosen_before or {}).items()}
     for sid in sorted(shard_ids):
+        if not held_out.fraction and sid not in held_out.shards:
+            continue  # only whole shards are held out, and not this one: nothing in it to read
         chosen = []
         for planned in read_planned(published[sid], sid, builder, eval_rows(held_out)):
             name = speaker_of(planned.row.speaker)
