@@ -56,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.1)
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--ref-audio", default=None, help="reference wav for entries that have none")
-    p.add_argument("--replan", action="store_true", help="inputs changed: move old results aside and start over")
+    p.add_argument("--replan", action="store_true", help="inputs changed: move old results aside and start over "
+                   "(a manifest with lines appended needs none: only the new lines are encoded)")
     p.add_argument("--status-host", default="127.0.0.1")
     p.add_argument("--status-port", type=int, default=8000, help="serve GET /status while running; -1 disables")
     p.add_argument("--status-token-file", default=None, help="require this bearer token on /status")
