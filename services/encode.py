@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.index_keeper import IndexKeeper
 from services.lock import OutputLock, OutputLocked
 from services.manifest import ManifestError
 from services.preflight import InputProblem, check_inputs
@@ -258,6 +259,7 @@ class Driver:
 
         args = self.args
         writer = ShardWriter(self.output)
+        self.index = IndexKeeper(self.output, self.log)
         removed = writer.remove_temporaries()  # safe: we hold the lock and no encoder of ours has work yet
         if removed:
             self.log(f"removed {len(removed)} temporary files left by encoders that were killed mid-shard")
@@ -268,6 +270,7 @@ class Driver:
         if not pending:  # a rerun of a finished job: keep the summary's time, it is the job's
             self.stop_encoders()
             previous = read_json_object(self.output / SUMMARY_FILE) or {}
+            self.index.reconcile()
             summary = write_summary(self.output, plan, previous.get("elapsed_seconds") or time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed")
             self.log(f"nothing to encode: all {len(plan.shards)} shards were already published")
@@ -280,6 +283,7 @@ class Driver:
             finally:
                 if status is not None:
                     status.stop()
+            self.index.reconcile()
             summary = write_summary(self.output, plan, time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
                            f"{len(self.failed)} shards failed; re-run the same command to retry them")
@@ -311,11 +315,13 @@ class Driver:
         self.heartbeat("running")
 
         def on_done(spec, stats):
+            self.index.published(spec.id)
             self.run_rows += stats.rows_ok
             self.run_audio_seconds += stats.audio_seconds
             self.heartbeat("running")
 
         def on_tick():
+            self.index.save()
             self.heartbeat("running")
             self.log(format_progress_line(collect_progress(self.output)))
 
@@ -331,6 +337,10 @@ class Driver:
             self.heartbeat("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", message=str(exc))
             raise
         finally:
+            try:
+                self.index.save()  # what was published, also when the job stops on an error
+            except OSError as exc:  # the storage's own error, if it failed, is the one to report
+                self.log(f"shard index not saved: {exc}")
             self.stop_encoders()
 
 

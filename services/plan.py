@@ -17,8 +17,8 @@ from typing import Iterable, Iterator
 
 from services.manifest import input_fingerprint, write_normalised
 from shared.device import CodecNumerics
-from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR, SUMMARY_FILE,
-                           WORKERS_DIR)
+from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, INDEX_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR,
+                           SUMMARY_FILE, WORKERS_DIR)
 
 PLAN_VERSION = 1
 
@@ -186,7 +186,7 @@ def _move_aside(output: Path) -> Path:
     aside = output / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir()
     for name in (PLAN_FILE, MANIFEST_FILE, SHARDS_DIR, WORKERS_DIR, SUMMARY_FILE, ERRORS_FILE, COMPLETE_MARKER,
-                 "driver.json"):
+                 INDEX_FILE, "driver.json"):
         if (output / name).exists():
             os.replace(output / name, aside / name)
     return aside
