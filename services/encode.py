@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.index_keeper import IndexKeeper
 from services.lease import DEFAULT_LEASE_SECONDS, single_driver_guard
 from services.lock import OutputLocked
 from services.manifest import ManifestError
@@ -59,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(0: the node's cores shared among its encoders)")
     p.add_argument("--max-batch-seconds", type=float, default=240.0, help="padded audio seconds per codec call")
     p.add_argument("--max-batch-items", type=int, default=64)
+    p.add_argument("--allow-reduced-codec-precision", action="store_true",
+                   help="encode on Ascend chips before 910B1 (910A, 310P), whose fp32 reads fp16 inputs "
+                        "(recorded in plan.json); refused without it")
     p.add_argument("--exact-tail", action="store_true", help="reproduce upstream's one-at-a-time codes for the "
                    "last partial frame too (slower; see README)")
     p.add_argument("--min-seconds", type=float, default=0.1)
@@ -66,7 +70,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ref-audio", default=None, help="reference wav for entries that have none")
     p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS, help="on s3://: the driver's "
                    "lease lasts this long unless renewed; a killed driver's output can be resumed after it")
-    p.add_argument("--replan", action="store_true", help="inputs changed: move old results aside and start over")
+    p.add_argument("--replan", action="store_true", help="inputs changed: move old results aside and start over "
+                   "(a manifest with lines appended needs none: only the new lines are encoded)")
     p.add_argument("--status-host", default="127.0.0.1")
     p.add_argument("--status-port", type=int, default=8000, help="serve GET /status while running; -1 disables")
     p.add_argument("--status-token-file", default=None, help="require this bearer token on /status")
@@ -231,14 +236,15 @@ class Driver:
         args = self.args
         self.reaper = connect_ray(args.address, args.ray_dashboard)
         self.ray_up = True
-        kind = self.kind = cluster_kind(args.device)
+        kind = self.kind = cluster_kind(args.device, self.log)
         self.log(f"Ray ready after {self.since_start()}")
         options = EncoderOptions(
             codec=str(args.codec.resolve()), output=args.output,
             max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
             decode_threads=args.decode_threads, placement=kind, exact_tail=args.exact_tail,
             min_seconds=args.min_seconds, max_seconds=args.max_seconds,
-            torch_threads=max(1, int(args.cpus_per_encoder)) if kind == "cpu" else 0)
+            torch_threads=max(1, int(args.cpus_per_encoder)) if kind == "cpu" else 0,
+            allow_reduced_precision=args.allow_reduced_codec_precision)
         self.pool = EncoderPool(options, kind, args.num_encoders or None, args.cpus_per_encoder,
                                 max_retries=args.max_retries, log=self.log)
         if spawn:
@@ -265,6 +271,7 @@ class Driver:
 
         args = self.args
         writer = ShardWriter(self.store)
+        self.index = IndexKeeper(self.output, self.log)
         removed = writer.remove_temporaries()  # safe: we hold the lock and no encoder of ours has work yet
         if removed:
             self.log(f"removed {len(removed)} temporary files left by encoders that were killed mid-shard")
@@ -275,6 +282,7 @@ class Driver:
         if not pending:  # a rerun of a finished job: keep the summary's time, it is the job's
             self.stop_encoders()
             previous = self.store.read_json(SUMMARY_FILE) or {}
+            self.index.reconcile()
             summary = write_summary(self.store, plan, previous.get("elapsed_seconds") or time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed")
             self.log(f"nothing to encode: all {len(plan.shards)} shards were already published")
@@ -287,6 +295,7 @@ class Driver:
             finally:
                 if status is not None:
                     status.stop()
+            self.index.reconcile()
             summary = write_summary(self.store, plan, time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
                            f"{len(self.failed)} shards failed; re-run the same command to retry them")
@@ -305,22 +314,26 @@ class Driver:
 
     def encode(self, plan, pending) -> None:
         from services.progress import collect_progress, format_progress_line
-        from services.plan import record_encode_run
-        from shared.device import codec_numerics
+        from services.plan import amend_encode_run, record_encode_run
+        from shared.device import CodecNumerics, codec_numerics
 
         if not self.ray_up:
             self.start_encoders(spawn=True)
         record_encode_run(self.store, plan, codec_numerics(self.kind), self.log)  # plan.json: which hardware
         pool = self.pool
+        pool.on_started = lambda info: amend_encode_run(self.store, plan, CodecNumerics(**info["numerics"]),
+                                                        f"{info['name']} on {info['hostname']}", self.log)
         pool.scale()
         self.heartbeat("running")
 
         def on_done(spec, stats):
+            self.index.published(spec.id)
             self.run_rows += stats.rows_ok
             self.run_audio_seconds += stats.audio_seconds
             self.heartbeat("running")
 
         def on_tick():
+            self.index.save()
             self.heartbeat("running")
             self.log(format_progress_line(collect_progress(self.store)))
 
@@ -336,6 +349,10 @@ class Driver:
             self.heartbeat("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", message=str(exc))
             raise
         finally:
+            try:
+                self.index.save()  # what was published, also when the job stops on an error
+            except OSError as exc:  # the storage's own error, if it failed, is the one to report
+                self.log(f"shard index not saved: {exc}")
             self.stop_encoders()
 
 

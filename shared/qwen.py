@@ -57,7 +57,7 @@ __all__ = [
     "Qwen3TTSForConditionalGeneration", "Qwen3TTSModel", "Qwen3TTSTokenizer", "Qwen3TTSTokenizerV2Config",
     "Qwen3TTSTokenizerV2DecoderConfig", "Qwen3TTSTokenizerV2Model", "mel_spectrogram",
     "load_codec", "encode_clips", "kept_codes", "reference_encode", "load_tts_model", "load_inference_model",
-    "speaker_mel", "SPEAKER_MEL", "save_model_dir",
+    "speaker_mel", "SPEAKER_MEL", "save_model_dir", "place_inference_model",
 ]
 
 
@@ -137,9 +137,19 @@ def reference_encode(codec: Qwen3TTSTokenizer, audios: list, sr: int | None = No
 def load_tts_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    attn_implementation: str = "eager") -> Qwen3TTSForConditionalGeneration:
     """The bare `Qwen3TTSForConditionalGeneration` (what training wraps with FSDP2)."""
+    flex = attn_implementation == "flex_attention"
     model = Qwen3TTSForConditionalGeneration.from_pretrained(
-        _check_dir(path, "model"), dtype=dtype, attn_implementation=attn_implementation)
+        _check_dir(path, "model"), dtype=dtype, attn_implementation="sdpa" if flex else attn_implementation)
+    if flex:
+        set_talker_attention(model, "flex_attention")
     return model.to(device)
+
+
+def set_talker_attention(model: Qwen3TTSForConditionalGeneration, implementation: str) -> None:
+    """Switch the talker's layers to `implementation`; the code predictor keeps sdpa. Upstream declares flex support
+    on the talker's text model only (not on the top-level class or the code predictor, so flex cannot be asked
+    for at load time), and the code predictor's 16-position causal sequences are never packed."""
+    model.talker.model.set_attn_implementation({"": implementation, "code_predictor_config": "sdpa"})
 
 
 def load_inference_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -193,3 +203,15 @@ def _drop_local_paths(config: dict) -> None:
             config[key] = ""
         elif isinstance(value, dict):
             _drop_local_paths(value)
+
+
+def place_inference_model(tts: Qwen3TTSModel, device: torch.device | str) -> None:
+    """Move a loaded Qwen3TTSModel (talker, speaker encoder and its codec) to `device`. The wrapper and the codec
+    each record the device they were loaded on and place their inputs there, so those records move too."""
+    device = torch.device(device)
+    tts.model.to(device)
+    tts.device = device
+    codec = tts.model.speech_tokenizer
+    if codec is not None:
+        codec.model.to(device)
+        codec.device = device
