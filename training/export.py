@@ -23,6 +23,8 @@ import yaml
 
 from shared.qwen import load_tts_model, save_model_dir
 from training.checkpoint import load_model_weights, resolve_checkpoint
+from training.custom_voice import is_custom_voice, model_config
+from training.custom_voice_export import export_custom_voice
 from training.data import resolve_output_dir
 from training.model import TalkerForTraining
 from training.reference import ReferenceCache, SpeakerTable, scan_speakers, speaker_key
@@ -99,6 +101,8 @@ def export(checkpoint: Path, output: Path, model_path: str | None = None, speake
     checkpoint = resolve_checkpoint(checkpoint)  # RUN/best -> the step with the lowest eval loss
     config = run_config(checkpoint)
     base = Path(model_path or config.get("model", {}).get("path", ""))
+    if is_custom_voice(model_config(base)):  # built-in speakers kept, new ones in the rows they trained with
+        return export_custom_voice(checkpoint, output, base, config, speaker_name, ref_audio, dtype, all_speakers)
     model = load_tts_model(base, "cpu", torch.float32)
     # The whole checkpoint (sharded over any number of ranks) is read into one unsharded model here.
     load_model_weights(checkpoint, TalkerForTraining(model.talker))

@@ -1,0 +1,167 @@
+"""New voices on a CustomVoice model (training.custom_voice): the tiny CustomVoice model (built-in speakers ryan,
+row 3000, and the sichuan-dialect speaker eric, row 3003) is fine-tuned on a new speaker and a new beijing-dialect
+speaker. The export keeps the built-in speakers (ids, dialect flags, rows) next to the new ones in free rows,
+upstream generate_custom_voice speaks with every one of them, and greedy generation gives back each new speaker's
+trained codes (the dialect speaker through language chinese and auto). Both embedding paths run: a trainable
+row per speaker, and x-vectors from a Base model's speaker encoder. Bad inputs stop before anything is written."""
+import json
+import re
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from shared import schema
+from shared.qwen import load_inference_model, load_tts_model
+from shared.synth import synth_utterance
+from training.synthetic import tone, write_utterances
+from training.validate import TrainingInputProblem, validate
+
+from tests.test_training_distributed import ENV, REPO, train_command
+
+# name -> (language, text, audio seed)
+NEW = {"nova": ("English", "hello world", 31), "lao_li": ("beijing_dialect", "the quick brown fox", 32)}
+BUILT_IN = {"ryan": (3000, False), "eric": (3003, "sichuan_dialect")}
+STEPS = 100
+GREEDY = dict(do_sample=False, subtalker_dosample=False, repetition_penalty=1.0)
+
+
+def write_speakers(root, codec, speakers: dict):
+    """One utterance per speaker, each with its own reference; returns the encode output directory."""
+    entries, clips = [], []
+    for name, (language, text, seed) in speakers.items():
+        ref = root / f"ref-{name}.wav"
+        sf.write(ref, synth_utterance(1.2, 24000, seed), 24000)
+        clip = tone(0.5, seed)
+        audio = root / f"{name}.wav"
+        sf.write(audio, clip, 24000)
+        entries.append({"id": name, "audio": str(audio), "text": text, "ref_audio": str(ref), "speaker": name,
+                        **({"language": language} if language else {})})
+        clips.append(clip)
+    return write_utterances(root / "encoded", codec, entries, clips)
+
+
+def run(*args, timeout=400):
+    return subprocess.run([sys.executable, *args], cwd=REPO, env=ENV, timeout=timeout, capture_output=True, text=True)
+
+
+def torchrun(tiny_dir, model, data, out, *overrides):
+    return run(*train_command(tiny_dir, data, out, nproc=2), f"model.path={model}", *overrides)
+
+
+@pytest.fixture(scope="module")
+def learned(tiny_dir, tiny_custom_voice_dir, tmp_path_factory):
+    """Trainable speaker rows: overfit the two new speakers, export (no flag: every speaker of the run)."""
+    root = tmp_path_factory.mktemp("custom_voice_learned")
+    data = write_speakers(root, tiny_dir / "codec", NEW)
+    out = root / "run"
+    result = torchrun(tiny_dir, tiny_custom_voice_dir, data, out, f"train.steps={STEPS}", "train.lr=5e-3",
+                      "train.lr_schedule=constant", "train.warmup_steps=0", "train.weight_decay=0",
+                      "checkpoint.interval=1000")
+    assert result.returncode == 0, result.stderr[-3000:]
+    voice = root / "voice"
+    result = run("-m", "training.export", "--checkpoint", str(out / f"step-{STEPS:06d}"), "--output", str(voice))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return data, out, voice
+
+
+def test_export_keeps_built_in_speakers_next_to_new_ones(learned, tiny_custom_voice_dir):
+    _, out, voice = learned
+    talker = json.loads((voice / "config.json").read_text())["talker_config"]
+    # New speakers take the free rows between the built-in ones (3001, 3002), in name order.
+    assert talker["spk_id"] == {"ryan": 3000, "eric": 3003, "lao_li": 3001, "nova": 3002}
+    assert talker["spk_is_dialect"] == {"ryan": False, "eric": "sichuan_dialect", "lao_li": "beijing_dialect",
+                                        "nova": False}
+    assert json.loads((out / "voices.json").read_text())["learned"] is True
+    base = load_tts_model(tiny_custom_voice_dir).talker.get_input_embeddings().weight
+    exported = load_tts_model(voice).talker.get_input_embeddings().weight
+    for name, (row, _) in BUILT_IN.items():
+        assert torch.equal(exported[row], base[row]), f"built-in {name}'s row changed"
+    start = base[[3000, 3003]].mean(0)  # where the new rows started
+    for row in (3001, 3002):
+        assert not torch.allclose(exported[row], start, atol=1e-3), "a new speaker's row did not train"
+
+
+def test_every_speaker_speaks_and_new_ones_give_back_their_codes(learned):
+    data, _, voice = learned
+    tts = load_inference_model(voice)
+    assert sorted(tts.get_supported_speakers()) == ["eric", "lao_li", "nova", "ryan"]
+    for speaker in ("ryan", "eric", "nova", "lao_li"):
+        wavs, rate = tts.generate_custom_voice("hello world", speaker=speaker, max_new_tokens=6, **GREEDY)
+        assert rate == 24000 and len(wavs[0]) > 0 and np.isfinite(wavs[0]).all()
+    wavs, _ = tts.generate_custom_voice("hello world", speaker="nova", instruct="speak slowly", max_new_tokens=6)
+    assert len(wavs[0]) > 0  # the instruct path still runs
+    rows = {r.speaker: r for r in schema.read_rows(schema.published_shards(data)[0])}
+    # The dialect speaker trained with the beijing dialect id; upstream reaches it through chinese and auto.
+    for speaker, language in (("nova", "english"), ("lao_li", "chinese"), ("lao_li", "auto")):
+        codes = torch.from_numpy(rows[speaker].codes.astype(np.int64))
+        input_ids = tts._tokenize_texts([tts._build_assistant_text(rows[speaker].text)])
+        generated, _ = tts.model.generate(input_ids=input_ids, languages=[language], speakers=[speaker],
+                                          non_streaming_mode=True, max_new_tokens=len(codes) + 8, **GREEDY)
+        assert torch.equal(generated[0].cpu(), codes), f"{speaker} with language {language}"
+
+
+def test_x_vectors_from_a_base_speaker_encoder_train_and_export(tiny_dir, tiny_custom_voice_dir, tmp_path):
+    """model.speaker_encoder: each new row is the speaker's x-vector from the Base model's encoder."""
+    from shared.qwen import load_speaker_encoder, speaker_mel
+    from training.model import speaker_embedding
+
+    data = write_speakers(tmp_path, tiny_dir / "codec", {"nova": NEW["nova"]})
+    out = tmp_path / "run"
+    result = torchrun(tiny_dir, tiny_custom_voice_dir, data, out, f"model.speaker_encoder={tiny_dir / 'model'}",
+                      "train.steps=2")
+    assert result.returncode == 0, result.stderr[-3000:]
+    voice = tmp_path / "voice"
+    result = run("-m", "training.export", "--checkpoint", str(out / "step-000002"), "--output", str(voice),
+                 "--all-speakers")
+    assert result.returncode == 0, result.stderr[-3000:]
+    tts = load_inference_model(voice)
+    talker = tts.model.config.talker_config
+    assert talker.spk_id == {"ryan": 3000, "eric": 3003, "nova": 3001}
+    row = schema.read_rows(schema.published_shards(data)[0])[0]
+    from shared.audio import load_audio
+
+    expected = speaker_embedding(load_speaker_encoder(tiny_dir / "model"), speaker_mel(load_audio(row.ref_audio).samples))
+    torch.testing.assert_close(tts.model.talker.get_input_embeddings().weight[3001].detach(), expected, rtol=0,
+                               atol=1e-5)
+    for speaker in ("nova", "eric"):
+        wavs, _ = tts.generate_custom_voice("hello world", speaker=speaker, max_new_tokens=6, **GREEDY)
+        assert len(wavs[0]) > 0
+
+
+@pytest.fixture(scope="module")
+def tiny_0p6b(tmp_path_factory, tiny_dir):
+    from shared.tiny_model import write_model
+
+    return write_model(tmp_path_factory.mktemp("tiny_0p6b") / "model", tiny_dir / "codec", shape="0.6b")
+
+
+def bad_inputs(tiny_dir, tiny_custom_voice_dir, tiny_0p6b):
+    """(why, model.path, speakers, extra overrides, the words the one line must hold)."""
+    english = ("English", "hello world", 41)
+    return [
+        ("name clash", tiny_custom_voice_dir, {"Ryan": english}, [], "model.retrain_speakers=[ryan]"),
+        ("dialect on a Base model", tiny_dir / "model", {"nova": NEW["lao_li"]}, [], "fine-tune a CustomVoice"),
+        ("dialect mixed", tiny_custom_voice_dir, {"nova": NEW["lao_li"], "NOVA": english}, [], "mixes dialect"),
+        ("encoder of another size", tiny_custom_voice_dir, {"nova": english},
+         [f"model.speaker_encoder={tiny_0p6b}"], "another model size"),
+    ]
+
+
+def test_bad_speakers_and_models_are_one_line_before_anything_is_written(tiny_dir, tiny_custom_voice_dir, tiny_0p6b,
+                                                                         tmp_path):
+    for k, (why, model, speakers, extra, words) in enumerate(bad_inputs(tiny_dir, tiny_custom_voice_dir, tiny_0p6b)):
+        root = tmp_path / f"case{k}"
+        root.mkdir()
+        data = write_speakers(root, tiny_dir / "codec", speakers)
+        overrides = [f"model.path={model}", f"data.shards={data}", f"checkpoint.dir={root / 'run'}", *extra]
+        with pytest.raises(TrainingInputProblem, match=re.escape(words)):
+            validate(str(REPO / "training/configs/tiny.yaml"), overrides)
+    # The whole command (the last case; the others fail in the same check): one line, exit 2, no run folder.
+    result = run("-m", "training.train", "--config", str(REPO / "training/configs/tiny.yaml"), *overrides)
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr[-2000:]
+    assert not (root / "run").exists()
