@@ -165,3 +165,25 @@ def test_bad_speakers_and_models_are_one_line_before_anything_is_written(tiny_di
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr[-2000:]
     assert not (root / "run").exists()
+
+
+def test_forgetting_is_measured_against_the_base_models_own_generation(tiny_custom_voice_dir, tiny_dir):
+    """keep/<speaker>: unchanged weights agree on every frame; changed weights do not (so it can fail)."""
+    from shared.qwen import load_speaker_encoder
+    from training.keep_check import KeepCheck, frame_agreement
+
+    codes = torch.arange(32).view(2, 16)
+    assert frame_agreement(codes, codes) == (1.0, 1.0)
+    changed = codes.clone()
+    changed[1, 5] = -1
+    assert frame_agreement(codes, torch.cat([changed, codes[:1]])) == (2 / 3, 1 / 3)  # one extra frame counts
+    tts = load_inference_model(tiny_custom_voice_dir)
+    check = KeepCheck({"ryan": False, "eric": "sichuan_dialect"}, [], 12, load_speaker_encoder(tiny_dir / "model"))
+    check.remember_base(tts)
+    same = check.measure(tts)
+    assert {n: (s.codebook0, s.all_codebooks) for n, s in same.items()} == {"ryan": (1.0, 1.0), "eric": (1.0, 1.0)}
+    assert all(s.similarity is None or s.similarity > 0.999 for s in same.values())
+    with torch.no_grad():
+        tts.model.talker.codec_head.weight.add_(torch.randn_like(tts.model.talker.codec_head.weight))
+    moved = check.measure(tts)
+    assert all(s.codebook0 < 1.0 for s in moved.values())

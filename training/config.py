@@ -89,6 +89,8 @@ class EvalConfig:
     samples: bool = True  # synthesise and score sentences at each eval (rank 0)
     max_new_tokens: int = 0  # codec frames per sample at most; 0 = the model's generation_config
     asr_model: str = ""  # a local speech-recognition model directory (transformers ASR pipeline) for CER/WER
+    # CustomVoice model.path: the built-in speakers whose forgetting is measured (keep/<speaker>); empty = all
+    keep_speakers: list[str] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:

@@ -195,10 +195,12 @@ def check_run(config) -> Voices | None:
     base = model_config(config.model.path)
     languages = scan_languages(resolve_output_dir(config.data.shards))
     if not is_custom_voice(base):
-        for name in ("speaker_encoder", "retrain_speakers"):
-            if getattr(config.model, name):
-                raise VoiceProblem(f"model.{name} applies to a CustomVoice model.path only; {config.model.path} is "
-                                   f"a {base.get('tts_model_type')} model: remove model.{name}")
+        for name, value in (("model.speaker_encoder", config.model.speaker_encoder),
+                            ("model.retrain_speakers", config.model.retrain_speakers),
+                            ("eval.keep_speakers", config.eval.keep_speakers)):
+            if value:
+                raise VoiceProblem(f"{name} applies to a CustomVoice model.path only; {config.model.path} is "
+                                   f"a {base.get('tts_model_type')} model: remove {name}")
         for speaker in languages.languages:
             dialect = languages.dialect_of(speaker)
             if dialect:
@@ -208,6 +210,11 @@ def check_run(config) -> Voices | None:
         return None
     if config.model.speaker_encoder:
         check_speaker_encoder(config.model.speaker_encoder, base)
+    builtin = {k.lower() for k in base["talker_config"].get("spk_id") or {}}
+    unknown = [name for name in config.eval.keep_speakers if name.lower() not in builtin]
+    if unknown:
+        raise VoiceProblem(f"eval.keep_speakers names {', '.join(unknown)}, not a built-in speaker of model.path "
+                           f"(those are {', '.join(sorted(builtin))})")
     return plan_voices(base, languages, config.model.retrain_speakers, learned=not config.model.speaker_encoder)
 
 
@@ -245,3 +252,21 @@ def start(config, model, run_dir: Path, rank: int, store) -> tuple[Voices | None
         voices = Voices.from_dict(json.loads(store.get(VOICES_FILE)))
     init_learned_rows(model.talker.get_input_embeddings().weight, voices)
     return voices, load_speaker_encoder(config)
+
+
+def speak(tts, voices: Voices, speaker: str | None, xvector: torch.Tensor | None, text: str, language: str,
+          **generate) -> tuple[list, int]:
+    """Generate with the current weights as the export will: the speaker installed in `tts` (a Qwen3TTSModel
+    of the CustomVoice base holding those weights) as a custom-voice speaker in its row, then upstream
+    generate_custom_voice. A dialect speaker is asked for in chinese (its dialect id then applies)."""
+    key = speaker_key(speaker)
+    name, row, dialect = key or "unnamed", voices.row_of(key), voices.dialect[key]
+    if not voices.learned:
+        with torch.no_grad():
+            weight = tts.model.talker.get_input_embeddings().weight
+            weight[row] = xvector.to(weight.device, weight.dtype)
+    talker = tts.model.config.talker_config
+    talker.spk_id[name], talker.spk_is_dialect[name] = row, dialect
+    tts.model.supported_speakers = talker.spk_id.keys()
+    return tts.generate_custom_voice(text=text, speaker=name, language="chinese" if dialect else language,
+                                     non_streaming_mode=True, **generate)

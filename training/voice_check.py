@@ -29,6 +29,8 @@ from shared.qwen import load_inference_model, speaker_mel
 from training.asr import Transcriber, cer, wer
 from training.checkpoint import step_dir_name
 from training.config import Config
+from training.custom_voice import speak
+from training.keep_check import keep_check_for
 from training.layout import has_language
 from training.model import speaker_embedding
 from training.samples import SampleBuilder
@@ -88,6 +90,9 @@ class VoiceCheck:
         self.rank = dist.get_rank()
         self.tts = None
         self.transcriber = None
+        encoder = builder.references.speaker_encoder if builder.references is not None else None
+        self.keep = keep_check_for(config, builder.voices, encoder)  # built-in speakers of a CustomVoice base
+        self.last_keep: dict = {}  # speaker -> keep_check.KeepScore of the last eval (rank 0)
 
     def sentences(self, speaker) -> list[str]:
         """eval.sentences, else the defaults in the speaker's language (its rows' `language`, else guessed from
@@ -119,6 +124,8 @@ class VoiceCheck:
 
     def _synthesise(self, step: int, state: dict, speakers: dict) -> list[SampleScore]:
         tts = self._model()
+        if self.keep is not None:
+            self.keep.remember_base(tts)  # the first time: the base model's own weights are still loaded
         missing, unexpected = tts.model.load_state_dict(state, strict=False)
         if unexpected or any(k.startswith("talker.") for k in missing):
             raise RuntimeError(f"training weights do not fit the inference model: unexpected {unexpected[:5]}, "
@@ -131,28 +138,35 @@ class VoiceCheck:
             reference = self.builder.speaker(next(r for r in speaker.rows if r.ref_audio == speaker.reference))
             language = generation_language(speaker.rows)
             for k, sentence in enumerate(self.sentences(speaker)):
-                wav, rate = self._generate(sentence, language, reference, seed=self.config.train.seed + k)
+                wav, rate = self._generate(sentence, language, reference, seed=self.config.train.seed + k,
+                                           speaker=speaker.rows[0].speaker)
                 path = out_dir / f"{file_name(speaker.name)}-{k}.wav"
                 sf.write(path, wav, rate)
                 wav, rate = sf.read(path, dtype="float32")  # score what was written (16-bit PCM)
                 scores.append(self._score(speaker, k, sentence, path, wav, rate, reference))
+        self.last_keep = self.keep.measure(tts) if self.keep is not None else {}
         (out_dir / "scores.json").write_text(json.dumps([s.to_dict() for s in scores], indent=1, ensure_ascii=False))
         return scores
 
-    def _generate(self, sentence: str, language: str, xvector: torch.Tensor, seed: int) -> tuple[np.ndarray, int]:
+    def _generate(self, sentence: str, language: str, xvector: torch.Tensor, seed: int,
+                  speaker: str | None = None) -> tuple[np.ndarray, int]:
         prompt = dict(ref_code=[None], ref_spk_embedding=[xvector], x_vector_only_mode=[True], icl_mode=[False])
         extra = {"max_new_tokens": self.config.eval.max_new_tokens} if self.config.eval.max_new_tokens else {}
         devices = [] if self.device.type == "cpu" else [self.device.index or 0]
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
             torch.manual_seed(seed)
-            wavs, rate = self.tts.generate_voice_clone(text=sentence, language=language, voice_clone_prompt=prompt,
-                                                       non_streaming_mode=True, **extra)
+            if self.builder.voices is not None:  # a CustomVoice base: the speaker's row, as its export holds it
+                wavs, rate = speak(self.tts, self.builder.voices, speaker, xvector, sentence, language, **extra)
+            else:
+                wavs, rate = self.tts.generate_voice_clone(text=sentence, language=language,
+                                                           voice_clone_prompt=prompt, non_streaming_mode=True,
+                                                           **extra)
         return np.asarray(wavs[0], dtype=np.float32), int(rate)
 
     def _score(self, speaker, k: int, sentence: str, path: Path, wav: np.ndarray, rate: int,
                reference: torch.Tensor) -> SampleScore:
         similarity = None
-        if len(wav) >= _MIN_SCORED_SAMPLES:
+        if len(wav) >= _MIN_SCORED_SAMPLES and self.builder.references is not None:  # trainable rows: no encoder
             audio = wav if rate == CODEC_SAMPLE_RATE else _resample(wav, rate)
             sample = speaker_embedding(self.builder.references.speaker_encoder, speaker_mel(audio))
             similarity = cosine(sample.cpu(), reference)
