@@ -29,18 +29,20 @@ STEPS = 100
 GREEDY = dict(do_sample=False, subtalker_dosample=False, repetition_penalty=1.0)
 
 
-def write_speakers(root, codec, speakers: dict):
-    """One utterance per speaker, each with its own reference; returns the encode output directory."""
+def write_speakers(root, codec, speakers: dict, takes: int = 1):
+    """`takes` utterances per speaker (the same text), each speaker with its own reference; returns the encode
+    output directory."""
     entries, clips = [], []
     for name, (language, text, seed) in speakers.items():
         ref = root / f"ref-{name}.wav"
         sf.write(ref, synth_utterance(1.2, 24000, seed), 24000)
-        clip = tone(0.5, seed)
-        audio = root / f"{name}.wav"
-        sf.write(audio, clip, 24000)
-        entries.append({"id": name, "audio": str(audio), "text": text, "ref_audio": str(ref), "speaker": name,
-                        **({"language": language} if language else {})})
-        clips.append(clip)
+        for take in range(takes):
+            clip = tone(0.5, seed + 100 * take)
+            audio = root / f"{name}-{take}.wav"
+            sf.write(audio, clip, 24000)
+            entries.append({"id": f"{name}-{take}", "audio": str(audio), "text": text, "ref_audio": str(ref),
+                            "speaker": name, **({"language": language} if language else {})})
+            clips.append(clip)
     return write_utterances(root / "encoded", codec, entries, clips)
 
 
@@ -104,30 +106,48 @@ def test_every_speaker_speaks_and_new_ones_give_back_their_codes(learned):
         assert torch.equal(generated[0].cpu(), codes), f"{speaker} with language {language}"
 
 
-def test_x_vectors_from_a_base_speaker_encoder_train_and_export(tiny_dir, tiny_custom_voice_dir, tmp_path):
-    """model.speaker_encoder: each new row is the speaker's x-vector from the Base model's encoder."""
+def test_x_vectors_from_a_base_speaker_encoder_train_eval_and_export(tiny_dir, tiny_custom_voice_dir, tmp_path):
+    """model.speaker_encoder: each new row is the speaker's x-vector from the Base model's encoder. With eval on,
+    samples come from generate_custom_voice (the dialect speaker's in chinese) and the built-in speakers'
+    forgetting is logged as keep/<speaker> to metrics.jsonl and TensorBoard."""
+    from shared.audio import load_audio
     from shared.qwen import load_speaker_encoder, speaker_mel
+    from training.metrics import read_metrics
     from training.model import speaker_embedding
 
-    data = write_speakers(tmp_path, tiny_dir / "codec", {"nova": NEW["nova"]})
+    data = write_speakers(tmp_path, tiny_dir / "codec", NEW, takes=4)
     out = tmp_path / "run"
     result = torchrun(tiny_dir, tiny_custom_voice_dir, data, out, f"model.speaker_encoder={tiny_dir / 'model'}",
-                      "train.steps=2")
+                      "train.steps=2", "eval.fraction=0.3", "eval.interval=2", "eval.max_new_tokens=6",
+                      "eval.sentences=[hello world]")
     assert result.returncode == 0, result.stderr[-3000:]
+    evals = read_metrics(out, kind="eval")
+    assert evals and sorted(evals[-1]["keep"]) == ["eric", "ryan"], evals
+    for score in evals[-1]["keep"].values():
+        assert 0.0 <= score["all_codebooks"] <= score["codebook0"] <= 1.0
+    sampled = {s["speaker"] for s in evals[-1]["samples"]}
+    assert "lao_li" in sampled and sampled == set(evals[-1]["eval_loss_by_speaker"])  # the held-out speakers
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    board = EventAccumulator(str(out / "tensorboard"))
+    board.Reload()
+    assert {"keep/ryan/codebook0", "keep/eric/all_codebooks"} <= set(board.Tags()["scalars"])
+
     voice = tmp_path / "voice"
     result = run("-m", "training.export", "--checkpoint", str(out / "step-000002"), "--output", str(voice),
                  "--all-speakers")
     assert result.returncode == 0, result.stderr[-3000:]
     tts = load_inference_model(voice)
     talker = tts.model.config.talker_config
-    assert talker.spk_id == {"ryan": 3000, "eric": 3003, "nova": 3001}
-    row = schema.read_rows(schema.published_shards(data)[0])[0]
-    from shared.audio import load_audio
-
-    expected = speaker_embedding(load_speaker_encoder(tiny_dir / "model"), speaker_mel(load_audio(row.ref_audio).samples))
-    torch.testing.assert_close(tts.model.talker.get_input_embeddings().weight[3001].detach(), expected, rtol=0,
-                               atol=1e-5)
-    for speaker in ("nova", "eric"):
+    assert talker.spk_id == {"ryan": 3000, "eric": 3003, "lao_li": 3001, "nova": 3002}
+    assert talker.spk_is_dialect["lao_li"] == "beijing_dialect"
+    encoder = load_speaker_encoder(tiny_dir / "model")
+    for name, row in (("lao_li", 3001), ("nova", 3002)):
+        ref = next(r.ref_audio for r in schema.read_rows(schema.published_shards(data)[0]) if r.speaker == name)
+        expected = speaker_embedding(encoder, speaker_mel(load_audio(ref).samples))
+        torch.testing.assert_close(tts.model.talker.get_input_embeddings().weight[row].detach(), expected, rtol=0,
+                                   atol=1e-5)
+    for speaker in ("nova", "lao_li", "eric"):
         wavs, _ = tts.generate_custom_voice("hello world", speaker=speaker, max_new_tokens=6, **GREEDY)
         assert len(wavs[0]) > 0
 
