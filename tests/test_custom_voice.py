@@ -198,8 +198,11 @@ def test_forgetting_is_measured_against_the_base_models_own_generation(tiny_cust
     changed[1, 5] = -1
     assert frame_agreement(codes, torch.cat([changed, codes[:1]])) == (2 / 3, 1 / 3)  # one extra frame counts
     tts = load_inference_model(tiny_custom_voice_dir)
-    check = KeepCheck({"ryan": False, "eric": "sichuan_dialect"}, [], 12, load_speaker_encoder(tiny_dir / "model"))
+    check = KeepCheck({"ryan": False, "eric": "sichuan_dialect"}, [], 12, load_speaker_encoder(tiny_dir / "model"),
+                      kept_rows=[3000, 3003])
     check.remember_base(tts)
+    with torch.no_grad():  # a built-in row that moved in training is measured as the export writes it (restored)
+        tts.model.talker.get_input_embeddings().weight[3000] *= 0.5
     same = check.measure(tts)
     assert {n: (s.codebook0, s.all_codebooks) for n, s in same.items()} == {"ryan": (1.0, 1.0), "eric": (1.0, 1.0)}
     assert all(s.similarity is None or s.similarity > 0.999 for s in same.values())
@@ -207,3 +210,25 @@ def test_forgetting_is_measured_against_the_base_models_own_generation(tiny_cust
         tts.model.talker.codec_head.weight.add_(torch.randn_like(tts.model.talker.codec_head.weight))
     moved = check.measure(tts)
     assert all(s.codebook0 < 1.0 for s in moved.values())
+
+
+def test_new_rows_avoid_built_in_control_and_language_ids_and_retraining_is_explicit():
+    from training.custom_voice import SpeakerLanguages, VoiceProblem, plan_voices
+
+    talker = dict(vocab_size=3072, spk_id={"ryan": 3000, "eric": 3003}, spk_is_dialect={"ryan": False, "eric": "x"},
+                  codec_language_id={"english": 2050, "odd": 3004}, codec_pad_id=3005, codec_bos_id=2149)
+    base = {"tts_model_type": "custom_voice", "talker_config": talker}
+    languages = SpeakerLanguages()
+    for speaker in ("d", "c", "b", "a", None, "Ryan"):
+        languages.add(speaker, "english")
+    with pytest.raises(VoiceProblem, match=re.escape("rename it in the manifest")):
+        plan_voices(base, languages, [], learned=True)
+    voices = plan_voices(base, languages, ["RYAN"], learned=True)
+    # Free rows in order (unnamed first, then names), skipping 3000, 3003 (speakers), 3004 (language), 3005 (pad).
+    assert voices.rows == {None: 3001, "a": 3002, "b": 3006, "c": 3007, "d": 3008, "ryan": 3000}
+    assert list(voices.rows.values()) == sorted(voices.rows.values()) and voices.retrained == {"ryan"}
+    with pytest.raises(VoiceProblem, match="not a built-in speaker"):
+        plan_voices(base, languages, ["nobody"], learned=True)
+    from training.custom_voice import Voices
+
+    assert Voices.from_dict(json.loads(json.dumps(voices.to_dict()))) == voices  # RUN/voices.json round trip

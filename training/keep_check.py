@@ -8,7 +8,9 @@ time an eval runs, and again at every eval with the current weights. Reported pe
 - all_codebooks: share of frames equal in all 16 codebooks, on the same footing;
 - similarity: cosine of the speaker-encoder x-vectors of the two decoded waveforms, when the run has a speaker
   encoder (model.speaker_encoder).
-A dialect speaker is asked for in chinese (its dialect id applies), the others in auto.
+A dialect speaker is asked for in chinese (its dialect id applies), the others in auto. The built-in rows are
+put back as the base model had them before measuring, as training.export does (weight decay shrinks every row of
+the embedding a little, used or not), so the score is that of the model the export would write.
 """
 from __future__ import annotations
 
@@ -46,9 +48,11 @@ def frame_agreement(base: torch.Tensor, now: torch.Tensor) -> tuple[float, float
 
 class KeepCheck:
     def __init__(self, speakers: dict[str, str | bool], sentences: list[str], max_new_tokens: int,
-                 speaker_encoder=None):
-        """`speakers`: built-in name -> dialect key or False; empty `sentences`: SENTENCES."""
+                 speaker_encoder=None, kept_rows: list[int] = ()):
+        """`speakers`: built-in name -> dialect key or False; empty `sentences`: SENTENCES; `kept_rows`: the
+        built-in rows the export copies from the base model."""
         self.speakers, self.sentences, self.speaker_encoder = speakers, sentences, speaker_encoder
+        self.kept_rows, self.base_rows = list(kept_rows), None
         self.generate = dict(_GREEDY, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
         self.base: dict[str, list[torch.Tensor]] | None = None
 
@@ -71,8 +75,12 @@ class KeepCheck:
         """Once, with the base model's weights still loaded."""
         if self.base is None:
             self.base = self.codes(tts)
+            self.base_rows = tts.model.talker.get_input_embeddings().weight[self.kept_rows].detach().clone()
 
     def measure(self, tts) -> dict[str, KeepScore]:
+        if self.kept_rows:
+            with torch.no_grad():
+                tts.model.talker.get_input_embeddings().weight[self.kept_rows] = self.base_rows
         now = self.codes(tts)
         scores = {}
         for name, generated in now.items():
@@ -101,4 +109,5 @@ def keep_check_for(config, voices, speaker_encoder) -> KeepCheck | None:
     chosen = [name.lower() for name in config.eval.keep_speakers] or sorted(voices.builtin)
     speakers = {name: voices.builtin_dialect.get(name, False) for name in chosen
                 if name in voices.builtin and name not in voices.retrained}
-    return KeepCheck(speakers, [], config.eval.max_new_tokens, speaker_encoder) if speakers else None
+    kept = [row for name, row in voices.builtin.items() if name not in voices.retrained]
+    return KeepCheck(speakers, [], config.eval.max_new_tokens, speaker_encoder, kept) if speakers else None
