@@ -24,7 +24,8 @@ from training.reference import ReferenceCache, scan_speakers
 def export_custom_voice(checkpoint: Path, output: Path, base: Path, config: dict, speaker_name: str | None,
                         ref_audio: str | None, dtype: str, all_speakers: bool) -> dict[str, int]:
     """Write the model directory; returns the run's exported speakers (name -> codec-embedding row)."""
-    from training.export import ExportError, _target_dtype, choose_speakers, copy_base_files
+    from training.export import (ExportError, _target_dtype, choose_speakers, copy_base_files, run_held_out,
+                                 trained_speakers)
 
     voices = Voices.read(checkpoint.parent)
     if voices is None:
@@ -36,10 +37,13 @@ def export_custom_voice(checkpoint: Path, output: Path, base: Path, config: dict
             if name not in voices.retrained}
     load_model_weights(checkpoint, TalkerForTraining(model.talker))
 
-    table = scan_speakers(resolve_output_dir(config.get("data", {}).get("shards", "")))
+    shards = resolve_output_dir(config.get("data", {}).get("shards", ""))
+    table = scan_speakers(shards)
     if ref_audio and (all_speakers or not speaker_name):
         raise ExportError("--ref-audio names one reference: pass it with --speaker-name alone")
-    chosen = choose_speakers(table, speaker_name, all_speakers or not speaker_name)
+    held_out = run_held_out(config)  # a speaker whose rows were all held out never trained: left out
+    trained = trained_speakers(shards, held_out) if held_out.enabled else None
+    chosen = choose_speakers(table, speaker_name, all_speakers or not speaker_name, trained)
     clash = [name for name, key in chosen.items() if name in voices.builtin and key != name]
     if clash:
         raise ExportError(f"--speaker-name {clash[0]!r} is a built-in speaker of the base model; pick another name")
