@@ -3,7 +3,9 @@
 Each eval gathers the full talker weights from the FSDP shards (a collective: every rank takes part), loads
 them into an unsharded inference model on rank 0 (Qwen3TTSModel, loaded once from model.path) and
 synthesises `eval.sentences` for each speaker, conditioned on the x-vector that speaker's rows train with
-(SampleBuilder.speaker; x-vector only, non-streaming layout, the rows' language id when they share one).
+(SampleBuilder.speaker; x-vector only, non-streaming layout, the rows' language id when they share one). On a
+CustomVoice model.path the speaker is installed in its row and generate_custom_voice speaks (custom_voice.speak),
+and the built-in speakers' forgetting is measured (training.keep_check).
 Each sample lands in RUN/samples/step-NNNNNN/<speaker>-<k>.wav and is scored:
 - similarity: cosine of the model's own speaker-encoder x-vector of the sample and that conditioning vector;
 - with eval.asr_model: the transcript, its character and word error rates against the sentence.
