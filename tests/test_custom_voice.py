@@ -1,6 +1,7 @@
 """New voices on a CustomVoice model (training.custom_voice): the tiny CustomVoice model (built-in speakers ryan,
 row 3000, and the sichuan-dialect speaker eric, row 3003) is fine-tuned on a new speaker and a new beijing-dialect
-speaker. The export keeps the built-in speakers (ids, dialect flags, rows) next to the new ones in free rows,
+speaker (and retrains built-in ryan). The export keeps the built-in speakers (ids, dialect flags, rows) next to the
+new ones in free rows,
 upstream generate_custom_voice speaks with every one of them, and greedy generation gives back each new speaker's
 trained codes (the dialect speaker through language chinese and auto). Both embedding paths run: a trainable
 row per speaker, and x-vectors from a Base model's speaker encoder. Bad inputs stop before anything is written."""
@@ -24,7 +25,7 @@ from tests.test_training_distributed import ENV, REPO, train_command
 
 # name -> (language, text, audio seed)
 NEW = {"nova": ("English", "hello world", 31), "lao_li": ("beijing_dialect", "the quick brown fox", 32)}
-BUILT_IN = {"ryan": (3000, False), "eric": (3003, "sichuan_dialect")}
+RETRAINED = {"Ryan": ("English", "one two three", 33)}  # a built-in speaker retrained (model.retrain_speakers)
 STEPS = 100
 GREEDY = dict(do_sample=False, subtalker_dosample=False, repetition_penalty=1.0)
 
@@ -56,11 +57,13 @@ def torchrun(tiny_dir, model, data, out, *overrides):
 
 @pytest.fixture(scope="module")
 def learned(tiny_dir, tiny_custom_voice_dir, tmp_path_factory):
-    """Trainable speaker rows: overfit the two new speakers, export (no flag: every speaker of the run)."""
+    """Trainable speaker rows: overfit the two new speakers and a retrained built-in one, export (no flag: every
+    speaker of the run)."""
     root = tmp_path_factory.mktemp("custom_voice_learned")
-    data = write_speakers(root, tiny_dir / "codec", NEW)
+    data = write_speakers(root, tiny_dir / "codec", {**NEW, **RETRAINED})
     out = root / "run"
-    result = torchrun(tiny_dir, tiny_custom_voice_dir, data, out, f"train.steps={STEPS}", "train.lr=5e-3",
+    result = torchrun(tiny_dir, tiny_custom_voice_dir, data, out, "model.retrain_speakers=[ryan]",
+                      f"train.steps={STEPS}", "train.lr=5e-3",
                       "train.lr_schedule=constant", "train.warmup_steps=0", "train.weight_decay=0",
                       "checkpoint.interval=1000")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -80,8 +83,8 @@ def test_export_keeps_built_in_speakers_next_to_new_ones(learned, tiny_custom_vo
     assert json.loads((out / "voices.json").read_text())["learned"] is True
     base = load_tts_model(tiny_custom_voice_dir).talker.get_input_embeddings().weight
     exported = load_tts_model(voice).talker.get_input_embeddings().weight
-    for name, (row, _) in BUILT_IN.items():
-        assert torch.equal(exported[row], base[row]), f"built-in {name}'s row changed"
+    assert torch.equal(exported[3003], base[3003]), "built-in eric's row changed"
+    assert not torch.allclose(exported[3000], base[3000], atol=1e-3), "retrained ryan's row did not train"
     start = base[[3000, 3003]].mean(0)  # where the new rows started
     for row in (3001, 3002):
         assert not torch.allclose(exported[row], start, atol=1e-3), "a new speaker's row did not train"
@@ -98,9 +101,10 @@ def test_every_speaker_speaks_and_new_ones_give_back_their_codes(learned):
     assert len(wavs[0]) > 0  # the instruct path still runs
     rows = {r.speaker: r for r in schema.read_rows(schema.published_shards(data)[0])}
     # The dialect speaker trained with the beijing dialect id; upstream reaches it through chinese and auto.
-    for speaker, language in (("nova", "english"), ("lao_li", "chinese"), ("lao_li", "auto")):
-        codes = torch.from_numpy(rows[speaker].codes.astype(np.int64))
-        input_ids = tts._tokenize_texts([tts._build_assistant_text(rows[speaker].text)])
+    for speaker, language in (("nova", "english"), ("lao_li", "chinese"), ("lao_li", "auto"), ("ryan", "english")):
+        row = rows[speaker if speaker != "ryan" else "Ryan"]
+        codes = torch.from_numpy(row.codes.astype(np.int64))
+        input_ids = tts._tokenize_texts([tts._build_assistant_text(row.text)])
         generated, _ = tts.model.generate(input_ids=input_ids, languages=[language], speakers=[speaker],
                                           non_streaming_mode=True, max_new_tokens=len(codes) + 8, **GREEDY)
         assert torch.equal(generated[0].cpu(), codes), f"{speaker} with language {language}"
