@@ -1,9 +1,8 @@
 """New voices on a CustomVoice model (training.custom_voice): the tiny CustomVoice model (built-in speakers ryan,
 row 3000, and the sichuan-dialect speaker eric, row 3003) is fine-tuned on a new speaker and a new beijing-dialect
 speaker (and retrains built-in ryan). The export keeps the built-in speakers (ids, dialect flags, rows) next to the
-new ones in free rows,
-upstream generate_custom_voice speaks with every one of them, and greedy generation gives back each new speaker's
-trained codes (the dialect speaker through language chinese and auto). Both embedding paths run: a trainable
+new ones in free rows, upstream generate_custom_voice speaks with every one of them, and greedy generation gives
+back each new speaker's trained codes (the dialect speaker through language chinese and auto). Both embedding paths run: a trainable
 row per speaker, and x-vectors from a Base model's speaker encoder. Bad inputs stop before anything is written."""
 import json
 import re
@@ -202,7 +201,8 @@ def test_forgetting_is_measured_against_the_base_models_own_generation(tiny_cust
     changed[1, 5] = -1
     assert frame_agreement(codes, torch.cat([changed, codes[:1]])) == (2 / 3, 1 / 3)  # one extra frame counts
     tts = load_inference_model(tiny_custom_voice_dir)
-    check = KeepCheck({"ryan": False, "eric": "sichuan_dialect"}, [], 12, load_speaker_encoder(tiny_dir / "model"),
+    check = KeepCheck({"ryan": False, "eric": "sichuan_dialect"}, [], lambda text: 12,
+                      load_speaker_encoder(tiny_dir / "model"),
                       kept_rows=[3000, 3003])
     check.remember_base(tts)
     with torch.no_grad():  # a built-in row that moved in training is measured as the export writes it (restored)

@@ -15,6 +15,7 @@ the embedding a little, used or not), so the score is that of the model the expo
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Callable
 
 import torch
 
@@ -47,13 +48,13 @@ def frame_agreement(base: torch.Tensor, now: torch.Tensor) -> tuple[float, float
 
 
 class KeepCheck:
-    def __init__(self, speakers: dict[str, str | bool], sentences: list[str], max_new_tokens: int,
+    def __init__(self, speakers: dict[str, str | bool], sentences: list[str], frame_bound: Callable[[str], int],
                  speaker_encoder=None, kept_rows: list[int] = ()):
-        """`speakers`: built-in name -> dialect key or False; empty `sentences`: SENTENCES; `kept_rows`: the
-        built-in rows the export copies from the base model."""
+        """`speakers`: built-in name -> dialect key or False; empty `sentences`: SENTENCES; `frame_bound`: the
+        most frames a sentence may take (a fine-tune may lose the end code); `kept_rows`: the built-in rows the
+        export copies from the base model."""
         self.speakers, self.sentences, self.speaker_encoder = speakers, sentences, speaker_encoder
-        self.kept_rows, self.base_rows = list(kept_rows), None
-        self.generate = dict(_GREEDY, **({"max_new_tokens": max_new_tokens} if max_new_tokens else {}))
+        self.kept_rows, self.base_rows, self.frame_bound = list(kept_rows), None, frame_bound
         self.base: dict[str, list[torch.Tensor]] | None = None
 
     def prompts(self, dialect) -> list[str]:
@@ -67,7 +68,8 @@ class KeepCheck:
             input_ids = tts._tokenize_texts([tts._build_assistant_text(t) for t in texts])
             language = "chinese" if dialect else "auto"
             codes, _ = tts.model.generate(input_ids=input_ids, languages=[language] * len(texts),
-                                          speakers=[name] * len(texts), non_streaming_mode=True, **self.generate)
+                                          speakers=[name] * len(texts), non_streaming_mode=True,
+                                          max_new_tokens=max(self.frame_bound(t) for t in texts), **_GREEDY)
             out[name] = [c.cpu() for c in codes]
         return out
 
@@ -75,12 +77,13 @@ class KeepCheck:
         """Once, with the base model's weights still loaded."""
         if self.base is None:
             self.base = self.codes(tts)
-            self.base_rows = tts.model.talker.get_input_embeddings().weight[self.kept_rows].detach().clone()
+            self.base_rows = tts.model.talker.get_input_embeddings().weight[self.kept_rows].detach().cpu().clone()
 
     def measure(self, tts) -> dict[str, KeepScore]:
         if self.kept_rows:
             with torch.no_grad():
-                tts.model.talker.get_input_embeddings().weight[self.kept_rows] = self.base_rows
+                weight = tts.model.talker.get_input_embeddings().weight
+                weight[self.kept_rows] = self.base_rows.to(weight.device, weight.dtype)
         now = self.codes(tts)
         scores = {}
         for name, generated in now.items():
@@ -102,7 +105,7 @@ class KeepCheck:
         return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
-def keep_check_for(config, voices, speaker_encoder) -> KeepCheck | None:
+def keep_check_for(config, voices, speaker_encoder, frame_bound: Callable[[str], int]) -> KeepCheck | None:
     """The run's check: the built-in speakers not being retrained (eval.keep_speakers narrows them)."""
     if voices is None or not voices.builtin:
         return None
@@ -110,4 +113,4 @@ def keep_check_for(config, voices, speaker_encoder) -> KeepCheck | None:
     speakers = {name: voices.builtin_dialect.get(name, False) for name in chosen
                 if name in voices.builtin and name not in voices.retrained}
     kept = [row for name, row in voices.builtin.items() if name not in voices.retrained]
-    return KeepCheck(speakers, [], config.eval.max_new_tokens, speaker_encoder, kept) if speakers else None
+    return KeepCheck(speakers, [], frame_bound, speaker_encoder, kept) if speakers else None
