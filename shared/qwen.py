@@ -182,8 +182,11 @@ def save_model_dir(model: Qwen3TTSForConditionalGeneration, out: str | Path, sta
     _drop_local_paths(config)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tensors = state_dict if state_dict is not None else model.state_dict()
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    # safetensors creates its file 0600 whatever the umask; a model directory is meant to be served or shared,
+    # so the weights take the mode every other file here got from the umask (config.json's).
+    os.chmod(weights, (out / "config.json").stat().st_mode & 0o777)
 
 
 def _drop_local_paths(config: dict) -> None:
