@@ -31,6 +31,7 @@ from shared.quiet import quiet_fds
 from training import checkpoint
 from training.board import Board
 from training.config import Config, dump_config
+from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
 from training.data import DataPosition, ShardStream, Step, resolve_output_dir
 from training.evaluate import evaluator_for
 from training.flops import FlopModel, accelerator_name, peak_tflops
@@ -39,7 +40,7 @@ from training.metrics import MetricsLog, Throughput
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
 from training.prefetch import Prefetcher
-from training.reference import SpeakerTable, scan_speakers
+from training.reference import SpeakerTable
 from training.samples import SampleBuilder
 from training.split import HeldOut, check_same_rule, training_rows
 from training.validate import validate_or_exit
@@ -113,7 +114,7 @@ def train(config: Config) -> None:
 
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
-    speakers = _speakers(config, SpecialIds.from_config(model.config), rank, store)
+    speakers, figures = _corpus(config, SpecialIds.from_config(model.config), rank, store, run_dir)
     builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers)
     module = TalkerForTraining(model.talker).to(device.torch_device).train()
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
@@ -123,6 +124,7 @@ def train(config: Config) -> None:
     optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
+    stream.figures = figures
     if config.eval.enabled:  # held-out rows are never trained on
         stream.row_filter = training_rows(HeldOut.from_config(config.eval))
     total_steps = t.steps or _estimate_total_steps(config, stream)
@@ -181,20 +183,22 @@ def train(config: Config) -> None:
     dist.destroy_process_group()
 
 
-def _speakers(config: Config, ids: SpecialIds, rank: int, store: dist.Store) -> SpeakerTable:
-    """Rank 0's view of the shards' speakers on every rank (all must average the same references; exchanged
-    through the store, as the stream's shard listings are), with every manifest language checked against the
-    model before any step runs."""
+def _corpus(config: Config, ids: SpecialIds, rank: int, store: dist.Store,
+            run_dir: Path) -> tuple[SpeakerTable, ShardFigures]:
+    """The shards' speakers and per-shard figures (for the step estimate), from the shard index that rank 0
+    loads, on every rank (all must average the same references; exchanged through the store, as the stream's
+    shard listings are), with every manifest language checked against the model before any step runs."""
     if rank == 0:
-        table = scan_speakers(resolve_output_dir(config.data.shards))
-        store.set("speaker-table", pickle.dumps(table))
+        index = load_corpus_index(resolve_output_dir(config.data.shards), run_dir)
+        table, figures = SpeakerTable.from_index(index), shard_figures(index)
+        store.set("corpus", pickle.dumps((table, figures)))
     else:
-        table = pickle.loads(store.get("speaker-table"))
+        table, figures = pickle.loads(store.get("corpus"))
     for language in sorted(table.languages):
         ids.codec_prefix(language)  # raises, naming the language and the model's languages
     log.info("speakers: %s", ", ".join(f"{k or '(unnamed)'}: {len(v)} reference(s)"
                                        for k, v in sorted(table.references.items(), key=lambda kv: kv[0] or "")))
-    return table
+    return table, figures
 
 
 def _setup_logging(rank: int) -> None:
@@ -207,7 +211,8 @@ def _setup_logging(rank: int) -> None:
 
 
 def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
-    """For the cosine schedule when only epochs are given (see ShardStream.estimate_steps_per_epoch)."""
+    """For the cosine schedule when only epochs are given: steps of the rows that train (see
+    ShardStream.estimate_micro_batches_per_round)."""
     if config.data.follow:
         log.warning("data.follow without train.steps: the data size is unknown, so the lr stays constant "
                     "after warmup; set train.steps for a cosine decay")
