@@ -119,9 +119,19 @@ def reference_encode(codec: Qwen3TTSTokenizer, audios: list, sr: int | None = No
 def load_tts_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    attn_implementation: str = "eager") -> Qwen3TTSForConditionalGeneration:
     """The bare `Qwen3TTSForConditionalGeneration` (what training wraps with FSDP2)."""
+    flex = attn_implementation == "flex_attention"
     model = Qwen3TTSForConditionalGeneration.from_pretrained(
-        _check_dir(path, "model"), dtype=dtype, attn_implementation=attn_implementation)
+        _check_dir(path, "model"), dtype=dtype, attn_implementation="sdpa" if flex else attn_implementation)
+    if flex:
+        set_talker_attention(model, "flex_attention")
     return model.to(device)
+
+
+def set_talker_attention(model: Qwen3TTSForConditionalGeneration, implementation: str) -> None:
+    """Switch the talker's layers to `implementation`; the code predictor keeps sdpa. Upstream declares flex support
+    on the talker's text model only (not on the top-level class or the code predictor, so flex cannot be asked
+    for at load time), and the code predictor's 16-position causal sequences are never packed."""
+    model.talker.model.set_attn_implementation({"": implementation, "code_predictor_config": "sdpa"})
 
 
 def load_inference_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
