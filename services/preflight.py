@@ -118,9 +118,11 @@ def check_output(output: str | Path) -> None:
         from services.store_preflight import check_s3_output
 
         return check_s3_output(output)
-    path = Path(output)
-    if path.exists() and not path.is_dir():
-        raise InputProblem(f"--output {path}: is a file; pass a directory (it is created if missing)")
+    from services.writer import local_output_problem
+
+    problem = local_output_problem(Path(output))
+    if problem:
+        raise InputProblem(f"--output {output}: {problem}")
 
 
 def check_inputs(args: argparse.Namespace) -> None:

@@ -1,3 +1,6 @@
+# Readable progress for the whole suite: "[k/N] tests/test_x.py (n tests), elapsed" as each file starts.
+from tests.progress_plugin import pytest_configure  # noqa: F401
+
 # ---------------------------------------------------------------------------------------------
 # Encode output directories for the status/progress tests (services.progress, services.status).
 # ---------------------------------------------------------------------------------------------
@@ -262,6 +265,16 @@ def tiny_dir(tmp_path_factory) -> Path:
     from shared.tiny import write_tiny
 
     return write_tiny(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_custom_voice_dir(tiny_dir) -> Path:
+    """TINY/custom_voice: the tiny CustomVoice model shared.tiny writes (built-in speakers ryan and the dialect
+    speaker eric, no speaker encoder), the same size as TINY/model, whose speaker encoder can serve it."""
+    from shared.tiny import write_custom_voice
+
+    path = tiny_dir / "custom_voice"
+    return path if (path / "config.json").is_file() else write_custom_voice(tiny_dir)
 
 
 @pytest.fixture(scope="session")

@@ -54,7 +54,10 @@ class TalkerForTraining(nn.Module):
         codec = codec * batch.codec_on.unsqueeze(-1).to(codec.dtype)
         # Each utterance's speaker slot carries the x-vector itself as its codec-channel input.
         rows, positions = batch.speaker_index.unbind(1)
-        codec = codec.index_put((rows, positions), batch.speaker.to(codec.dtype))
+        vectors = batch.speaker.to(codec.dtype)
+        if batch.speaker_learned is not None:  # a trainable speaker row: the slot keeps its own embedding
+            vectors = torch.where(batch.speaker_learned.unsqueeze(1), codec[rows, positions], vectors)
+        codec = codec.index_put((rows, positions), vectors)
         return text + codec
 
     def hidden_states(self, batch: TalkerBatch) -> torch.Tensor:

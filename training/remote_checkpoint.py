@@ -104,8 +104,8 @@ def is_complete(step_dir: str) -> bool:
     return fs.exists(f"{path}/{COMMIT_MARKER}") and fs.exists(f"{path}/.metadata")
 
 
-def load(step_dir: str, state: dict) -> None:
-    dcp.load(state, storage_reader=FsspecReader(step_dir))
+def load(step_dir: str, state: dict, no_dist: bool = False) -> None:
+    dcp.load(state, storage_reader=FsspecReader(step_dir), no_dist=no_dist)
 
 
 def load_extra(step_dir: str, rank: int) -> dict | None:

@@ -27,7 +27,8 @@ import torch.distributed as dist
 
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
-from training import checkpoint, remote_checkpoint
+from shared.quiet import quiet_fds
+from training import checkpoint, custom_voice, remote_checkpoint
 from training.board import Board
 from training.config import Config, dump_config
 from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
@@ -72,8 +73,9 @@ def init_distributed(preference: str, timeout_minutes: float = 30.0):
     # a per-attempt prefix they read the dead ranks' addresses and never connect (gloo/nccl "connection refused").
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    with quiet_fds(1):  # gloo prints "[Gloo] Rank r is connected to ..." per rank to stdout; errors still raise
+        dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return device, dist.PrefixStore("data", attempt)
 
 
@@ -117,7 +119,9 @@ def train(config: Config) -> None:
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
     speakers, figures = _corpus(config, SpecialIds.from_config(model.config), rank, store, run_dir)
-    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers)
+    voices, speaker_encoder = custom_voice.start(config, model, run_dir, rank, store)  # CustomVoice model.path
+    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers, voices,
+                                      speaker_encoder)
     module = TalkerForTraining(model.talker).to(device.torch_device).train()
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
     del model
