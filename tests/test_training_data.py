@@ -93,8 +93,8 @@ def test_a_rank_reads_the_codes_of_its_own_rows_only(encoded, builder):
     config = DataConfig(shards=str(encoded), frame_budget=40)
     published = schema.published_shards(encoded)
     rows = [p for sid in published for p in read_planned(published[sid], sid, builder)]
-    steps = plan_round(rows, config, seed=3, epoch=0, round_shards=list(published), world=2, grad_accum=1)
-    mine = [p for step in steps for seq in step[0] for p in seq]
+    plan = plan_round(rows, config, seed=3, epoch=0, round_shards=list(published))
+    mine = [p for step in plan.steps(0, per_step=2) for i, _ in step[:1] for seq in plan.batches[i] for p in seq]
     others = [p for p in rows if all(p is not q for q in mine)]
     assert mine and others
     RoundCodes(published, mine).load(mine)
