@@ -75,9 +75,9 @@ def uninterrupted(tiny_dir, synthetic_encoded, tmp_path_factory):
 
 
 # (ranks, grad_accum, checkpoint interval) before the kill, then (ranks, grad_accum) of the resume. The intervals
-# put the first checkpoint mid-round: after step 3 of 2 ranks (5 micro-batches), after step 5 of 1 rank.
-LAYOUTS = {"2_ranks_to_1": ((2, 1, 3), (1, 1)), "1_rank_to_2": ((1, 1, 5), (2, 1)),
-           "grad_accum_1_to_3": ((1, 1, 5), (1, 3))}
+# put the first checkpoint mid-round: after step 3 of 2 ranks (5 micro-batches), after step 5 of 1 rank. The
+# reverse also changes grad_accum (steps of 1 micro-batch, then of 4: 3 of them repeats at a round's end).
+LAYOUTS = {"2_ranks_to_1": ((2, 1, 3), (1, 1)), "1_rank_to_2_and_grad_accum_1_to_2": ((1, 1, 5), (2, 2))}
 
 
 @pytest.mark.parametrize("change", list(LAYOUTS))
