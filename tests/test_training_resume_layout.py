@@ -122,3 +122,82 @@ def write_other_data(tiny_dir, path):
     from training.synthetic import write_encoded
 
     return write_encoded(path, tiny_dir / "codec", num_shards=2, rows_per_shard=4, seed=7)
+
+
+# ------------------------------------------------------------------------------------------------------
+# Units: the position and the schedule across layouts, and what a resume refuses (no processes).
+# ------------------------------------------------------------------------------------------------------
+from tests.test_training_data import builder, encoded, stream  # noqa: E402,F401  (fixtures and helper)
+
+
+def new_rows(steps) -> list[str]:
+    """Row ids of this rank's steps, padding repeats left out."""
+    return [p.row.id for step in steps for mb, again in zip(step.micro_batches, step.own_repeated) if not again
+            for seq in mb for p in seq]
+
+
+def test_a_position_taken_on_two_ranks_continues_on_other_layouts(encoded, builder):
+    config = dict(frame_budget=40, shards_per_round=2)
+    whole = new_rows(stream(encoded, builder, **config).epoch_steps())
+    assert len(whole) == len(set(whole)) > 8
+    ranks = [stream(encoded, builder, rank=r, world=2, **config).epoch_steps() for r in range(2)]
+    before = [[next(steps) for _ in range(3)] for steps in ranks]
+    saved = before[0][-1].position.to_dict()
+    assert saved == before[1][-1].position.to_dict()  # one global record, whichever rank writes it
+    for world, accum in ((1, 1), (3, 2)):
+        after = []
+        for rank in range(world):
+            resumed = stream(encoded, builder, rank=rank, world=world, accum=accum, **config)
+            resumed.position = type(resumed.position).from_dict(saved)
+            after += new_rows(resumed.epoch_steps())
+        trained = new_rows(before[0]) + new_rows(before[1]) + after
+        assert sorted(trained) == sorted(whole), (world, accum)  # each row once: none twice, none skipped
+
+
+def test_the_lr_is_a_function_of_micro_batches_consumed_across_layouts():
+    import torch
+
+    from training.config import TrainConfig
+    from training.schedule import SampleSchedule
+
+    def schedule(per_step):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        made = SampleSchedule(optimizer, TrainConfig(warmup_steps=2, min_lr_ratio=0.1), per_step)
+        made.total = 24
+        return made
+
+    two = schedule(per_step=4)  # warmup: 8 micro-batches
+    lrs = {two.consumed + 4: two.step(4) for _ in range(3)}
+    one = schedule(per_step=1)
+    one.load_state_dict(two.state_dict())  # warmup stays 8 micro-batches, not 2 of the new steps
+    lrs |= {one.consumed + 1: one.step(1) for _ in range(12)}
+    assert lrs[4] == 0.5 and lrs[8] == 1.0 and lrs[24] == pytest.approx(0.1)
+    for consumed, lr in lrs.items():
+        assert lr == one.factor(consumed)
+    decay = [lrs[c] for c in sorted(lrs) if c >= 8]
+    assert decay == sorted(decay, reverse=True) and len(set(decay)) == len(decay)  # the cosine, without a jump
+    legacy = schedule(per_step=2)
+    legacy.load_state_dict({"last_epoch": 5, "base_lrs": [1.0]})  # torch's LambdaLR of an older checkpoint
+    assert legacy.consumed == 10
+
+
+def test_an_older_per_rank_checkpoint_resumes_on_its_world_size_only(tmp_path, tiny_dir, synthetic_encoded):
+    import torch
+
+    from training.config import load_config
+    from training.data import DataPosition
+    from training.resume import resume_problem
+
+    config = load_config(REPO / "training/configs/tiny.yaml", [f"model.path={tiny_dir / 'model'}",
+                                                                f"data.shards={synthetic_encoded}",
+                                                                f"checkpoint.dir={tmp_path}"])
+    old = tmp_path / step_dir_name(4)
+    old.mkdir()
+    for rank in range(2):  # what the per-rank format wrote: no train_state.json
+        torch.save({"step": 4, "data": {"epoch": 0, "consumed": [], "round_shards": [1], "step_in_round": 2}},
+                   old / f"extra-rank{rank:05d}.pt")
+    assert resume_problem(config, world=2) is None
+    problem = resume_problem(config, world=1)
+    assert "written by 2 rank(s) in an older format" in problem and "--nproc_per_node 2" in problem
+    position = DataPosition.from_dict(torch.load(old / "extra-rank00001.pt")["data"], legacy_per_step=2)
+    assert (position.round_shards, position.round_micro_batches) == ([1], 4)  # 2 steps of 2 ranks
