@@ -15,8 +15,9 @@ from pathlib import Path
 from training.checkpoint import STATE_FILE, complete_checkpoints, legacy_world_problem
 from training.config import Config
 
+# data.follow is not one: the round in progress is recorded by its shard ids, whichever way it was formed.
 PLAN_KEYS = ("data.packing", "data.frame_budget", "data.pack_length", "data.max_batch_size", "data.bucket_size",
-             "data.shards_per_round", "data.follow", "train.seed")
+             "data.shards_per_round", "train.seed")
 
 
 def plan_settings(config: Config) -> dict:
