@@ -6,9 +6,9 @@ packed into micro-batches (training.packing). Every rank computes the same plan 
 seed and takes its own micro-batches of each step, so ranks always run the same number of steps; a rank then
 reads the codes (the heavy column) of only the rows of its own micro-batches. The plan does not depend on the
 world size or grad_accum (only its grouping into steps does), so the position is global: the epoch, the round
-and how many of its micro-batches were trained; a restart on another layout continues from there. An epoch is a sequence of
-rounds covering every shard once; with `follow`, rounds are formed from shards as the encode service
-publishes them, and the epoch (and training) ends once `_COMPLETE` is present and every shard was consumed.
+and how many of its micro-batches were trained; a restart on another layout continues from there. An epoch
+is a sequence of rounds covering every shard once; with `follow`, rounds are formed from shards as the encode
+service publishes them, and the epoch (and training) ends once `_COMPLETE` is present and every shard was consumed.
 
 Start-up therefore costs one round, whatever the corpus size; the micro-batch total for the lr schedule comes
 from the per-shard stats in each Parquet footer plus the first round's plan (`estimate_micro_batches_per_epoch`).
@@ -311,9 +311,10 @@ class ShardStream:
         return max(1, sum(self._round_micro_batch_estimates()))
 
     def _round_micro_batch_estimates(self) -> list[int]:
-        """Micro-batches of each round of epoch 0, without reading the corpus: the total frames and good rows of every shard come from its Parquet footer stats; positions per row beyond the frames (text
-        tokens and the fixed prefix) and positions per micro-batch come from planning the first round of
-        epoch 0. The same shard list and seed give the same figure (a resumed run plans the same schedule)."""
+        """Micro-batches of each round of epoch 0, without reading the corpus: the total frames and good rows of
+        every shard come from its Parquet footer stats; positions per row beyond the frames (text tokens and the
+        fixed prefix) and positions per micro-batch come from planning the first round of epoch 0. The same
+        shard list and seed give the same figures on any layout (a resumed run plans the same schedule)."""
         shards, _ = self._published()
         if not shards:
             raise FileNotFoundError(f"no published shards under {self.output / schema.SHARDS_DIR}")

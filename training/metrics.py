@@ -62,8 +62,8 @@ class Throughput:
         self.wait_s += data_wait_s
         tokens, padding = sum(s.positions for s in shapes), sum(s.padding for s in shapes)
         return dict(frames=frames, tokens=tokens, utterances=sum(s.utterances for s in shapes),
-                    repeated=step.repeated_utterances, padding_fraction=padding / tokens if tokens else 0.0, data_wait_s=data_wait_s,
-                    micro_batches=len(shapes) // self.world)
+                    repeated=step.repeated_utterances, padding_fraction=padding / tokens if tokens else 0.0,
+                    data_wait_s=data_wait_s, micro_batches=len(shapes) // self.world)
 
     def restart_clock(self) -> None:
         """Leave out the time since the last record (e.g. a checkpoint save just after it)."""
