@@ -37,6 +37,7 @@ class EvalResult:
     rows: int
     new_best: bool = False
     samples: list = field(default_factory=list)  # voice_check.SampleScore, rank 0 only
+    skipped_samples: list = field(default_factory=list)  # <speaker>-<k> not synthesised within eval.budget_seconds
 
     def record(self) -> dict:
         record = dict(kind="eval", step=self.step, eval_loss=self.loss, eval_talker_loss=self.talker_loss,
@@ -48,6 +49,8 @@ class EvalResult:
                 values = [getattr(s, name) for s in self.samples if getattr(s, name) is not None]
                 if values:
                     record[f"sample_{name}"] = sum(values) / len(values)
+        if self.skipped_samples:
+            record["samples_skipped"] = self.skipped_samples
         return record
 
 
@@ -179,7 +182,7 @@ class Evaluator:
         if result.new_best:
             self.best_loss = result.loss
         if self.voice_check is not None:
-            result.samples = self.voice_check.run(step, module, self.speakers)
+            result.samples, result.skipped_samples = self.voice_check.run(step, module, self.speakers)
         self.metrics.append(result.record())
         self.board.eval(result)
         if self.rank == 0:

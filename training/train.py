@@ -13,6 +13,7 @@ and they are read once per train.log_interval steps, for the metrics line.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import os
 import pickle
@@ -48,8 +49,9 @@ from training.validate import EXIT_CODE, validate_or_exit
 log = logging.getLogger("training")
 
 
-def init_distributed(preference: str):
-    """The device, and the rendezvous store (the data stream agrees on shard listings through it)."""
+def init_distributed(preference: str, timeout_minutes: float = 30.0):
+    """The device, and the rendezvous store (the data stream agrees on shard listings through it). A collective
+    that waits more than timeout_minutes (a rank gone, or rank 0 still synthesising eval samples) fails the run."""
     if "RANK" not in os.environ:  # plain `python -m training.train`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -58,7 +60,8 @@ def init_distributed(preference: str):
     # a per-attempt prefix they read the dead ranks' addresses and never connect (gloo/nccl "connection refused").
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world)
+    dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return device, dist.PrefixStore("data", attempt)
 
 
@@ -85,7 +88,7 @@ def prepared_steps(stream: ShardStream, builder: SampleBuilder, config: Config, 
 
 
 def train(config: Config) -> None:
-    device, store = init_distributed(config.train.device)
+    device, store = init_distributed(config.train.device, config.train.timeout_minutes)
     rank, world = dist.get_rank(), dist.get_world_size()
     _setup_logging(rank)
     run_dir = Path(config.checkpoint.dir)
