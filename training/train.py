@@ -30,6 +30,7 @@ from shared.qwen import load_tts_model
 from training import checkpoint
 from training.board import Board
 from training.config import Config, dump_config
+from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
 from training.data import DataPosition, RoundChanged, ShardStream, Step, resolve_output_dir
 from training.evaluate import evaluator_for
 from training.flops import FlopModel, accelerator_name, peak_tflops
@@ -38,9 +39,9 @@ from training.metrics import MetricsLog, Throughput
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
 from training.prefetch import Prefetcher
+from training.reference import SpeakerTable
 from training.resume import plan_settings
 from training.schedule import SampleSchedule
-from training.reference import SpeakerTable, scan_speakers
 from training.samples import SampleBuilder
 from training.split import HeldOut, check_same_rule, training_rows
 from training.trace import RowTrace, drop_after
@@ -99,7 +100,7 @@ def train(config: Config) -> None:
 
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
-    speakers = _speakers(config, SpecialIds.from_config(model.config), rank, store)
+    speakers, figures = _corpus(config, SpecialIds.from_config(model.config), rank, store, run_dir)
     builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers)
     module = TalkerForTraining(model.talker).to(device.torch_device).train()
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
@@ -109,6 +110,7 @@ def train(config: Config) -> None:
     optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
+    stream.figures = figures
     if config.eval.enabled:  # held-out rows are never trained on
         stream.row_filter = training_rows(HeldOut.from_config(config.eval))
     per_step = world * t.grad_accum
@@ -177,20 +179,22 @@ def train(config: Config) -> None:
     dist.destroy_process_group()
 
 
-def _speakers(config: Config, ids: SpecialIds, rank: int, store: dist.Store) -> SpeakerTable:
-    """Rank 0's view of the shards' speakers on every rank (all must average the same references; exchanged
-    through the store, as the stream's shard listings are), with every manifest language checked against the
-    model before any step runs."""
+def _corpus(config: Config, ids: SpecialIds, rank: int, store: dist.Store,
+            run_dir: Path) -> tuple[SpeakerTable, ShardFigures]:
+    """The shards' speakers and per-shard figures (for the step estimate), from the shard index that rank 0
+    loads, on every rank (all must average the same references; exchanged through the store, as the stream's
+    shard listings are), with every manifest language checked against the model before any step runs."""
     if rank == 0:
-        table = scan_speakers(resolve_output_dir(config.data.shards))
-        store.set("speaker-table", pickle.dumps(table))
+        index = load_corpus_index(resolve_output_dir(config.data.shards), run_dir)
+        table, figures = SpeakerTable.from_index(index), shard_figures(index)
+        store.set("corpus", pickle.dumps((table, figures)))
     else:
-        table = pickle.loads(store.get("speaker-table"))
+        table, figures = pickle.loads(store.get("corpus"))
     for language in sorted(table.languages):
         ids.codec_prefix(language)  # raises, naming the language and the model's languages
     log.info("speakers: %s", ", ".join(f"{k or '(unnamed)'}: {len(v)} reference(s)"
                                        for k, v in sorted(table.references.items(), key=lambda kv: kv[0] or "")))
-    return table
+    return table, figures
 
 
 def _setup_logging(rank: int) -> None:
