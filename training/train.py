@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
-from training import checkpoint
+from training import checkpoint, custom_voice
 from training.board import Board
 from training.config import Config, dump_config
 from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
@@ -101,7 +101,9 @@ def train(config: Config) -> None:
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
     speakers, figures = _corpus(config, SpecialIds.from_config(model.config), rank, store, run_dir)
-    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers)
+    voices, speaker_encoder = custom_voice.start(config, model, run_dir, rank, store)  # CustomVoice model.path
+    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers, voices,
+                                      speaker_encoder)
     module = TalkerForTraining(model.talker).to(device.torch_device).train()
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
     del model
