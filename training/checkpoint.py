@@ -1,5 +1,10 @@
 """torch.distributed.checkpoint folders RUN_DIR/step-NNNNNN/: model, optimizer, scheduler, data position, RNG.
 
+Model and optimizer state are DCP shards that load on any number of ranks. The step, the lr schedule and the
+data position are one global record (train_state.json, written by rank 0); each rank's RNG state is in
+extra-rankNNNNN.pt. A checkpoint therefore resumes on another world size; one of an older format (the data
+position per rank in extra-rankNNNNN.pt, no train_state.json) resumes only on the world size that wrote it.
+
 A folder is written as .step-NNNNNN.tmp and renamed once every rank has finished, so a step-NNNNNN/ name
 always means a complete checkpoint; a crash mid-save leaves only a temporary that the next save replaces.
 """
@@ -29,6 +34,7 @@ warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 MODEL_KEY = "model"
 BEST_FILE = "best.json"  # {"step", "eval_loss"} of the checkpoint with the lowest eval loss so far
+STATE_FILE = "train_state.json"  # {"step", "scheduler", "data", ...}: the same for every rank
 BEST_NAME = "best"  # RUN/best: a link to that step-NNNNNN/ (export also resolves the name through best.json)
 
 
@@ -58,7 +64,7 @@ def _set_rng_state(state: dict) -> None:
 
 def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
          scheduler, extra: dict, keep: int) -> Path:
-    """Collective: every rank calls it. `extra` (data position etc.) is per rank."""
+    """Collective: every rank calls it. `extra` (data position etc., JSON) is global: rank 0 writes it."""
     rank = dist.get_rank()
     final = run_dir / step_dir_name(step)
     temporary = run_dir / f".{final.name}.tmp"
@@ -67,8 +73,9 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.opt
     dist.barrier()
     state = {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
     dcp.save(state, checkpoint_id=str(temporary))
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra},
-               temporary / f"extra-rank{rank:05d}.pt")
+    torch.save({"rng": _rng_state()}, temporary / f"extra-rank{rank:05d}.pt")
+    if rank == 0:
+        (temporary / STATE_FILE).write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(), **extra}))
     dist.barrier()
     if rank == 0:
         if final.exists():  # re-saving the same step (e.g. final save after an interval save)
@@ -127,14 +134,30 @@ def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.O
     dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(module, state[MODEL_KEY])
     set_optimizer_state_dict(module, optimizer, state["optim"])
-    extra_path = path / f"extra-rank{dist.get_rank():05d}.pt"
-    if not extra_path.exists():
-        raise RuntimeError(f"{path} was written by a different number of ranks; resume with the same world size")
-    extra = torch.load(extra_path, weights_only=False)
+    rank_path = path / f"extra-rank{dist.get_rank():05d}.pt"
+    state_path = path / STATE_FILE
+    if state_path.exists():
+        extra = json.loads(state_path.read_text())
+        rng = torch.load(rank_path, weights_only=False)["rng"] if rank_path.exists() else None
+    else:  # the older format: everything per rank, so only the world size that wrote it can resume
+        written = len(list(path.glob("extra-rank*.pt")))
+        if written != dist.get_world_size():
+            raise RuntimeError(legacy_world_problem(path, written, dist.get_world_size()))
+        extra = torch.load(rank_path, weights_only=False)
+        rng = extra.pop("rng")
     scheduler.load_state_dict(extra.pop("scheduler"))
-    _set_rng_state(extra.pop("rng"))
+    if rng is not None:
+        _set_rng_state(rng)
+    else:  # a rank the checkpoint did not have: its RNG stays as train.seed left it
+        log.warning("%s has no RNG state for rank %d (written by fewer ranks)", path, dist.get_rank())
     log.info("resumed from %s", path)
     return extra
+
+
+def legacy_world_problem(path: Path, written: int, world: int) -> str:
+    return (f"{path} was written by {written} rank(s) in an older format (a data position per rank, no "
+            f"{STATE_FILE}), which resumes only on the same layout; this start has {world}: relaunch with "
+            f"--nproc_per_node {written} (and the same train.grad_accum), or start a new checkpoint.dir")
 
 
 def load_model_weights(path: Path, module: torch.nn.Module) -> None:

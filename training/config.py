@@ -41,6 +41,7 @@ class DataConfig:
     bucket_size: int = 512  # unpacked: rows sorted by length together before batching (length bucketing)
     poll_seconds: float = 10.0  # follow mode: wait between looks for new shards
     prefetch_steps: int = 2  # steps of input prepared in the background (0: prepared inline)
+    trace_rows: bool = False  # record the row ids each step trained, per rank (RUN/trained_rows/)
 
 
 @dataclass

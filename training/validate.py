@@ -125,8 +125,19 @@ def validate(config_path: str | None, overrides: list[str]) -> Config:
     check_model(config.model.path)
     check_shards(config.data.shards, config.data.follow)
     check_run_dir(config.checkpoint.dir)
+    check_resume(config)
     check_voices(config)
     return config
+
+
+def check_resume(config: Config) -> None:
+    """The newest checkpoint must be resumable by this command (same data-plan settings; an older-format one
+    on the world size that wrote it)."""
+    from training.resume import resume_problem  # reads checkpoint metadata only, but imports torch
+
+    problem = resume_problem(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if problem:
+        raise TrainingInputProblem(problem)
 
 
 def check_voices(config: Config) -> None:
