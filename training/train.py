@@ -26,7 +26,7 @@ import torch.distributed as dist
 
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
-from training import checkpoint
+from training import checkpoint, lora
 from training.board import Board
 from training.config import Config, dump_config
 from training.data import DataPosition, ShardStream, Step, resolve_output_dir
@@ -110,12 +110,19 @@ def train(config: Config) -> None:
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
     speakers = _speakers(config, SpecialIds.from_config(model.config), rank, store)
     builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers)
-    module = TalkerForTraining(model.talker).to(device.torch_device).train()
+    module = TalkerForTraining(model.talker)
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
+    adapters = lora.apply(module, config)  # before sharding and before the move: frozen weights shrink first
+    module = module.to(device.torch_device).train()
     del model
     parallelize(module, config.fsdp, build_mesh(device))
+    lora.check_sharded(module, config)
+    if adapters:
+        log.info("%s", adapters)
     t = config.train
-    optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    files = lora.checkpoint_files(config)  # a LoRA run's step folders name their base weights
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
     if config.eval.enabled:  # held-out rows are never trained on
@@ -155,7 +162,7 @@ def train(config: Config) -> None:
                 board.train(record)
             evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None
             if step % config.checkpoint.interval == 0 or (evaluation and evaluation.new_best):
-                _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
+                _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep, files)
                 last_saved = step
             if evaluation:
                 evaluator.mark_best(evaluation)  # a new lowest eval loss was just checkpointed
@@ -168,7 +175,7 @@ def train(config: Config) -> None:
     evaluation = evaluator.run(step, module) if evaluator and evaluator.last_step != step else None
     # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
     if last_saved != step:
-        _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
+        _save(run_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep, files)
     if evaluation:
         evaluator.mark_best(evaluation)
     board.close()
@@ -210,8 +217,8 @@ def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
     return stream.estimate_steps_per_epoch() * config.train.epochs
 
 
-def _save(run_dir, step, module, optimizer, scheduler, position: DataPosition, keep: int) -> None:
-    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": position.to_dict()}, keep)
+def _save(run_dir, step, module, optimizer, scheduler, position: DataPosition, keep: int, files: dict) -> None:
+    checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": position.to_dict()}, keep, files)
     log.info("saved %s", run_dir / checkpoint.step_dir_name(step))
 
 
@@ -229,7 +236,7 @@ def _train_step(module, optimizer, batches: list[TalkerBatch], step: Step, confi
         loss.backward()
         sums += torch.stack([out.talker_loss_sum.detach(), out.sub_loss_sum.detach()]).float()
     max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     optimizer.step()

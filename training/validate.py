@@ -125,7 +125,17 @@ def validate(config_path: str | None, overrides: list[str]) -> Config:
     check_model(config.model.path)
     check_shards(config.data.shards, config.data.follow)
     check_run_dir(config.checkpoint.dir)
+    check_lora(config)
     return config
+
+
+def check_lora(config: Config) -> None:
+    """Target patterns against the model's module names, and a resumed run against its base weights."""
+    from training import lora
+
+    problem = (config.lora.enabled and lora.target_problem(config)) or lora.resume_problem(config)
+    if problem:
+        raise TrainingInputProblem(problem)
 
 
 def validate_or_exit(config_path: str | None, overrides: list[str]) -> Config:

@@ -30,6 +30,7 @@ from training.asr import Transcriber, cer, wer
 from training.checkpoint import step_dir_name
 from training.config import Config
 from training.layout import has_language
+from training.lora import merged_state_dict
 from training.model import speaker_embedding
 from training.samples import SampleBuilder
 
@@ -102,6 +103,7 @@ class VoiceCheck:
     def run(self, step: int, module, speakers: dict) -> list[SampleScore]:
         """Collective (the weight gather); the synthesis runs on rank 0 while the other ranks wait."""
         state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        state = merged_state_dict(state, self.config.lora)  # LoRA: plain names, adapters merged in
         scores = self._synthesise(step, state, speakers) if self.rank == 0 else []
         dist.barrier()
         return scores
