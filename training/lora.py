@@ -39,7 +39,7 @@ _SAMPLE_BYTES = 4096  # bytes read at the start and at the end of every tensor f
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _peft():
+def import_peft():
     # peft 0.22 warns on every import that transformers 4.57 (pinned by qwen-tts) will stop being supported.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=FutureWarning)
@@ -82,7 +82,7 @@ def target_problem(config: Config) -> str | None:
 
 
 def peft_config(lora: LoraConfig, targets: list[str]):
-    return _peft().LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+    return import_peft().LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                               target_modules=list(targets), bias="none")
 
 
@@ -95,10 +95,10 @@ def apply(module: nn.Module, config: Config) -> str | None:
         return None
     talker = module.talker
     targets, _ = resolve_targets(lora.targets, linear_names(talker))
-    _peft().inject_adapter_in_model(peft_config(lora, targets), talker, adapter_name=ADAPTER)
+    import_peft().inject_adapter_in_model(peft_config(lora, targets), talker, adapter_name=ADAPTER)
     compute = _DTYPES[config.fsdp.param_dtype]
     for name, param in talker.named_parameters():
-        trainable = is_adapter(name) or (lora.train_heads and _matches(name, HEAD_PARAMETERS))
+        trainable = is_adapter(name) or (lora.train_heads and matches_any(name, HEAD_PARAMETERS))
         param.requires_grad_(trainable)
         if trainable:
             param.data = param.data.float()
@@ -115,7 +115,7 @@ def is_adapter(name: str) -> bool:
     return ".lora_A." in name or ".lora_B." in name
 
 
-def _matches(name: str, patterns: list[str]) -> bool:
+def matches_any(name: str, patterns: list[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
