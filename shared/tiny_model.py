@@ -130,6 +130,10 @@ def write_text_tokenizer(output: Path) -> None:
     tok.train_from_iterator(_TOKENIZER_CORPUS * 50, trainer=trainer)
     spec = json.loads(tok.to_str())
     vocab = spec["model"]["vocab"]
+    # The released vocabulary merges "\n\n" into one token, so a text that starts with a newline changes the
+    # prompt's third token (inference's role ids are each prompt's own first three tokens).
+    vocab["ĊĊ"] = len(vocab)
+    spec["model"]["merges"].append(["Ċ", "Ċ"])
     # Fill every id up to the last special with unreachable placeholders: serialising a vocabulary with
     # holes prints one warning line per missing id.
     taken = set(vocab.values()) | set(TEXT_SPECIALS.values())
@@ -146,6 +150,8 @@ def write_text_tokenizer(output: Path) -> None:
     ids = fast("<|im_start|>assistant\nhello<|im_end|>\n<|im_start|>assistant\n")["input_ids"]
     if ids[0] != TEXT_SPECIALS["<|im_start|>"] or len(ids) != 3 + len(fast("hello")["input_ids"]) + 5:
         raise RuntimeError(f"tiny tokenizer does not split the assistant prompt like the released one: {ids}")
+    if len(fast("\n\n")["input_ids"]) != 1:
+        raise RuntimeError("tiny tokenizer does not merge a double newline like the released one")
     # legacy_format=False: tokenizer.json only (a vocab.json would complain about the id gaps).
     fast.save_pretrained(output, legacy_format=False)
 

@@ -2,7 +2,9 @@
 argmax of both heads at every frame (the proof that the four upstream bugs are absent), alone in its batch and
 packed between other utterances (each with its own positions, attending only to itself). Both codec prefixes are
 replayed: inference's "auto" (nothink, think_bos, think_eos) and an explicit language (think, think_bos,
-language id, think_eos), which moves the speaker slot and everything after it one position on."""
+language id, think_eos), which moves the speaker slot and everything after it one position on. A text that
+starts with a newline is replayed too: the tokenizer merges it with the role's newline, so the role ids are
+that prompt's own, not those of any other text."""
 from dataclasses import dataclass
 
 import numpy as np
@@ -10,11 +12,14 @@ import pytest
 import torch
 
 from shared.qwen import load_inference_model, speaker_mel
+from shared.schema import ShardRow
 from training.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
 from training.model import TalkerForTraining, speaker_embedding
+from training.samples import SampleBuilder
 from training.synthetic import tone
 
 TEXT = "hello world the quick brown fox"
+TEXTS = {"plain": TEXT, "newline": "\n" + TEXT}  # "\n" + text: the prompt's third token is a double newline
 MAX_NEW_TOKENS = 24
 
 
@@ -51,26 +56,32 @@ def other_samples(ids, sizes, seed, languages=None):
 
 
 @pytest.fixture(scope="module", params=[("auto", "alone"), ("auto", "packed"), ("english", "alone"),
-                                        ("english", "packed")], ids="-".join)
+                                        ("english", "packed"), ("auto", "packed", "newline")], ids="-".join)
 def replay(tiny_dir, request):
-    """Greedy non-streaming generation with an x-vector prompt, then our training forward on its codes."""
-    language, placement = request.param
+    """Greedy non-streaming generation with an x-vector prompt, then our training forward on its codes (the
+    sample built by the training data path's SampleBuilder from a shard row)."""
+    language, placement, *which = request.param
+    text = TEXTS[which[0] if which else "plain"]
     torch.manual_seed(0)
     inference = load_inference_model(tiny_dir / "model")
     model = inference.model
     ref = tone(1.3, seed=5)
     items = inference.create_voice_clone_prompt(ref_audio=(ref, 24000), x_vector_only_mode=True)
     prompt = inference._prompt_items_to_voice_clone_prompt(items)
-    input_ids = inference._tokenize_texts([f"<|im_start|>assistant\n{TEXT}<|im_end|>\n<|im_start|>assistant\n"])
+    input_ids = inference._tokenize_texts([f"<|im_start|>assistant\n{text}<|im_end|>\n<|im_start|>assistant\n"])
     codes, hidden = model.generate(input_ids=input_ids, voice_clone_prompt=prompt, languages=[language],
                                    non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
                                    repetition_penalty=1.0, max_new_tokens=MAX_NEW_TOKENS)
     codes, hidden = codes[0], hidden[0]
     ids = SpecialIds.from_config(model.config)
-    role, text_ids = text_token_ids(inference.processor.tokenizer, TEXT)
     xvector = speaker_embedding(model.speaker_encoder, speaker_mel(ref))
     torch.testing.assert_close(xvector, items[0].ref_spk_embedding.float(), rtol=0, atol=1e-6)
-    sample = build_sample(role, text_ids, codes.numpy(), ids, language)
+    row = ShardRow(0, "r0", "a.wav", text, "ref.wav", language=language, codes=codes.numpy(),
+                   num_frames=len(codes))
+    builder = SampleBuilder(load_text_tokenizer(tiny_dir / "model"), ids)
+    planned = builder.plan_rows(0, [0], [row])[0]
+    sample = builder.sample(planned)
+    assert sample.text_ids[:3].tolist() == input_ids[0][0, :3].tolist()  # the role ids inference embedded
     assert sample.speaker_pos == (6 if language == "auto" else 7)
     assert list(sample.codec_ids[3:sample.speaker_pos, 0]) == (
         [ids.codec_nothink, ids.codec_think_bos, ids.codec_think_eos] if language == "auto" else

@@ -296,6 +296,42 @@ def test_best_checkpoint_survives_retention_and_export_picks_it(resumed, tmp_pat
     assert f"exported {run / f'step-{lowest:06d}'}" in out.stdout
 
 
+def test_export_leaves_out_a_speaker_whose_rows_were_all_held_out(one_rank, speaker_encoded, tmp_path, caplog,
+                                                                  capsys):
+    """The trained run's data gains a shard that eval.shards holds out whole (as a shard published later in
+    follow mode would be): its speaker, carol, never trained, so --all-speakers leaves her out with a warning and
+    a single-speaker export of her is refused. The run is a copy of one_rank's last step and config.yaml."""
+    import shutil
+    from dataclasses import replace
+
+    import yaml
+
+    from shared import schema
+    from training.export import main
+    from training.synthetic import write_shard
+
+    data, run = tmp_path / "data", tmp_path / "run"
+    shutil.copytree(speaker_encoded, data)
+    rows = schema.read_rows(schema.published_shards(speaker_encoded)[0])
+    write_shard(data, 2, [replace(r, id=f"carol-{r.id}", speaker="carol") for r in rows])
+    step = checkpoint.step_dir_name(STEPS)
+    shutil.copytree(one_rank / step, run / step)
+    config = yaml.safe_load((one_rank / "config.yaml").read_text())
+    config["data"]["shards"], config["eval"]["shards"] = str(data), [2]
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+    with caplog.at_level("WARNING", logger="training.export"):
+        main(["--checkpoint", str(run / step), "--output", str(tmp_path / "voices"), "--all-speakers"])
+    assert "leaving out 'carol': every row held out for eval" in caplog.text
+    spk_id = json.loads((tmp_path / "voices" / "config.json").read_text())["talker_config"]["spk_id"]
+    assert spk_id == {"alice": 3000, "bob": 3001}
+    with pytest.raises(SystemExit) as exited:
+        main(["--checkpoint", str(run / step), "--output", str(tmp_path / "carol"), "--speaker-name", "Carol"])
+    assert exited.value.code == 2
+    assert "'carol' never trained: every row of it is held out for eval" in capsys.readouterr().err
+    assert not (tmp_path / "carol").exists()
+
+
 def test_retention_never_deletes_the_best_checkpoint(tmp_path):
     """checkpoint.save with keep=1 in a real (one-rank gloo) process group: the best step outlives newer saves."""
     import torch.distributed as dist

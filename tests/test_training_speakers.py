@@ -161,11 +161,48 @@ def test_export_speaker_choice_and_its_errors():
     mixed.add(None, "u.wav")
     mixed.add("alice", "a.wav")
     assert choose_speakers(mixed, "Narrator", all_speakers=True) == {"alice": "alice", "narrator": None}
-    assert choose_speakers(mixed, "Narrator", all_speakers=False) == {"narrator": None}  # as single-speaker runs
     with pytest.raises(ExportError, match="name it with --speaker-name"):
         choose_speakers(mixed, None, all_speakers=True)
     with pytest.raises(ExportError, match="also a manifest speaker"):
         choose_speakers(mixed, "ALICE", all_speakers=True)
+    # Alone, a name that is a speaker of the run exports that speaker, not the rows without `speaker`.
+    assert choose_speakers(mixed, "ALICE", all_speakers=False) == {"alice": "alice"}
+    # Any other name could mean the rows without `speaker` or a misspelt speaker: refused, with both ways out.
+    with pytest.raises(ExportError, match=r"--speaker-name 'Alcie' is none of the run's speakers \(alice\) and the "
+                                          r"run also has rows without `speaker`: pass --speaker-name with one of them, "
+                                          r"or --all-speakers --speaker-name Alcie to export the rows without "
+                                          r"`speaker` as 'alcie' beside them"):
+        choose_speakers(mixed, "Alcie", all_speakers=False)
+    unnamed = SpeakerTable()
+    unnamed.add(None, "u.wav")
+    assert choose_speakers(unnamed, "Narrator", all_speakers=False) == {"narrator": None}  # a single-speaker run
+
+
+def test_export_leaves_out_speakers_that_never_trained(caplog):
+    """`trained`: the speakers with a row that was not held out for eval (tests/test_training_eval.py exports a
+    trained run whose speaker's shard is held out whole)."""
+    from training.export import ExportError, choose_speakers
+    from training.reference import SpeakerTable
+
+    table = SpeakerTable()
+    for speaker, ref in (("alice", "a.wav"), ("bob", "b.wav"), (None, "u.wav")):
+        table.add(speaker, ref)
+    with caplog.at_level("WARNING", logger="training.export"):
+        assert choose_speakers(table, "Narrator", True, {"alice", None}) == {"alice": "alice", "narrator": None}
+    assert "leaving out 'bob': every row held out for eval" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.export"):  # no name needed for rows that never trained
+        assert choose_speakers(table, None, True, {"alice"}) == {"alice": "alice"}
+    assert "leaving out 'bob', the rows without `speaker`: every row held out" in caplog.text
+    with pytest.raises(ExportError, match=r"'bob' never trained: every row of it is held out for eval \(eval"):
+        choose_speakers(table, "Bob", False, {"alice", None})
+    with pytest.raises(ExportError, match="no speaker of the run trained: every row of 'alice', 'bob', the rows "
+                                          "without `speaker` is held out"):
+        choose_speakers(table, "Narrator", True, set())
+    only = SpeakerTable()
+    only.add("carol", "c.wav")
+    with pytest.raises(ExportError, match="'carol' never trained"):
+        choose_speakers(only, "my_voice", False, set())  # the only speaker, renamed: still refused
 
 
 def test_an_unknown_language_is_refused_with_the_model_languages(tiny_dir):

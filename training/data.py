@@ -197,11 +197,10 @@ class ShardStream:
         step estimate's look at the first round is not repeated when training starts with it."""
         if self._last_round[0] != shard_ids:
             published = schema.published_shards(self.output)
-            self._last_round = (shard_ids, [(r.shard, r.position, r.row, r.text_ids, r.length) for sid in shard_ids
+            self._last_round = (shard_ids, [r for sid in shard_ids
                                             for r in read_planned(published[sid], sid, self.builder,
                                                                   self.row_filter)])
-        return [PlannedRow(shard, position, dataclasses.replace(row), text_ids, length)
-                for shard, position, row, text_ids, length in self._last_round[1]]
+        return [dataclasses.replace(r, row=dataclasses.replace(r.row)) for r in self._last_round[1]]
 
     def _round_steps(self, shard_ids: list[int], epoch: int) -> list[list[MicroBatch]]:
         rows = self._round_rows(shard_ids)

@@ -6,21 +6,25 @@
 A custom-voice model (tts_model_type custom_voice, no speaker_encoder weights) holds each exported speaker's
 x-vector in a row of the talker's codec embedding, from 3000 on, and names it in talker_config.spk_id
 (lower-cased, as inference looks names up); use it with generate_custom_voice(text, speaker=name).
---all-speakers writes every speaker of the run (rows without `speaker` need --speaker-name for their name);
---speaker-name alone writes one. A speaker's x-vector is the mean of its references' x-vectors, the vector
-training used (training.reference). Without either flag: a Base model directory (generate_voice_clone).
+--all-speakers writes every speaker of the run (rows without `speaker` need --speaker-name for their name)
+that trained: a speaker whose rows were all held out for eval is left out with a warning. --speaker-name alone
+writes one: the speaker of that name, else the rows without `speaker` or the only speaker, when that choice is
+not ambiguous. A speaker's x-vector is the mean of its references' x-vectors, the vector training used
+(training.reference). Without either flag: a Base model directory (generate_voice_clone).
 Tokenizer files, generation_config.json and speech_tokenizer/ are copied from the base model.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import shutil
 from pathlib import Path
 
 import torch
 import yaml
 
+from shared import schema
 from shared.qwen import load_tts_model, save_model_dir
 from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.data import resolve_output_dir
@@ -28,6 +32,9 @@ from training.lora import read_meta
 from training.lora_export import LoraExportError, load_adapters, merge, write_adapter
 from training.model import TalkerForTraining
 from training.reference import ReferenceCache, SpeakerTable, scan_speakers, speaker_key
+from training.split import HeldOut
+
+log = logging.getLogger(__name__)
 
 FIRST_SPEAKER_ROW = 3000  # the codec-embedding row upstream's custom-voice fine-tunes use for their speaker
 _NOT_COPIED = {"config.json", "model.safetensors.index.json"}
@@ -43,44 +50,99 @@ def run_config(checkpoint: Path) -> dict:
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
 
-def choose_speakers(table: SpeakerTable, speaker_name: str | None, all_speakers: bool) -> dict[str, str | None]:
-    """Exported name -> speaker key of the run (None: the unnamed speaker), in row order (sorted names)."""
+def run_held_out(config: dict) -> HeldOut:
+    """The eval split the run trained with (its config.yaml's eval section; a restart may not change it)."""
+    split = config.get("eval") or {}
+    return HeldOut(float(split.get("fraction") or 0), frozenset(int(s) for s in split.get("shards") or ()),
+                   int(split.get("seed") or 0))
+
+
+def trained_speakers(output: Path, held_out: HeldOut) -> set[str | None]:
+    """Speaker keys with at least one row the run trained on: good, with a reference and frames, not held out."""
+    trained = set()
+    for shard, path in schema.published_shards(output).items():
+        for row in schema.read_rows(path, ["id", "speaker", "ref_audio", "num_frames", "error"]):
+            if row.ok and row.ref_audio and row.num_frames and not held_out.contains(shard, row.id, row.speaker):
+                trained.add(speaker_key(row.speaker))
+    return trained
+
+
+def speaker_label(key: str | None) -> str:
+    return "the rows without `speaker`" if key is None else repr(key)
+
+
+def choose_speakers(table: SpeakerTable, speaker_name: str | None, all_speakers: bool,
+                    trained: set[str | None] | None = None) -> dict[str, str | None]:
+    """Exported name -> speaker key of the run (None: the unnamed speaker), in row order (sorted names).
+    `trained`: the speaker keys the run trained on (None: all of them)."""
     if not table.references:
         raise ExportError("the run's shards (data.shards of its config.yaml) hold no good row with a reference; "
                           "pass --ref-audio with --speaker-name")
-    named = table.named
-    if all_speakers:
-        chosen = {name: name for name in named}
-        if None in table.references:
-            if not speaker_name:
-                raise ExportError("some rows have no `speaker`: they form one speaker; name it with --speaker-name")
-            if speaker_key(speaker_name) in chosen:
-                raise ExportError(f"--speaker-name {speaker_name!r} is also a manifest speaker; pick another name")
-            chosen[speaker_key(speaker_name)] = None
-    else:
-        key = speaker_key(speaker_name)
-        if None in table.references:
-            source = None  # the rows without `speaker`, as a single-speaker run always was
-        elif len(named) == 1 or key in named:
-            source = named[0] if len(named) == 1 else key
-        else:
-            raise ExportError(f"the run has speakers {', '.join(named)}: pass --all-speakers, or --speaker-name "
-                              "with one of them")
-        chosen = {key: source}
+    trained = set(table.references) if trained is None else trained
+    chosen = (_every_speaker(table, speaker_name, trained) if all_speakers
+              else _one_speaker(table, speaker_name, trained))
     return dict(sorted(chosen.items()))
 
 
+def _every_speaker(table: SpeakerTable, speaker_name: str | None, trained: set[str | None]) -> dict[str, str | None]:
+    named = table.named
+    chosen = {name: name for name in named if name in trained}
+    if None in table.references and None in trained:
+        if not speaker_name:
+            raise ExportError("some rows have no `speaker`: they form one speaker; name it with --speaker-name")
+        if speaker_key(speaker_name) in named:
+            raise ExportError(f"--speaker-name {speaker_name!r} is also a manifest speaker; pick another name")
+        chosen[speaker_key(speaker_name)] = None
+    untrained = [speaker_label(k) for k in (*named, None) if k in table.references and k not in trained]
+    if untrained and not chosen:
+        raise ExportError(f"no speaker of the run trained: every row of {', '.join(untrained)} is held out for "
+                          "eval (eval.fraction/eval.shards of the run's config.yaml); train with fewer rows held out")
+    if untrained:
+        log.warning("export: leaving out %s: every row held out for eval (eval.fraction/eval.shards of the run's "
+                    "config.yaml), so never trained", ", ".join(untrained))
+    return chosen
+
+
+def _one_speaker(table: SpeakerTable, speaker_name: str, trained: set[str | None]) -> dict[str, str | None]:
+    """The speaker called `speaker_name`; else the rows without `speaker`, or the only named speaker, when the
+    run has no other candidate: a name that matches no speaker of a run with both is refused, since it could
+    name the unnamed rows or be a misspelt speaker."""
+    key, named = speaker_key(speaker_name), table.named
+    if key in named:
+        source = key
+    elif None in table.references and named:
+        raise ExportError(f"--speaker-name {speaker_name!r} is none of the run's speakers ({', '.join(named)}) and "
+                          "the run also has rows without `speaker`: pass --speaker-name with one of them, or "
+                          f"--all-speakers --speaker-name {speaker_name} to export the rows without `speaker` as "
+                          f"{key!r} beside them")
+    elif None in table.references:
+        source = None  # the rows without `speaker`, as a single-speaker run always was
+    elif len(named) == 1:
+        source = named[0]
+    else:
+        raise ExportError(f"the run has speakers {', '.join(named)}: pass --all-speakers, or --speaker-name "
+                          "with one of them")
+    if source not in trained:
+        raise ExportError(f"{speaker_label(source)} never trained: every row of it is held out for eval "
+                          "(eval.fraction/eval.shards of the run's config.yaml); export a speaker that trained")
+    return {key: source}
+
+
 def speaker_vectors(encoder: torch.nn.Module, shards: str, speaker_name: str | None, all_speakers: bool,
-                    ref_audio: str | None) -> dict[str, torch.Tensor]:
-    """Exported name -> x-vector: the mean over the speaker's references (as in training), or --ref-audio's."""
+                    ref_audio: str | None, held_out: HeldOut = HeldOut()) -> dict[str, torch.Tensor]:
+    """Exported name -> x-vector: the mean over the speaker's references (as in training), or --ref-audio's.
+    Speakers whose rows `held_out` holds out, all of them, never trained and are not exported."""
     if ref_audio:
         if all_speakers:
             raise ExportError("--ref-audio names one reference; with --all-speakers each speaker's references "
                               "come from the shards")
         return {speaker_key(speaker_name): ReferenceCache(encoder).xvector(ref_audio)}
-    table = scan_speakers(resolve_output_dir(shards))
+    output = resolve_output_dir(shards)
+    table = scan_speakers(output)
+    trained = trained_speakers(output, held_out) if held_out.enabled else None
     cache = ReferenceCache(encoder, table)
-    return {name: cache.speaker_vector(key) for name, key in choose_speakers(table, speaker_name, all_speakers).items()}
+    return {name: cache.speaker_vector(key)
+            for name, key in choose_speakers(table, speaker_name, all_speakers, trained).items()}
 
 
 def copy_base_files(base: Path, out: Path) -> None:
@@ -117,7 +179,7 @@ def export(checkpoint: Path, output: Path, model_path: str | None = None, speake
     state, rows = None, {}
     if speaker_name or all_speakers:
         vectors = speaker_vectors(model.speaker_encoder, config.get("data", {}).get("shards", ""), speaker_name,
-                                  all_speakers, ref_audio)
+                                  all_speakers, ref_audio, run_held_out(config))
         embedding = model.talker.get_input_embeddings().weight
         if FIRST_SPEAKER_ROW + len(vectors) > embedding.shape[0]:
             raise ExportError(f"{len(vectors)} speakers do not fit codec-embedding rows {FIRST_SPEAKER_ROW}.."

@@ -13,6 +13,9 @@ Per utterance with n text tokens, T frames and a codec prefix of k ids (L = n + 
     next T       tts_pad                      frame j: c0 embedding + code-predictor embeddings of c1..c15
     last         tts_pad                      codec eos
 
+The role positions hold the first three tokens of the utterance's own tokenized prompt, as inference slices
+them: a text that starts with a newline merges it into the third ("\\n\\n"), so they are not the same for all texts.
+
 The codec prefix is what inference builds for the row's language: nothink, think_bos, think_eos (k = 3) for a
 row without one (inference's "auto"), think, think_bos, <language id>, think_eos (k = 4) for a row with one.
 

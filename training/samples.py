@@ -1,5 +1,5 @@
-"""Shard rows -> training samples and batches: one object owns the text tokenizer, the special and role ids
-and the reference (x-vector) cache, so the data path and the training loop pass it around instead of
+"""Shard rows -> training samples and batches: one object owns the text tokenizer, the special ids and the
+reference (x-vector) cache, so the data path and the training loop pass it around instead of
 closures.
 
 Used by the training stream (lengths for planning, samples for its micro-batches) and usable on its own,
@@ -30,6 +30,7 @@ class PlannedRow:
     row: ShardRow
     text_ids: list[int]
     length: int  # positions of its sample
+    role_ids: tuple[int, ...]  # its own prompt's first tokens: a leading newline merges into the role's "\n"
 
     @property
     def frames(self) -> int:
@@ -39,7 +40,7 @@ class PlannedRow:
 class SampleBuilder:
     def __init__(self, tokenizer, ids: SpecialIds, references: ReferenceCache | None = None):
         self.tokenizer, self.ids, self.references = tokenizer, ids, references
-        self.role_ids = self.text_ids([""])[0][0]
+        self.roles: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per distinct role prefix
 
     @classmethod
     def for_model(cls, model_path: str | Path, model, speaker_device: torch.device | None = None,
@@ -61,15 +62,22 @@ class SampleBuilder:
         if not rows:  # a shard of error rows only: the tokenizer fails on an empty batch
             return []
         tokens = self.text_ids([r.text or "" for r in rows])
-        return [PlannedRow(shard, p, r, t, self.length(r, t)) for p, r, (_, t) in zip(positions, rows, tokens)]
+        return [PlannedRow(shard, p, r, t, self.length(r, t), self.role(role))
+                for p, r, (role, t) in zip(positions, rows, tokens)]
+
+    def role(self, ids: list[int]) -> tuple[int, ...]:
+        """Nearly every text has the same role prefix: rows share one tuple instead of a list each."""
+        key = tuple(ids)
+        return self.roles.setdefault(key, key)
 
     def length(self, row: ShardRow, text_ids: list[int]) -> int:
         return sequence_length(len(text_ids), int(row.num_frames), row.language)
 
-    def sample(self, row: ShardRow, text_ids: list[int]) -> Sample:
+    def sample(self, planned: PlannedRow) -> Sample:
+        row = planned.row
         if row.codes is None:
             raise ValueError(f"row {row.id}: codes not read")
-        return build_sample(self.role_ids, text_ids, row.codes, self.ids, row.language)
+        return build_sample(list(planned.role_ids), planned.text_ids, row.codes, self.ids, row.language)
 
     def speaker(self, row: ShardRow) -> torch.Tensor:
         """The x-vector fed at the row's speaker slot: its speaker's (the mean over the speaker's references)."""
@@ -81,7 +89,7 @@ class SampleBuilder:
         """One micro-batch (sequences of planned rows with codes) -> a host batch."""
         planned = [p for seq in sequences for p in seq]
         speakers = torch.stack([self.speaker(p.row) for p in planned])
-        return collate([[self.sample(p.row, p.text_ids) for p in seq] for seq in sequences], speakers,
+        return collate([[self.sample(p) for p in seq] for seq in sequences], speakers,
                        self.ids.tts_pad)
 
     def batches(self, rows: list[ShardRow], frame_budget: int, device: torch.device | str = "cpu",
