@@ -210,3 +210,26 @@ def test_shipped_lora_configs_target_every_layer_projection_of_the_1p7b_shape():
     share = adapters / (adapters + sum(p.numel() for p in talker.parameters()))
     assert 0.005 < share < 0.015, share  # README: 19.2 M, 0.99 % of the talker
     print(f"1.7B LoRA adapters: {adapters:,} parameters, {100 * share:.2f} %")
+
+
+def test_adapters_injected_after_sharding_are_caught(tiny_dir, tmp_path):
+    """The trap the trainer's order avoids: peft run on an already sharded talker leaves plain-tensor adapters
+    beside DTensors (and sizes lora_B from a local shard on several ranks); check_sharded refuses it."""
+    import torch.distributed as dist
+
+    from shared.device import select_device
+    from training import lora
+    from training.config import load_config
+    from training.model import TalkerForTraining
+    from training.parallelize import build_mesh, parallelize
+
+    config = load_config(TINY, [f"model.path={tiny_dir / 'model'}", "data.shards=unused", "lora.rank=4"])
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        module = TalkerForTraining(load_tts_model(tiny_dir / "model").talker)
+        parallelize(module, config.fsdp, build_mesh(select_device("cpu", 0)))
+        lora.apply(module, config)
+        with pytest.raises(RuntimeError, match=r"lora_A\.default\.weight is not sharded"):
+            lora.check_sharded(module, config)
+    finally:
+        dist.destroy_process_group()
