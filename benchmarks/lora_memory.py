@@ -39,7 +39,10 @@ def parse_args(argv=None):
                    help="packed row length of the smaller batch (one 10 s utterance: 176 positions); the larger "
                         "batch doubles it")
     p.add_argument("--pack-length", type=int, default=0, help=argparse.SUPPRESS)  # children: the row length
-    p.add_argument("--memory-limit-gib", type=float, default=14.0, help="a child above this is killed")
+    p.add_argument("--memory-limit-gib", type=float, default=20.0, help="a child above this is killed")
+    p.add_argument("--results", type=Path, default=None,
+                   help="summarise children's BENCH_RESULT lines from this file instead of running them (runs "
+                        "not in it are left out; figures that need them are not computed)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps; the first is left out of the step time")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--child", nargs=3, metavar=("VARIANT", "TALKER_LAYERS", "CP_LAYERS"), help=argparse.SUPPRESS)
@@ -165,15 +168,18 @@ def extrapolate(runs: dict, variant: str, positions: tuple[int, int], shipped: i
     p1, p2 = positions
     total = lambda t, c, p: runs[(variant, t, c, p)]["peak"]["Total"]
     per_talker, per_cp = total(2, 1, p1) - total(1, 1, p1), total(1, 2, p1) - total(1, 1, p1)
-    span = runs[(variant, 1, 1, p2)]["positions"] - runs[(variant, 1, 1, p1)]["positions"]
-    slope1 = (total(1, 1, p2) - total(1, 1, p1)) / span
-    slope_per_layer = (total(2, 1, p2) - total(2, 1, p1)) / span - slope1
     talker, cp = FULL_LAYERS[0] - 1, FULL_LAYERS[1] - 1
     at_p1 = total(1, 1, p1) + talker * per_talker + cp * per_cp
-    measured_positions = runs[(variant, 1, 1, p1)]["positions"]
-    return dict(per_talker_layer=per_talker, per_cp_layer=per_cp, bytes_per_position=slope1,
-                bytes_per_position_per_talker_layer=slope_per_layer, total_28_layers=at_p1,
-                estimate_shipped_batch=at_p1 + (slope1 + talker * slope_per_layer) * (shipped - measured_positions))
+    figures = dict(per_talker_layer=per_talker, per_cp_layer=per_cp, total_28_layers=at_p1,
+                   estimate_shipped_batch=None)
+    if (variant, 1, 1, p2) in runs and (variant, 2, 1, p2) in runs:
+        span = runs[(variant, 1, 1, p2)]["positions"] - runs[(variant, 1, 1, p1)]["positions"]
+        slope1 = (total(1, 1, p2) - total(1, 1, p1)) / span
+        slope_per_layer = (total(2, 1, p2) - total(2, 1, p1)) / span - slope1
+        growth = (slope1 + talker * slope_per_layer) * (shipped - runs[(variant, 1, 1, p1)]["positions"])
+        figures.update(bytes_per_position=slope1, bytes_per_position_per_talker_layer=slope_per_layer,
+                       estimate_shipped_batch=at_p1 + growth)
+    return figures
 
 
 def main(argv=None) -> None:
@@ -185,8 +191,12 @@ def main(argv=None) -> None:
     p1, p2 = args.positions, 2 * args.positions
     runs = {}
     plan = [(*shape, p1) for shape in SHAPES] + [(1, 1, p2), (2, 1, p2)]
+    if args.results:
+        for line in args.results.read_text().splitlines():
+            if r := parse_result(line):
+                runs[(r["variant"], r["talker_layers"], r["cp_layers"], p1 if r["positions"] <= p1 else p2)] = r
     for variant in ("full", "lora"):
-        for talker_layers, cp_layers, positions in plan:
+        for talker_layers, cp_layers, positions in [] if args.results else plan:
             command = [python(), str(Path(__file__).resolve()), "--child", variant, str(talker_layers),
                        str(cp_layers), "--device", args.device, "--positions", str(positions), "--pack-length",
                        str(positions), "--steps", str(args.steps)]
@@ -201,11 +211,14 @@ def main(argv=None) -> None:
                   flush=True)
     shipped = 16384
     figures = {v: extrapolate(runs, v, (p1, p2), shipped) for v in ("full", "lora")}
+    for key, r in sorted(runs.items()):
+        print(f"{key}: {r['positions']} positions, peak {r['peak']['Total'] / GIB:.3f} GiB, step {r['step_s']:.1f} s")
     rows = []
+    gib_or_none = lambda b: None if b is None else b / GIB
     for v in ("full", "lora"):
         f, m = figures[v], runs[(v, 1, 1, p1)]
         rows.append([v, m["trainable"], m["peak"]["Total"] / GIB, f["per_talker_layer"] / GIB,
-                     f["per_cp_layer"] / GIB, f["total_28_layers"] / GIB, f["estimate_shipped_batch"] / GIB,
+                     f["per_cp_layer"] / GIB, f["total_28_layers"] / GIB, gib_or_none(f["estimate_shipped_batch"]),
                      m["step_s"]])
     positions = runs[("full", 1, 1, p1)]["positions"]
     print(markdown_table(["variant", "trainable params", f"peak GiB (1+1 layers, {positions} pos)",
@@ -213,15 +226,18 @@ def main(argv=None) -> None:
                           f"28+5 layers, {shipped} pos (estimate)", "step s (1+1 layers)"], rows))
     measured_ratio = runs[("lora", 1, 1, p1)]["peak"]["Total"] / runs[("full", 1, 1, p1)]["peak"]["Total"]
     ratio28 = figures["lora"]["total_28_layers"] / figures["full"]["total_28_layers"]
-    ratio_shipped = figures["lora"]["estimate_shipped_batch"] / figures["full"]["estimate_shipped_batch"]
+    shipped_full, lora_bytes = figures["full"]["estimate_shipped_batch"], figures["lora"]["estimate_shipped_batch"]
+    ratio_shipped = lora_bytes / shipped_full if lora_bytes and shipped_full else None
     step_ratios = {f"{t}+{c} layers, {runs[('full', t, c, p)]['positions']} pos":
-                   runs[("lora", t, c, p)]["step_s"] / runs[("full", t, c, p)]["step_s"] for t, c, p in plan}
+                   runs[("lora", t, c, p)]["step_s"] / runs[("full", t, c, p)]["step_s"]
+                   for t, c, p in plan if ("lora", t, c, p) in runs and ("full", t, c, p) in runs}
     print(f"LoRA / full peak per rank: {measured_ratio:.3f} measured (1+1 layers), {ratio28:.3f} extrapolated to "
-          f"28+5 layers, {ratio_shipped:.3f} estimated at the shipped micro-batch (target <= 0.40: "
-          f"{'met' if ratio_shipped <= 0.40 else 'NOT met'})")
-    lora_bytes = figures["lora"]["estimate_shipped_batch"]
-    print(f"whole 1.7B LoRA step, one device, shipped micro-batch: {lora_bytes / GIB:.1f} GiB = {lora_bytes / 1e9:.1f} GB "
-          f"(estimate; target <= 24 GB: {'met' if lora_bytes <= 24e9 else 'NOT met'})")
+          f"28+5 layers (target <= 0.40: {'met' if ratio28 <= 0.40 else 'NOT met'})"
+          + (f", {ratio_shipped:.3f} estimated at the shipped micro-batch" if ratio_shipped else
+             ", not estimated at the shipped micro-batch (larger-batch runs of both variants missing)"))
+    if lora_bytes:
+        print(f"whole 1.7B LoRA step, one device, shipped micro-batch: {lora_bytes / GIB:.1f} GiB = "
+              f"{lora_bytes / 1e9:.1f} GB (estimate; target <= 24 GB: {'met' if lora_bytes <= 24e9 else 'NOT met'})")
     print("LoRA / full step time: " + ", ".join(f"{k}: {v:.2f}" for k, v in step_ratios.items()))
     write_json(args.json, {"args": {k: str(v) for k, v in vars(args).items()}, "runs": list(runs.values()),
                            "figures": figures, "ratios": dict(measured=measured_ratio, extrapolated=ratio28,

@@ -3,11 +3,9 @@ torchrun on CPU (gloo): adapter-only checkpoints naming their base, 2 ranks = 1 
 against other base weights refused, and an overfit LoRA-only run whose merged export generates the trained codes
 and whose peft adapter export, applied with PeftModel.from_pretrained, gives the merged export's logits."""
 import json
-import re
 import shutil
 import subprocess
 import sys
-import time
 
 import pyarrow.parquet as pq
 import pytest
@@ -17,8 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from shared import schema
 from shared.qwen import load_inference_model, load_tts_model
-from tests.conftest import kill_tree
-from tests.test_training_distributed import ENV, REPO, losses_by_step, torchrun, train_command
+from tests.test_training_distributed import ENV, REPO, kill_after_step, losses_by_step, torchrun, train_command
 from training.checkpoint import complete_checkpoints
 from training.lora import META_FILE, base_fingerprint, is_adapter, linear_names, resolve_targets
 from training.metrics import read_metrics
@@ -76,15 +73,7 @@ def test_two_ranks_equal_one_rank_accumulating_the_same_micro_batches(lora_run, 
 def test_killed_lora_run_resumes_exactly_and_another_base_is_refused(lora_run, tiny_dir, synthetic_encoded, tmp_path):
     run = tmp_path / "killed"
     command = [sys.executable, *train_command(tiny_dir, synthetic_encoded / "shards", run, nproc=2), *LORA]
-    proc = subprocess.Popen(command, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and max(losses_by_step(run), default=0) < 3:
-            time.sleep(0.05)
-    finally:
-        kill_tree(proc)
-    assert 3 <= max(losses_by_step(run)) < STEPS and STEPS not in complete_checkpoints(run)
+    assert 3 <= kill_after_step(command, run, 3) < STEPS and STEPS not in complete_checkpoints(run)
 
     # Other base weights: a copy of the base with one tensor changed. Refused before anything is written.
     other = tmp_path / "other_base"

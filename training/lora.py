@@ -18,7 +18,6 @@ from __future__ import annotations
 import fnmatch
 import hashlib
 import json
-import logging
 import struct
 import warnings
 from pathlib import Path
@@ -27,8 +26,6 @@ import torch
 from torch import nn
 
 from training.config import Config, LoraConfig
-
-log = logging.getLogger(__name__)
 
 ADAPTER = "default"  # peft's adapter name; one adapter per run
 META_FILE = "lora.json"  # in every step folder of a LoRA run: base model, its fingerprint, the adapter shape
