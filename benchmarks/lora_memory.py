@@ -11,7 +11,7 @@ overhead not included), so CPU runs measure what a device would hold. A CPU cann
 shipped micro-batch in reasonable time, so each variant runs at (talker layers, code-predictor layers) =
 (1, 1), (2, 1), (1, 2): the differences are the per-layer figures, extrapolated linearly to 28 and 5 layers.
 (1, 1) and (2, 1) also run at twice the positions: the growth per position (of the base and of each talker
-layer) carries the 28 + 5 layer figure to the shipped micro-batch (16384 positions). That last figure is an
+layer) carries the 28 + 5 layer figure to the shipped micro-batch (the LoRA config's data.frame_budget). That last figure is an
 estimate (linear in positions, as activation checkpointing makes it), labelled so.
 """
 from __future__ import annotations
@@ -209,7 +209,9 @@ def main(argv=None) -> None:
             print(f"{variant} talker {talker_layers} cp {cp_layers}, {result['positions']} positions: peak "
                   f"{result['peak']['Total'] / GIB:.3f} GiB {result['peak']}, step {result['step_s']:.1f} s",
                   flush=True)
-    shipped = 16384
+    from training.config import load_config
+
+    shipped = load_config(CONFIGS["lora"], ["model.path=unused", "data.shards=unused"]).data.frame_budget
     figures = {v: extrapolate(runs, v, (p1, p2), shipped) for v in ("full", "lora")}
     for key, r in sorted(runs.items()):
         print(f"{key}: {r['positions']} positions, peak {r['peak']['Total'] / GIB:.3f} GiB, step {r['step_s']:.1f} s")
