@@ -15,6 +15,7 @@ import threading
 import time
 from pathlib import Path
 
+from services.index_keeper import IndexKeeper
 from services.lock import OutputLock, OutputLocked
 from services.manifest import ManifestError
 from services.preflight import InputProblem, check_inputs
@@ -55,7 +56,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.1)
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--ref-audio", default=None, help="reference wav for entries that have none")
-    p.add_argument("--replan", action="store_true", help="inputs changed: move old results aside and start over")
+    p.add_argument("--replan", action="store_true", help="inputs changed: move old results aside and start over "
+                   "(a manifest with lines appended needs none: only the new lines are encoded)")
     p.add_argument("--status-host", default="127.0.0.1")
     p.add_argument("--status-port", type=int, default=8000, help="serve GET /status while running; -1 disables")
     p.add_argument("--status-token-file", default=None, help="require this bearer token on /status")
@@ -253,6 +255,7 @@ class Driver:
 
         args = self.args
         writer = ShardWriter(self.output)
+        self.index = IndexKeeper(self.output, self.log)
         removed = writer.remove_temporaries()  # safe: we hold the lock and no encoder of ours has work yet
         if removed:
             self.log(f"removed {len(removed)} temporary files left by encoders that were killed mid-shard")
@@ -263,6 +266,7 @@ class Driver:
         if not pending:  # a rerun of a finished job: keep the summary's time, it is the job's
             self.stop_encoders()
             previous = read_json_object(self.output / SUMMARY_FILE) or {}
+            self.index.reconcile()
             summary = write_summary(self.output, plan, previous.get("elapsed_seconds") or time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed")
             self.log(f"nothing to encode: all {len(plan.shards)} shards were already published")
@@ -275,6 +279,7 @@ class Driver:
             finally:
                 if status is not None:
                     status.stop()
+            self.index.reconcile()
             summary = write_summary(self.output, plan, time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
                            f"{len(self.failed)} shards failed; re-run the same command to retry them")
@@ -304,11 +309,13 @@ class Driver:
         self.heartbeat("running")
 
         def on_done(spec, stats):
+            self.index.published(spec.id)
             self.run_rows += stats.rows_ok
             self.run_audio_seconds += stats.audio_seconds
             self.heartbeat("running")
 
         def on_tick():
+            self.index.save()
             self.heartbeat("running")
             self.log(format_progress_line(collect_progress(self.output)))
 
@@ -324,6 +331,10 @@ class Driver:
             self.heartbeat("interrupted" if isinstance(exc, KeyboardInterrupt) else "failed", message=str(exc))
             raise
         finally:
+            try:
+                self.index.save()  # what was published, also when the job stops on an error
+            except OSError as exc:  # the storage's own error, if it failed, is the one to report
+                self.log(f"shard index not saved: {exc}")
             self.stop_encoders()
 
 

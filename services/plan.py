@@ -1,7 +1,8 @@
 """The shard plan: deterministic contiguous ranges of the normalised manifest, written once.
 
 A resubmit with the same inputs reuses the plan (and so skips finished shards); a resubmit whose
-inputs or codec differ is refused unless `replan=True`, which moves the old results aside rather
+manifest is the old one with lines appended extends it (services.grow); a resubmit whose inputs or
+codec differ otherwise is refused unless `replan=True`, which moves the old results aside rather
 than deleting them.
 """
 from __future__ import annotations
@@ -12,11 +13,12 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Iterable, Iterator
 
 from services.manifest import input_fingerprint, write_normalised
 from shared.device import CodecNumerics
-from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR, SUMMARY_FILE,
-                           WORKERS_DIR)
+from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, INDEX_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR,
+                           SUMMARY_FILE, WORKERS_DIR)
 
 PLAN_VERSION = 1
 
@@ -72,6 +74,24 @@ class EncodeRun:
         return cls(data["started"], CodecNumerics(**{k: v for k, v in data.items() if k != "started"}))
 
 
+@dataclass(frozen=True)
+class CoveredManifest:
+    """The part of manifest.jsonl the plan's shards cover: its first `bytes` bytes, whose hash is `sha256`.
+    A new manifest that normalises to exactly these bytes followed by more lines is the same corpus grown.
+    Kept outside PlanInputs: it is not an input, and adding it there would change every old plan's identity."""
+    bytes: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Growth:
+    """One extension of the plan by appended manifest lines (services.grow)."""
+    time: float
+    rows_before: int
+    shards_before: int
+    rows_added: int
+
+
 @dataclass
 class Plan:
     config_hash: str
@@ -81,18 +101,27 @@ class Plan:
     created: float = field(default_factory=time.time)
     version: int = PLAN_VERSION
     runs: list[EncodeRun] = field(default_factory=list)
+    covered: CoveredManifest | None = None  # None only in plans written before growth was possible
+    growths: list[Growth] = field(default_factory=list)
 
     def to_json(self) -> dict:
-        return {"version": self.version, "config_hash": self.config_hash, "created": self.created,
+        data = {"version": self.version, "config_hash": self.config_hash, "created": self.created,
                 "inputs": asdict(self.inputs), "num_rows": self.num_rows, "num_shards": len(self.shards),
-                "encode_runs": [r.to_json() for r in self.runs], "shards": [asdict(s) for s in self.shards]}
+                "encode_runs": [r.to_json() for r in self.runs], "grown": [asdict(g) for g in self.growths],
+                "shards": [asdict(s) for s in self.shards]}
+        if self.covered is not None:
+            data["manifest_covered"] = asdict(self.covered)
+        return data
 
     @classmethod
     def from_json(cls, data: dict) -> "Plan":
-        # Plans written before encode runs were recorded have none: they load with an empty history.
+        # Plans written before encode runs, growth or the covered manifest were recorded have none of them.
+        covered = data.get("manifest_covered")
         return cls(config_hash=data["config_hash"], inputs=PlanInputs(**data["inputs"]), num_rows=data["num_rows"],
                    shards=[ShardSpec(**s) for s in data["shards"]], created=data["created"], version=data["version"],
-                   runs=[EncodeRun.from_json(r) for r in data.get("encode_runs", [])])
+                   runs=[EncodeRun.from_json(r) for r in data.get("encode_runs", [])],
+                   covered=CoveredManifest(**covered) if covered else None,
+                   growths=[Growth(**g) for g in data.get("grown", [])])
 
 
 def hash_directory(path: Path) -> str:
@@ -107,21 +136,37 @@ def hash_directory(path: Path) -> str:
     return h.hexdigest()
 
 
-def plan_shards(manifest: Path, shard_size: int) -> tuple[int, list[ShardSpec]]:
-    """One streaming pass over the normalised manifest recording byte offsets every `shard_size` lines."""
+def cut_shards(lines: Iterable[bytes], shard_size: int, first_id: int = 0, first_line: int = 0,
+               first_byte: int = 0) -> tuple[int, list[ShardSpec]]:
+    """Shards of `shard_size` lines over `lines` (which start at line `first_line`, byte `first_byte` of the
+    manifest), numbered from `first_id`; returns the line count reached and the shards."""
     if shard_size < 1:
         raise ValueError("--shard-size must be at least 1")
-    shards, line, offset, start_line, start_byte = [], 0, 0, 0, 0
-    with open(manifest, "rb") as f:
-        for raw in f:
-            line += 1
-            offset += len(raw)
-            if line - start_line == shard_size:
-                shards.append(ShardSpec(len(shards), start_line, line, start_byte, offset))
-                start_line, start_byte = line, offset
+    shards, line, offset, start_line, start_byte = [], first_line, first_byte, first_line, first_byte
+    for raw in lines:
+        line += 1
+        offset += len(raw)
+        if line - start_line == shard_size:
+            shards.append(ShardSpec(first_id + len(shards), start_line, line, start_byte, offset))
+            start_line, start_byte = line, offset
     if line > start_line:
-        shards.append(ShardSpec(len(shards), start_line, line, start_byte, offset))
+        shards.append(ShardSpec(first_id + len(shards), start_line, line, start_byte, offset))
     return line, shards
+
+
+def hashing(lines: Iterable[bytes], h) -> Iterator[bytes]:
+    """`lines`, feeding each to the hash `h` on the way."""
+    for raw in lines:
+        h.update(raw)
+        yield raw
+
+
+def plan_shards(manifest: Path, shard_size: int) -> tuple[int, list[ShardSpec], CoveredManifest]:
+    """One streaming pass over the normalised manifest recording byte offsets every `shard_size` lines."""
+    h = hashlib.sha256()
+    with open(manifest, "rb") as f:
+        num_rows, shards = cut_shards(hashing(f, h), shard_size)
+    return num_rows, shards, CoveredManifest(shards[-1].byte_end if shards else 0, h.hexdigest())
 
 
 def write_json_atomic(path: Path, data: dict) -> None:
@@ -141,7 +186,7 @@ def _move_aside(output: Path) -> Path:
     aside = output / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     aside.mkdir()
     for name in (PLAN_FILE, MANIFEST_FILE, SHARDS_DIR, WORKERS_DIR, SUMMARY_FILE, ERRORS_FILE, COMPLETE_MARKER,
-                 "driver.json"):
+                 INDEX_FILE, "driver.json"):
         if (output / name).exists():
             os.replace(output / name, aside / name)
     return aside
@@ -161,13 +206,17 @@ def prepare_plan(output: Path, inputs_source: Path, codec: Path, shard_size: int
         changed = [k for k, v in asdict(inputs).items()
                    if k not in ("manifest", "codec") and asdict(existing.inputs).get(k) != v]
         if not replan:
+            if changed == ["manifest_sha256"]:  # the manifest alone changed: appended lines extend the plan
+                from services.grow import grow_plan
+
+                return grow_plan(output, existing, inputs, inputs_source, log)
             raise PlanMismatch(f"{output} already holds a plan for different inputs (changed: {', '.join(changed)}). "
                                "Use a new --output, or pass --replan to move the old results aside and start over.")
         log(f"--replan: moved the previous plan and shards to {_move_aside(output)}")
     output.mkdir(parents=True, exist_ok=True)
     write_normalised(inputs_source, output / MANIFEST_FILE, ref_audio)
-    num_rows, shards = plan_shards(output / MANIFEST_FILE, shard_size)
-    plan = Plan(inputs.config_hash(), inputs, num_rows, shards)
+    num_rows, shards, covered = plan_shards(output / MANIFEST_FILE, shard_size)
+    plan = Plan(inputs.config_hash(), inputs, num_rows, shards, covered=covered)
     write_json_atomic(output / PLAN_FILE, plan.to_json())
     return plan
 

@@ -57,7 +57,7 @@ __all__ = [
     "Qwen3TTSForConditionalGeneration", "Qwen3TTSModel", "Qwen3TTSTokenizer", "Qwen3TTSTokenizerV2Config",
     "Qwen3TTSTokenizerV2DecoderConfig", "Qwen3TTSTokenizerV2Model", "mel_spectrogram",
     "load_codec", "encode_clips", "kept_codes", "reference_encode", "load_tts_model", "load_inference_model",
-    "speaker_mel", "SPEAKER_MEL", "save_model_dir",
+    "speaker_mel", "SPEAKER_MEL", "save_model_dir", "place_inference_model",
 ]
 
 
@@ -193,3 +193,15 @@ def _drop_local_paths(config: dict) -> None:
             config[key] = ""
         elif isinstance(value, dict):
             _drop_local_paths(value)
+
+
+def place_inference_model(tts: Qwen3TTSModel, device: torch.device | str) -> None:
+    """Move a loaded Qwen3TTSModel (talker, speaker encoder and its codec) to `device`. The wrapper and the codec
+    each record the device they were loaded on and place their inputs there, so those records move too."""
+    device = torch.device(device)
+    tts.model.to(device)
+    tts.device = device
+    codec = tts.model.speech_tokenizer
+    if codec is not None:
+        codec.model.to(device)
+        codec.device = device

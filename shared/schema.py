@@ -5,6 +5,8 @@ Output directory layout (all names live here, nowhere else):
     OUTPUT/plan.json                  the shard plan, written once (see services.plan)
     OUTPUT/manifest.jsonl             the normalised manifest the plan indexes (byte ranges per shard)
     OUTPUT/shards/shard-00000.parquet a published shard: written under a temporary name, then renamed
+    OUTPUT/shard_index.json           per published shard, what training needs before its first step (a cache:
+                                      see shared.shard_index; the driver updates it as shards publish)
     OUTPUT/workers/<name>.json        live heartbeat of one encoder (status only; never needed for truth)
     OUTPUT/summary.json + _COMPLETE   written once every planned shard is published
     OUTPUT/errors.jsonl               one line per error row, written with the summary
@@ -15,6 +17,7 @@ A shard holds every manifest line of its range exactly once: good rows carry cod
 from __future__ import annotations
 
 import json
+import os
 import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -40,6 +43,7 @@ SUMMARY_FILE = "summary.json"
 COMPLETE_MARKER = "_COMPLETE"
 ERRORS_FILE = "errors.jsonl"
 LOCK_FILE = ".lock"
+INDEX_FILE = "shard_index.json"
 
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
 
@@ -146,6 +150,11 @@ class ShardRow:
         return self.error is None
 
     @property
+    def trainable(self) -> bool:
+        """A good row with a reference and frames: the rows training uses (and the shard index counts)."""
+        return self.ok and bool(self.ref_audio) and bool(self.num_frames)
+
+    @property
     def reason(self) -> str | None:
         """The error's reason code (the part before the first colon)."""
         return None if self.error is None else self.error.split(":", 1)[0]
@@ -215,15 +224,30 @@ def check_schema(path: str | Path) -> int:
     return int(version)
 
 
+@dataclass(frozen=True)
+class ShardFile:
+    """A published shard as listed: what identifies this publication of it (a re-published shard differs in
+    size or modification time)."""
+    shard_id: int
+    name: str  # the file's name under shards/
+    path: Path | str
+    size: int
+    mtime_ns: int
+
+
+def _listed_uri(output: str) -> dict[int, pafs.FileInfo]:
+    filesystem, path = pafs.FileSystem.from_uri(output)
+    infos = filesystem.get_file_info(pafs.FileSelector(f"{path.rstrip('/')}/{SHARDS_DIR}", allow_not_found=True))
+    found = {shard_id_of(info.base_name): info for info in infos}
+    found.pop(None, None)
+    return dict(sorted(found.items()))
+
+
 def published_shards(output: str | Path) -> dict[int, Path | str]:
     """Shard id -> path of every published shard (a URI when `output` is one, see shared.storage).
     Temporary files never match SHARD_RE."""
     if is_uri(output):
-        filesystem, path = pafs.FileSystem.from_uri(output)
-        infos = filesystem.get_file_info(pafs.FileSelector(f"{path.rstrip('/')}/{SHARDS_DIR}", allow_not_found=True))
-        names = {shard_id_of(info.base_name): info.base_name for info in infos}
-        names.pop(None, None)
-        return {sid: child_uri(output, SHARDS_DIR, names[sid]) for sid in sorted(names)}
+        return {sid: child_uri(output, SHARDS_DIR, info.base_name) for sid, info in _listed_uri(output).items()}
     shards_dir = Path(output) / SHARDS_DIR
     if not shards_dir.is_dir():
         return {}
@@ -233,6 +257,39 @@ def published_shards(output: str | Path) -> dict[int, Path | str]:
         if sid is not None:
             found[sid] = entry
     return dict(sorted(found.items()))
+
+
+def published_shard_files(output: str | Path) -> dict[int, ShardFile]:
+    """published_shards with each file's size and modification time (from the listing itself where the
+    filesystem gives them, one stat per shard on a local directory)."""
+    if is_uri(output):
+        return {sid: ShardFile(sid, info.base_name, child_uri(output, SHARDS_DIR, info.base_name), info.size,
+                               info.mtime_ns or 0) for sid, info in _listed_uri(output).items()}
+    shards_dir = Path(output) / SHARDS_DIR
+    if not shards_dir.is_dir():
+        return {}
+    found = {}
+    with os.scandir(shards_dir) as entries:
+        for entry in entries:
+            sid = shard_id_of(entry.name)
+            if sid is not None:
+                stat = entry.stat()
+                found[sid] = ShardFile(sid, entry.name, Path(entry.path), stat.st_size, stat.st_mtime_ns)
+    return dict(sorted(found.items()))
+
+
+def published_shard_file(output: str | Path, shard_id: int) -> ShardFile:
+    """One published shard's ShardFile (raises FileNotFoundError when it is not published)."""
+    if is_uri(output):
+        filesystem, path = pafs.FileSystem.from_uri(output)
+        info = filesystem.get_file_info(f"{path.rstrip('/')}/{SHARDS_DIR}/{shard_name(shard_id)}")
+        if info.type != pafs.FileType.File:
+            raise FileNotFoundError(f"{output}: shard {shard_id} is not published")
+        name = shard_name(shard_id)
+        return ShardFile(shard_id, name, child_uri(output, SHARDS_DIR, name), info.size, info.mtime_ns or 0)
+    path = Path(output) / SHARDS_DIR / shard_name(shard_id)
+    stat = path.stat()
+    return ShardFile(shard_id, path.name, path, stat.st_size, stat.st_mtime_ns)
 
 
 def read_rows(path: str | Path, columns: Sequence[str] | None = None,

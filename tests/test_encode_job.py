@@ -9,7 +9,8 @@ import pytest
 
 from services.lock import OutputLock
 from shared.audio import SAMPLES_PER_FRAME, pad_to_frame
-from shared.schema import CODEBOOK_SIZE, codes_of, published_shards
+from shared.schema import CODEBOOK_SIZE, INDEX_FILE, codes_of, published_shard_files, published_shards
+from shared.shard_index import ShardIndex
 from tests.conftest import run_encode, synth_corpus, write_manifest
 
 # Lengths chosen so some clips end on a frame boundary and most do not; rates mix up- and down-sampling.
@@ -76,11 +77,22 @@ def test_codes_equal_upstream_tokenizer(corpus, tiny_codec_dir, tmp_path):
         assert np.array_equal(codes[:last], upstream[:last]), row["id"]
 
 
+def index_from_shards(out) -> ShardIndex:
+    index = ShardIndex()
+    index.reconcile(published_shard_files(out))
+    return index
+
+
 def test_resume_redoes_only_missing_shard(corpus, tiny_codec_dir, tmp_path):
+    """Also: the job leaves a shard index equal to one read from the shards, entry by entry as shards publish
+    (its final check against the listing finds nothing to read), and a re-published shard's entry is renewed."""
     manifest, entries = corpus
     out = tmp_path / "out"
     args = ("--manifest", str(manifest), "--codec", str(tiny_codec_dir), "--output", str(out), "--shard-size", "3")
-    assert run_encode(*args).returncode == 0
+    first = run_encode(*args)
+    assert first.returncode == 0
+    assert ShardIndex.load(out / INDEX_FILE) == index_from_shards(out) != ShardIndex()
+    assert "shard index: read" not in first.stdout
     shards = published_shards(out)
     assert len(shards) == 3 and (out / "_COMPLETE").exists()
     before = {sid: os.stat(p).st_mtime_ns for sid, p in shards.items()}
@@ -97,6 +109,8 @@ def test_resume_redoes_only_missing_shard(corpus, tiny_codec_dir, tmp_path):
     rows = read_rows(out)
     assert sorted(r["index"] for r in rows) == list(range(len(entries)))
     assert all(np.array_equal(codes_before[r["id"]], r["audio_codes"]) for r in rows)
+    index = ShardIndex.load(out / INDEX_FILE)
+    assert index == index_from_shards(out) and index.entry(1).mtime_ns == after[1]
     assert "0 to encode" in run_encode(*args).stdout
 
 

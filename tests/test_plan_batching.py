@@ -17,8 +17,9 @@ def test_plan_byte_ranges_cover_every_line_once(tmp_path):
     manifest = write_manifest(tmp_path / "m.jsonl", lines)
     normalised = tmp_path / "manifest.jsonl"
     assert write_normalised(manifest, normalised) == 103
-    rows, shards = plan_shards(normalised, 10)
+    rows, shards, covered = plan_shards(normalised, 10)
     assert rows == 103 and [s.rows for s in shards] == [10] * 10 + [3]
+    assert covered.bytes == normalised.stat().st_size == shards[-1].byte_end
     seen = []
     for spec in shards:
         entries = read_range(normalised, spec.byte_start, spec.byte_end)

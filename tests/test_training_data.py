@@ -201,3 +201,24 @@ def test_references_of_any_rate_and_length_are_cached_once(tiny_dir, tmp_path):
     expected = speaker_mel(resample(tone(0.8, 1, 16000), 16000))
     torch.testing.assert_close(cache.mels[str(short)], expected)
     assert cache.mels[str(short)].shape[0] < cache.mels[str(long)].shape[0]
+
+
+def test_the_schedule_counts_only_rows_that_train(tmp_path, builder):
+    """Held-out rows never train, so the lr schedule's step total leaves them out: whole shards (eval.shards)
+    exactly, eval.fraction's per-row hash by its expected share; the last step trained runs at the lr floor."""
+    from training.config import Config
+    from training.split import HeldOut, training_rows
+    from training.train import lr_lambda
+
+    data = random_code_shards(tmp_path / "mix", shards=8, rows=40)
+    config = dict(frame_budget=1024, pack_length=256, shards_per_round=2)
+    for held_out, tolerance in ((HeldOut(shards=frozenset({1, 3, 5, 7})), 0.05), (HeldOut(fraction=0.3), 0.1)):
+        taken, planned = stream(data, builder, **config), stream(data, builder, **config)
+        taken.row_filter = planned.row_filter = training_rows(held_out)
+        actual = sum(1 for _ in taken.epoch_steps())
+        estimate = planned.estimate_steps_per_epoch()
+        assert abs(estimate - actual) <= max(1, tolerance * actual), (held_out, estimate, actual)
+        assert planned.estimate_micro_batches_per_epoch() == sum(planned.estimate_micro_batches_per_round())
+        if held_out.shards:
+            factor = lr_lambda(Config(), estimate)
+            assert factor(actual - 1) <= Config().train.min_lr_ratio + 0.02, (estimate, actual)

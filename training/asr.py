@@ -7,11 +7,13 @@ the word error rate means little.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import unicodedata
 from pathlib import Path
 
 import numpy as np
+import torch
 
 
 def normalise(text: str) -> str:
@@ -45,7 +47,8 @@ def wer(reference: str, hypothesis: str) -> float:
 
 
 class Transcriber:
-    """transformers' ASR pipeline over a local model directory, loaded once, on CPU or the given device."""
+    """transformers' ASR pipeline over a local model directory, loaded once on the host; on_device() places it on
+    an accelerator for a while (training's memory stays free of it between evals)."""
 
     def __init__(self, model_dir: str | Path, device: str = "cpu"):
         from transformers import pipeline
@@ -59,3 +62,16 @@ class Transcriber:
     def __call__(self, samples: np.ndarray, sample_rate: int) -> str:
         out = self.pipeline({"raw": np.asarray(samples, dtype=np.float32), "sampling_rate": sample_rate})
         return out["text"].strip()
+
+    @contextlib.contextmanager
+    def on_device(self, device: torch.device):
+        """The model on `device` for the block, then back on the host (the pipeline places inputs by its .device)."""
+        self._place(device)
+        try:
+            yield self
+        finally:
+            self._place(torch.device("cpu"))
+
+    def _place(self, device: torch.device) -> None:
+        self.pipeline.model.to(device)
+        self.pipeline.device = device

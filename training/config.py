@@ -56,6 +56,7 @@ class TrainConfig:
     device: str = "auto"  # auto | npu | cuda | cpu
     log_interval: int = 1  # steps between metrics lines (the only device->host sync of the loop)
     peak_tflops: float = 0.0  # device peak for mfu (0: from training.flops's table by device name)
+    timeout_minutes: float = 30.0  # a collective waiting longer than this fails the run (process group timeout)
 
 
 @dataclass
@@ -83,7 +84,8 @@ class EvalConfig:
     max_rows: int = 256  # held-out rows per speaker scored for the eval loss (the rest stay unused)
     sentences: list[str] = field(default_factory=list)  # synthesised per speaker; empty = defaults per language
     samples: bool = True  # synthesise and score sentences at each eval (rank 0)
-    max_new_tokens: int = 0  # codec frames per sample at most; 0 = the model's generation_config
+    max_new_tokens: int = 0  # codec frames per sample at most; 0 = a slow reading of the sentence (voice_check)
+    budget_seconds: float = 300.0  # synthesis time per eval; samples not started by then are skipped (logged)
     asr_model: str = ""  # a local speech-recognition model directory (transformers ASR pipeline) for CER/WER
 
     @property
@@ -164,6 +166,9 @@ class Config:
             problems.append("eval.fraction must be in [0, 1): the share of each speaker's rows held out")
         if self.eval.interval < 0 or self.eval.max_rows < 1 or self.eval.max_new_tokens < 0:
             problems.append("eval.interval and eval.max_new_tokens must be >= 0, eval.max_rows >= 1")
+        if self.train.timeout_minutes <= 0 or not 0 < self.eval.budget_seconds < self.train.timeout_minutes * 60:
+            problems.append("eval.budget_seconds must be > 0 and below train.timeout_minutes x 60 (the other ranks "
+                            "wait for the samples that long at most); lower the budget or raise the timeout")
         if self.eval.asr_model and not Path(self.eval.asr_model, "config.json").is_file():
             problems.append(f"eval.asr_model {self.eval.asr_model} has no config.json; give a local "
                             f"speech-recognition model directory (e.g. a Whisper checkpoint) or leave it empty")

@@ -9,7 +9,8 @@ rounds covering every shard once; with `follow`, rounds are formed from shards a
 publishes them, and the epoch (and training) ends once `_COMPLETE` is present and every shard was consumed.
 
 Start-up therefore costs one round, whatever the corpus size; the step total for the lr schedule comes from
-the per-shard stats in each Parquet footer plus the first round's plan (`estimate_steps_per_epoch`).
+the per-shard figures of the output's shard index (training.corpus_index) plus one round's plan
+(`estimate_micro_batches_per_epoch`).
 
 Only names from shared.schema.published_shards are ever opened: a shard still being written has a
 temporary name and is invisible until its atomic rename.
@@ -30,6 +31,7 @@ from typing import Iterator
 import torch.distributed as dist
 
 from shared import schema
+from shared.shard_index import read_entry
 from training.config import DataConfig
 from training.packing import BatchShape, batch_shape, plan_packed, plan_unpacked
 from training.samples import PlannedRow, SampleBuilder
@@ -89,7 +91,7 @@ def read_planned(path, shard: int, builder: SampleBuilder, row_filter: RowFilter
     """Good rows of one published shard (error rows and rows without a reference or frames skipped), metadata
     only, with text tokens and lengths; with `row_filter`, only the rows it keeps (one side of the eval split)."""
     rows = schema.read_rows(path, METADATA)
-    good = [(i, r) for i, r in enumerate(rows) if r.ok and r.ref_audio and r.num_frames
+    good = [(i, r) for i, r in enumerate(rows) if r.trainable
             and (row_filter is None or row_filter.keeps(shard, r.id, r.speaker))]
     if not good:  # e.g. a shard of error rows, or one held out whole (eval.shards): nothing to tokenize
         return []
@@ -147,6 +149,9 @@ class ShardStream:
         self.position = DataPosition()
         self.verbose = True  # log each round planned (rank 0)
         self.row_filter: RowFilter | None = None  # the training side of the eval split, when there is one
+        # shard id -> (trainable rows, their frames), from the shard index (training.corpus_index.shard_figures);
+        # a shard it lacks is read when the estimate needs it
+        self.figures: dict[int, tuple[int, int]] = {}
         self._agreements = 0
         self._last_round: tuple[list[int] | None, list] = (None, [])
 
@@ -237,30 +242,56 @@ class ShardStream:
     def next_epoch(self) -> None:
         self.position = DataPosition(epoch=self.position.epoch + 1)
 
-    def estimate_steps_per_epoch(self) -> int:
-        """Optimizer steps of one epoch, for the lr schedule, without reading the corpus: the total frames and
-        good rows of every shard come from its Parquet footer stats; positions per row beyond the frames (text
-        tokens and the fixed prefix) and positions per micro-batch come from planning the first round of
-        epoch 0. The same shard list and seed give the same figure (a resumed run plans the same schedule)."""
+    def _training_figures(self, shard: int) -> tuple[float, float]:
+        """(rows, frames) of a shard that this stream trains on: none of a shard held out whole (eval.shards);
+        of the rest, the share the eval.fraction hash keeps in expectation (the hash is per row, and the index
+        holds per-shard figures only), so the schedule is exact without eval.fraction and close with it."""
+        if shard not in self.figures:
+            entry = read_entry(schema.published_shard_file(self.output, shard))
+            self.figures[shard] = (entry.rows_trainable, entry.frames_trainable)
+        rows, frames = self.figures[shard]
+        held_out = self.row_filter.held_out if self.row_filter is not None else None
+        if held_out is None:
+            return rows, frames
+        held_whole = shard in held_out.shards
+        if self.row_filter.eval_side:
+            share = 1.0 if held_whole else held_out.fraction
+        else:
+            share = 0.0 if held_whole else 1.0 - held_out.fraction
+        return rows * share, frames * share
+
+    def estimate_micro_batches_per_round(self) -> list[int]:
+        """Unpadded micro-batches of each round of epoch 0 (rows that train only), for the lr schedule, without
+        reading the corpus: each shard's trainable rows and frames come from the shard index (self.figures);
+        positions per row beyond the frames (text tokens and the fixed prefix) and micro-batches per position
+        from planning the first round that has rows to train. The same shards and seed give the same figures
+        (a resumed run plans the same schedule)."""
         shards, _ = self._published()
         if not shards:
             raise FileNotFoundError(f"no published shards under {self.output / schema.SHARDS_DIR}")
-        paths = schema.published_shards(self.output)
-        stats = {sid: schema.read_stats(paths[sid]) for sid in shards}
-        order = self._epoch_order(shards, 0)
-        first = order[: self.config.shards_per_round]
-        rows = self._round_rows(first)
-        if not rows:
-            return 1
-        batches = plan_micro_batches(rows, self.config, round_rng(self.seed, 0, first))
+        order, size = self._epoch_order(shards, 0), self.config.shards_per_round
+        rounds = [order[start:start + size] for start in range(0, len(order), size)]
+        totals = [[sum(figures) for figures in zip(*(self._training_figures(s) for s in r))] for r in rounds]
+        for sample, (sample_rows, _) in zip(rounds, totals):  # usually the first round (read again to train)
+            rows = self._round_rows(sample) if sample_rows > 0 else []
+            if rows:
+                break
+        else:
+            return [0] * len(rounds)
+        batches = plan_micro_batches(rows, self.config, round_rng(self.seed, 0, sample))
         positions, frames = sum(r.length for r in rows), sum(r.frames for r in rows)
         per_row, per_position = (positions - frames) / len(rows), len(batches) / positions
-        per_step, size = self.world * self.grad_accum, self.config.shards_per_round
-        steps = 0
-        for start in range(0, len(order), size):  # each round's micro-batches are padded to whole steps
-            round_positions = sum(stats[s].frames + stats[s].rows_ok * per_row for s in order[start:start + size])
-            steps += math.ceil(max(1, round(round_positions * per_position)) / per_step)
-        return max(1, steps)
+        return [max(1, round((round_frames + round_rows * per_row) * per_position)) if round_rows > 0 else 0
+                for round_rows, round_frames in totals]
+
+    def estimate_micro_batches_per_epoch(self) -> int:
+        """Unpadded micro-batches of one epoch: the primary figure (steps follow from it and the layout)."""
+        return sum(self.estimate_micro_batches_per_round())
+
+    def estimate_steps_per_epoch(self) -> int:
+        """Optimizer steps of one epoch: each round's micro-batches padded to whole steps of world x grad_accum."""
+        per_step = self.world * self.grad_accum
+        return max(1, sum(math.ceil(n / per_step) for n in self.estimate_micro_batches_per_round()))
 
 
 class RoundCodes:

@@ -1,10 +1,11 @@
 """Held-out evaluation during training: the eval loss over every rank, samples on rank 0, the best checkpoint.
 
 The eval rows are the held-out side of training.split, read from the published shards (at most
-`eval.max_rows` per speaker, in shard-id then file order; codes read for those rows only). Each speaker's rows
-are packed into micro-batches by the SampleBuilder the same way whatever the world size; the batches are dealt
-round-robin to the ranks, summed losses and target counts are all-reduced, so the eval loss is a token mean
-over the same rows on 1 or N ranks.
+`eval.max_rows` per speaker, in shard-id then file order; codes read for those rows only). In follow mode
+each refresh reads only the shards published since the last one: their rows join speakers that have fewer
+than `eval.max_rows`, and rows chosen once stay chosen. Each speaker's rows are packed into micro-batches by
+the SampleBuilder the same way whatever the world size; the batches are dealt round-robin to the ranks, summed
+losses and target counts are all-reduced, so the eval loss is a token mean over the same rows on 1 or N ranks.
 """
 from __future__ import annotations
 
@@ -37,6 +38,7 @@ class EvalResult:
     rows: int
     new_best: bool = False
     samples: list = field(default_factory=list)  # voice_check.SampleScore, rank 0 only
+    skipped_samples: list = field(default_factory=list)  # <speaker>-<k> not synthesised within eval.budget_seconds
 
     def record(self) -> dict:
         record = dict(kind="eval", step=self.step, eval_loss=self.loss, eval_talker_loss=self.talker_loss,
@@ -48,6 +50,8 @@ class EvalResult:
                 values = [getattr(s, name) for s in self.samples if getattr(s, name) is not None]
                 if values:
                     record[f"sample_{name}"] = sum(values) / len(values)
+        if self.skipped_samples:
+            record["samples_skipped"] = self.skipped_samples
         return record
 
 
@@ -65,11 +69,15 @@ class SpeakerSet:
 
 
 def collect_eval_rows(shards: str, held_out: HeldOut, builder: SampleBuilder, max_rows: int,
-                      shard_ids: list[int]) -> dict[str, SpeakerSet]:
-    """Held-out rows of the given published shards, grouped by speaker, at most max_rows each, with codes."""
+                      shard_ids: list[int], chosen_before: dict[str, SpeakerSet] | None = None
+                      ) -> dict[str, SpeakerSet]:
+    """Held-out rows of the given published shards, grouped by speaker, at most max_rows each, with codes;
+    added to `chosen_before` (rows of shards read earlier) when given."""
     published = schema.published_shards(resolve_output_dir(shards))
-    speakers: dict[str, SpeakerSet] = {}
+    speakers = {name: SpeakerSet(name, list(s.rows)) for name, s in (chosen_before or {}).items()}
     for sid in sorted(shard_ids):
+        if not held_out.fraction and sid not in held_out.shards:
+            continue  # only whole shards are held out, and not this one: nothing in it to read
         chosen = []
         for planned in read_planned(published[sid], sid, builder, eval_rows(held_out)):
             name = speaker_of(planned.row.speaker)
@@ -146,8 +154,12 @@ class Evaluator:
         shard_ids, complete = listing[0]
         if shard_ids == self.shards_read:
             return
+        read = set(self.shards_read)
+        arrivals_only = read <= set(shard_ids)  # follow mode: shards only arrive, so only new ones are read
         self.speakers = collect_eval_rows(self.config.data.shards, self.held_out, self.builder,
-                                          self.config.eval.max_rows, shard_ids)
+                                          self.config.eval.max_rows,
+                                          [s for s in shard_ids if s not in read] if arrivals_only else shard_ids,
+                                          self.speakers if arrivals_only else None)
         self.shards_read = shard_ids
         if self.speakers:
             self.batches = eval_batches(self.speakers, self.builder, self.config)
@@ -179,7 +191,7 @@ class Evaluator:
         if result.new_best:
             self.best_loss = result.loss
         if self.voice_check is not None:
-            result.samples = self.voice_check.run(step, module, self.speakers)
+            result.samples, result.skipped_samples = self.voice_check.run(step, module, self.speakers)
         self.metrics.append(result.record())
         self.board.eval(result)
         if self.rank == 0:

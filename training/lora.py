@@ -10,7 +10,8 @@ fp32 master weights and AdamW state. With param_dtype bf16, FSDP's all-gather ca
 beside their bf16 frozen layer, so a unit computes in one dtype; gradients reduce in fsdp.reduce_dtype.
 
 Parameter names change under peft (`q_proj.weight` becomes `q_proj.base_layer.weight` plus
-`q_proj.lora_A.default.weight`); `merged_state_dict` maps them back for anything that loads the plain model.
+`q_proj.lora_A.default.weight`); `inference_name` and `merge_adapters` map them back for anything that loads
+the plain model (eval samples; export goes through peft's own merge).
 A LoRA checkpoint holds the trainable tensors only and names the base weights it needs (`checkpoint_meta`).
 """
 from __future__ import annotations
@@ -139,23 +140,24 @@ def check_sharded(module: nn.Module, config: Config) -> None:
             raise RuntimeError(f"parameter {name} {problem}")
 
 
-def merged_state_dict(state: dict[str, torch.Tensor], lora: LoraConfig, scale: float = 1.0) -> dict:
-    """Plain parameter names for a peft-named (full, unsharded) state dict: W = W0 + scale x alpha/rank x B @ A,
-    in fp32 and cast back to W0's dtype. A state dict without adapters comes back unchanged."""
-    suffix = f".lora_A.{ADAPTER}.weight"
-    merged = {}
-    for key, value in state.items():
-        if is_adapter(key):
+def inference_name(name: str) -> str | None:
+    """The plain model's name of a training parameter (peft's `.base_layer.` dropped); None for an adapter, which
+    `merge_adapters` folds into its layer's weight instead."""
+    return None if is_adapter(name) else name.replace(".base_layer.", ".")
+
+
+@torch.no_grad()
+def merge_adapters(targets: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], module: nn.Module) -> None:
+    """targets[X.weight] += scaling x B @ A for every adapted layer X of `module` (full adapter tensors by their
+    training names; the scaling is the one peft's layer applies: alpha / rank), computed in fp32."""
+    for name, a in adapters.items():
+        if ".lora_A." not in name:
             continue
-        if ".base_layer." not in key:
-            merged[key] = value
-            continue
-        prefix, leaf = key.split(".base_layer.")
-        if leaf == "weight" and prefix + suffix in state:
-            a, b = state[prefix + suffix].float(), state[f"{prefix}.lora_B.{ADAPTER}.weight"].float()
-            value = (value.float() + (scale * lora.alpha / lora.rank) * (b @ a)).to(value.dtype)
-        merged[f"{prefix}.{leaf}"] = value
-    return merged
+        prefix = name.split(".lora_A.")[0]
+        b = adapters[f"{prefix}.lora_B.{ADAPTER}.weight"]
+        weight = targets[f"{prefix}.weight"]
+        scaling = module.get_submodule(prefix).scaling[ADAPTER]
+        weight.copy_((weight.float() + scaling * (b.float() @ a.float())).to(weight.dtype))
 
 
 # --------------------------------------------------------------------------------------------- checkpoints

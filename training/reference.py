@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from shared import schema
 from shared.audio import REFERENCE_MAX_SECONDS, AudioLimits, load_audio
 from shared.qwen import speaker_mel
+from shared.shard_index import ShardIndex, current_index
 from training.model import speaker_embedding
 
 # References may be long; the encode service's default 60 s cap does not apply to them.
@@ -52,17 +52,21 @@ class SpeakerTable:
     def named(self) -> list[str]:
         return sorted(k for k in self.references if k is not None)
 
+    @classmethod
+    def from_index(cls, index: ShardIndex) -> "SpeakerTable":
+        """Speakers, references and languages of the trainable rows of the shards the index describes."""
+        references: dict[str | None, set[str]] = {}
+        languages: set[str] = set()
+        for entry in index.entries.values():
+            for figures in entry.speakers:
+                references.setdefault(speaker_key(figures.speaker), set()).update(figures.references)
+            languages.update(entry.languages)
+        return cls({key: sorted(refs) for key, refs in references.items()}, languages)
+
 
 def scan_speakers(output: str | Path) -> SpeakerTable:
-    """Speakers, references and languages of the good rows of every published shard (light columns only)."""
-    table = SpeakerTable()
-    for path in schema.published_shards(output).values():
-        for row in schema.read_rows(path, ["speaker", "language", "ref_audio", "error"]):
-            if row.ok and row.ref_audio:
-                table.add(row.speaker, row.ref_audio)
-                if row.language:
-                    table.languages.add(row.language)
-    return table
+    """The speaker table of every published shard, from the output's shard index (shards it lacks are read)."""
+    return SpeakerTable.from_index(current_index(output))
 
 
 class ReferenceCache:

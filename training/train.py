@@ -13,6 +13,7 @@ and they are read once per train.log_interval steps, for the metrics line.
 from __future__ import annotations
 
 import argparse
+import datetime
 import logging
 import math
 import os
@@ -29,6 +30,7 @@ from shared.qwen import load_tts_model
 from training import checkpoint, lora
 from training.board import Board
 from training.config import Config, dump_config
+from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
 from training.data import DataPosition, ShardStream, Step, resolve_output_dir
 from training.evaluate import evaluator_for
 from training.flops import FlopModel, accelerator_name, peak_tflops
@@ -37,7 +39,7 @@ from training.metrics import MetricsLog, Throughput
 from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
 from training.prefetch import Prefetcher
-from training.reference import SpeakerTable, scan_speakers
+from training.reference import SpeakerTable
 from training.samples import SampleBuilder
 from training.split import HeldOut, check_same_rule, training_rows
 from training.validate import validate_or_exit
@@ -59,8 +61,9 @@ def lr_lambda(config: Config, total_steps: int):
     return factor
 
 
-def init_distributed(preference: str):
-    """The device, and the rendezvous store (the data stream agrees on shard listings through it)."""
+def init_distributed(preference: str, timeout_minutes: float = 30.0):
+    """The device, and the rendezvous store (the data stream agrees on shard listings through it). A collective
+    that waits more than timeout_minutes (a rank gone, or rank 0 still synthesising eval samples) fails the run."""
     if "RANK" not in os.environ:  # plain `python -m training.train`: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
         os.environ.setdefault("MASTER_PORT", str(29500 + os.getpid() % 1000))
@@ -69,7 +72,8 @@ def init_distributed(preference: str):
     # a per-attempt prefix they read the dead ranks' addresses and never connect (gloo/nccl "connection refused").
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world)
+    dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
     return device, dist.PrefixStore("data", attempt)
 
 
@@ -96,7 +100,7 @@ def prepared_steps(stream: ShardStream, builder: SampleBuilder, config: Config, 
 
 
 def train(config: Config) -> None:
-    device, store = init_distributed(config.train.device)
+    device, store = init_distributed(config.train.device, config.train.timeout_minutes)
     rank, world = dist.get_rank(), dist.get_world_size()
     _setup_logging(rank)
     run_dir = Path(config.checkpoint.dir)
@@ -108,7 +112,7 @@ def train(config: Config) -> None:
 
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
-    speakers = _speakers(config, SpecialIds.from_config(model.config), rank, store)
+    speakers, figures = _corpus(config, SpecialIds.from_config(model.config), rank, store, run_dir)
     builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers)
     module = TalkerForTraining(model.talker)
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
@@ -125,6 +129,7 @@ def train(config: Config) -> None:
     files = lora.checkpoint_files(config)  # a LoRA run's step folders name their base weights
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
+    stream.figures = figures
     if config.eval.enabled:  # held-out rows are never trained on
         stream.row_filter = training_rows(HeldOut.from_config(config.eval))
     total_steps = t.steps or _estimate_total_steps(config, stream)
@@ -183,20 +188,22 @@ def train(config: Config) -> None:
     dist.destroy_process_group()
 
 
-def _speakers(config: Config, ids: SpecialIds, rank: int, store: dist.Store) -> SpeakerTable:
-    """Rank 0's view of the shards' speakers on every rank (all must average the same references; exchanged
-    through the store, as the stream's shard listings are), with every manifest language checked against the
-    model before any step runs."""
+def _corpus(config: Config, ids: SpecialIds, rank: int, store: dist.Store,
+            run_dir: Path) -> tuple[SpeakerTable, ShardFigures]:
+    """The shards' speakers and per-shard figures (for the step estimate), from the shard index that rank 0
+    loads, on every rank (all must average the same references; exchanged through the store, as the stream's
+    shard listings are), with every manifest language checked against the model before any step runs."""
     if rank == 0:
-        table = scan_speakers(resolve_output_dir(config.data.shards))
-        store.set("speaker-table", pickle.dumps(table))
+        index = load_corpus_index(resolve_output_dir(config.data.shards), run_dir)
+        table, figures = SpeakerTable.from_index(index), shard_figures(index)
+        store.set("corpus", pickle.dumps((table, figures)))
     else:
-        table = pickle.loads(store.get("speaker-table"))
+        table, figures = pickle.loads(store.get("corpus"))
     for language in sorted(table.languages):
         ids.codec_prefix(language)  # raises, naming the language and the model's languages
     log.info("speakers: %s", ", ".join(f"{k or '(unnamed)'}: {len(v)} reference(s)"
                                        for k, v in sorted(table.references.items(), key=lambda kv: kv[0] or "")))
-    return table
+    return table, figures
 
 
 def _setup_logging(rank: int) -> None:
@@ -209,7 +216,8 @@ def _setup_logging(rank: int) -> None:
 
 
 def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
-    """For the cosine schedule when only epochs are given (see ShardStream.estimate_steps_per_epoch)."""
+    """For the cosine schedule when only epochs are given: steps of the rows that train (see
+    ShardStream.estimate_micro_batches_per_round)."""
     if config.data.follow:
         log.warning("data.follow without train.steps: the data size is unknown, so the lr stays constant "
                     "after warmup; set train.steps for a cosine decay")

@@ -1,20 +1,27 @@
 """Does the voice sound right: rank 0 synthesises sentences per speaker with the current weights and scores them.
 
-Each eval gathers the full talker weights from the FSDP shards (a collective: every rank takes part), loads
-them into an unsharded inference model on rank 0 (Qwen3TTSModel, loaded once from model.path) and
-synthesises `eval.sentences` for each speaker, conditioned on the x-vector that speaker's rows train with
-(SampleBuilder.speaker; x-vector only, non-streaming layout, the rows' language id when they share one).
-Each sample lands in RUN/samples/step-NNNNNN/<speaker>-<k>.wav and is scored:
+Each eval copies the talker weights from the FSDP shards into rank 0's inference model (a collective, one
+parameter at a time: training.inference_copy; the model lives on the host between evals and on the device
+only while it generates) and synthesises `eval.sentences` for each speaker, conditioned on the x-vector that
+speaker's rows train with (SampleBuilder.speaker; x-vector only, non-streaming layout, the rows' language id
+when they share one). Each sample lands in RUN/samples/step-NNNNNN/<speaker>-<k>.wav and is scored:
 - similarity: cosine of the model's own speaker-encoder x-vector of the sample and that conditioning vector;
 - with eval.asr_model: the transcript, its character and word error rates against the sentence.
 Sampling is seeded per sentence inside a forked RNG, so samples are repeatable and training's random
 stream is untouched (a resumed run still reproduces an uninterrupted one).
+
+The other ranks wait at a barrier meanwhile, so the samples are bounded: each by a frame count from its
+sentence's length (an undertrained model may never emit the end code), the eval by eval.budget_seconds
+(samples not started by then are skipped and named in the log and the eval record).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import math
 import re
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -22,15 +29,14 @@ import numpy as np
 import soundfile as sf
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
 from shared.audio import CODEC_SAMPLE_RATE
-from shared.qwen import load_inference_model, speaker_mel
+from shared.qwen import speaker_mel
 from training.asr import Transcriber, cer, wer
 from training.checkpoint import step_dir_name
 from training.config import Config
+from training.inference_copy import InferenceCopy
 from training.layout import has_language
-from training.lora import merged_state_dict
 from training.model import speaker_embedding
 from training.samples import SampleBuilder
 
@@ -44,6 +50,12 @@ DEFAULT_SENTENCES = {
 }
 _MIN_SCORED_SAMPLES = 2048  # shorter output (~85 ms) has too few mel frames for an x-vector
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CODEC_FRAMES_PER_SECOND = 12.5
+# A slow reading: 2 characters/s for CJK, kana and hangul, 5/s for other non-space characters (normal speech is
+# about twice as fast in either), plus 2 s of lead-in and trailing silence.
+_SLOW_SECONDS_PER_CHARACTER = {True: 0.5, False: 0.2}
+_LEAD_SECONDS = 2.0
+_SYLLABIC = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]")
 
 
 @dataclass
@@ -58,6 +70,7 @@ class SampleScore:
     transcript: str | None = None
     cer: float | None = None
     wer: float | None = None
+    max_new_tokens: int = 0  # the frame bound it was generated under
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -75,6 +88,13 @@ def generation_language(rows) -> str:
     return languages.pop() if len(languages) == 1 and all(has_language(r.language) for r in rows) else "Auto"
 
 
+def sentence_frame_bound(sentence: str) -> int:
+    """Codec frames a sample of `sentence` may take at most: a slow reading of it (see _SLOW_SECONDS_PER_CHARACTER)."""
+    seconds = _LEAD_SECONDS + sum(_SLOW_SECONDS_PER_CHARACTER[bool(_SYLLABIC.match(c))]
+                                  for c in sentence if not c.isspace())
+    return math.ceil(seconds * CODEC_FRAMES_PER_SECOND)
+
+
 def file_name(speaker: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", speaker) or "speaker"
 
@@ -87,7 +107,9 @@ class VoiceCheck:
     def __init__(self, config: Config, run_dir: Path, builder: SampleBuilder, device: torch.device):
         self.config, self.run_dir, self.builder, self.device = config, run_dir, builder, device
         self.rank = dist.get_rank()
-        self.tts = None
+        # A few sentences need no training kernel: sdpa runs on every device (eager when asked for).
+        attention = "eager" if config.model.attn_implementation == "eager" else "sdpa"
+        self.copy = InferenceCopy(config.model.path, device, _DTYPES[config.fsdp.param_dtype], attention)
         self.transcriber = None
 
     def sentences(self, speaker) -> list[str]:
@@ -100,55 +122,66 @@ class VoiceCheck:
             return DEFAULT_SENTENCES[languages.pop()]
         return DEFAULT_SENTENCES[guess_language([r.text or "" for r in speaker.rows[:8]])]
 
-    def run(self, step: int, module, speakers: dict) -> list[SampleScore]:
-        """Collective (the weight gather); the synthesis runs on rank 0 while the other ranks wait."""
-        state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-        state = merged_state_dict(state, self.config.lora)  # LoRA: plain names, adapters merged in
-        scores = self._synthesise(step, state, speakers) if self.rank == 0 else []
+    def run(self, step: int, module, speakers: dict) -> tuple[list[SampleScore], list[str]]:
+        """Collective (the weight copy); the synthesis runs on rank 0 while the other ranks wait. Returns rank 0's
+        scores and the samples skipped for want of time (empty lists elsewhere)."""
+        tts = self.copy.refresh(module)
+        done = self._synthesise(step, tts, speakers) if self.rank == 0 else ([], [])
         dist.barrier()
-        return scores
+        return done
 
-    def _model(self):
-        if self.tts is None:
-            dtype = _DTYPES[self.config.fsdp.param_dtype]
-            # A few sentences need no training kernel: sdpa runs on every device (eager when asked for).
-            attention = "eager" if self.config.model.attn_implementation == "eager" else "sdpa"
-            self.tts = load_inference_model(self.config.model.path, self.device, dtype, attention)
-            if self.config.eval.asr_model:
-                self.transcriber = Transcriber(self.config.eval.asr_model,
-                                               "cpu" if self.device.type == "cpu" else str(self.device))
-        return self.tts
+    def max_new_tokens(self, tts, sentence: str) -> int:
+        """eval.max_new_tokens, else the sentence's frame bound (never above the model's own generation limit)."""
+        if self.config.eval.max_new_tokens:
+            return self.config.eval.max_new_tokens
+        bound = sentence_frame_bound(sentence)
+        limit = (tts.generate_defaults or {}).get("max_new_tokens") or bound
+        return min(bound, limit)
 
-    def _synthesise(self, step: int, state: dict, speakers: dict) -> list[SampleScore]:
-        tts = self._model()
-        missing, unexpected = tts.model.load_state_dict(state, strict=False)
-        if unexpected or any(k.startswith("talker.") for k in missing):
-            raise RuntimeError(f"training weights do not fit the inference model: unexpected {unexpected[:5]}, "
-                               f"missing talker weights {[k for k in missing if k.startswith('talker.')][:5]}")
+    def _synthesise(self, step: int, tts, speakers: dict) -> tuple[list[SampleScore], list[str]]:
+        if self.config.eval.asr_model and self.transcriber is None:
+            self.transcriber = Transcriber(self.config.eval.asr_model)  # on the host, like the inference copy
         out_dir = self.run_dir / "samples" / step_dir_name(step)
         out_dir.mkdir(parents=True, exist_ok=True)
-        scores = []
-        for speaker in speakers.values():
-            # The vector the speaker's rows train with (the builder's), taken from a row on its main reference.
-            reference = self.builder.speaker(next(r for r in speaker.rows if r.ref_audio == speaker.reference))
-            language = generation_language(speaker.rows)
-            for k, sentence in enumerate(self.sentences(speaker)):
-                wav, rate = self._generate(sentence, language, reference, seed=self.config.train.seed + k)
-                path = out_dir / f"{file_name(speaker.name)}-{k}.wav"
-                sf.write(path, wav, rate)
-                wav, rate = sf.read(path, dtype="float32")  # score what was written (16-bit PCM)
-                scores.append(self._score(speaker, k, sentence, path, wav, rate, reference))
+        budget = self.config.eval.budget_seconds
+        scores, skipped = [], []
+        started = time.monotonic()
+        with self.copy.on_device(), self._transcriber_on_device():
+            for speaker in speakers.values():
+                # The vector the speaker's rows train with (the builder's), taken from a row on its main reference.
+                reference = self.builder.speaker(next(r for r in speaker.rows if r.ref_audio == speaker.reference))
+                language = generation_language(speaker.rows)
+                for k, sentence in enumerate(self.sentences(speaker)):
+                    name = f"{file_name(speaker.name)}-{k}"
+                    if scores and time.monotonic() - started > budget:  # the first sample always runs
+                        skipped.append(name)
+                        continue
+                    limit = self.max_new_tokens(tts, sentence)
+                    wav, rate = self._generate(tts, sentence, language, reference, self.config.train.seed + k, limit)
+                    path = out_dir / f"{name}.wav"
+                    sf.write(path, wav, rate)
+                    wav, rate = sf.read(path, dtype="float32")  # score what was written (16-bit PCM)
+                    scores.append(self._score(speaker, k, sentence, path, wav, rate, reference))
+                    scores[-1].max_new_tokens = limit
+        if skipped:
+            log.warning("step %d: eval.budget_seconds=%g spent after %d sample(s) (%.1f s); skipped %s", step, budget,
+                        len(scores), time.monotonic() - started, ", ".join(skipped))
         (out_dir / "scores.json").write_text(json.dumps([s.to_dict() for s in scores], indent=1, ensure_ascii=False))
-        return scores
+        return scores, skipped
 
-    def _generate(self, sentence: str, language: str, xvector: torch.Tensor, seed: int) -> tuple[np.ndarray, int]:
+    def _transcriber_on_device(self):
+        if self.transcriber is None:
+            return contextlib.nullcontext()
+        return self.transcriber.on_device(self.device)
+
+    def _generate(self, tts, sentence: str, language: str, xvector: torch.Tensor, seed: int,
+                  max_new_tokens: int) -> tuple[np.ndarray, int]:
         prompt = dict(ref_code=[None], ref_spk_embedding=[xvector], x_vector_only_mode=[True], icl_mode=[False])
-        extra = {"max_new_tokens": self.config.eval.max_new_tokens} if self.config.eval.max_new_tokens else {}
         devices = [] if self.device.type == "cpu" else [self.device.index or 0]
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
             torch.manual_seed(seed)
-            wavs, rate = self.tts.generate_voice_clone(text=sentence, language=language, voice_clone_prompt=prompt,
-                                                       non_streaming_mode=True, **extra)
+            wavs, rate = tts.generate_voice_clone(text=sentence, language=language, voice_clone_prompt=prompt,
+                                                  non_streaming_mode=True, max_new_tokens=max_new_tokens)
         return np.asarray(wavs[0], dtype=np.float32), int(rate)
 
     def _score(self, speaker, k: int, sentence: str, path: Path, wav: np.ndarray, rate: int,
