@@ -23,14 +23,16 @@ from training.synthetic import write_encoded
 from training.validate import TrainingInputProblem, validate
 
 STEPS = 8
-LORA = ["lora.rank=8", "lora.alpha=16", "train.lr=1e-2", f"train.steps={STEPS}", "checkpoint.interval=2"]
+# Eval at the end only (the same held-out rows on every run, so the runs stay comparable); samples in lora_run.
+LORA = ["lora.rank=8", "lora.alpha=16", "train.lr=1e-2", f"train.steps={STEPS}", "checkpoint.interval=2",
+        "eval.fraction=0.3", "eval.samples=false"]
 TINY = str(REPO / "training/configs/tiny.yaml")
 
 
 @pytest.fixture(scope="module")
 def lora_run(tiny_dir, synthetic_encoded, tmp_path_factory):
     run = tmp_path_factory.mktemp("lora") / "run"
-    result = torchrun(tiny_dir, synthetic_encoded / "shards", run, *LORA)
+    result = torchrun(tiny_dir, synthetic_encoded / "shards", run, *LORA, "eval.samples=true")
     assert result.returncode == 0, result.stderr[-3000:]
     return run, result.stderr
 
@@ -53,6 +55,10 @@ def test_checkpoints_hold_the_adapters_and_name_their_base(lora_run, tiny_dir):
     # Only lora_A/lora_B of every targeted projection, and AdamW state for them only: no frozen base weight.
     assert len(model_keys) == 2 * len(targets) and all(is_adapter(k) for k in model_keys)
     assert state_keys and all(is_adapter(k) for k in state_keys)
+    # Eval loss and samples with the adapters merged into rank 0's inference copy.
+    (evaluation,) = read_metrics(run, "eval")
+    assert evaluation["step"] == STEPS and evaluation["eval_loss"] < losses[0] + 1 and evaluation["samples"]
+    assert len(list((run / "samples" / f"step-{STEPS:06d}").glob("*.wav"))) == len(evaluation["samples"])
     meta = json.loads((final / META_FILE).read_text())
     assert meta["base_model"] == str((tiny_dir / "model").resolve()) and meta["rank"] == 8
     assert meta["base_fingerprint"] == base_fingerprint(tiny_dir / "model") and meta["targets"] == targets
