@@ -8,7 +8,8 @@
 #   TRAIN_DEVICE   auto|npu|cuda|cpu (default auto: npu on a node with Ascend devices, which must then work;
 #                  elsewhere CUDA, then CPU; shared.device decides)
 #   MAX_RESTARTS   torchrun restarts of a failed rank group, each resuming from the last checkpoint (default 3)
-#   TRAIN_CPU_AFFINITY_CONF  torch_npu CPU binding of the ranks (default 2,npu_affine:1; see below)
+#   TRAIN_CPU_AFFINITY_CONF  torch_npu CPU binding of the ranks (default 2,npu_affine:1 when every card is
+#                  visible, else each rank binds by its physical card; see below)
 #   TRAIN_PRINT_ONLY=1  print the Ascend environment and the torchrun command instead of running it (with
 #                  TRAIN_DEVICE set, torch is not asked at all: nothing runs)
 # It sources deploy/node_env.sh first (CANN, deploy/ascend.env, the venv); that fails on a node that has Ascend
@@ -32,6 +33,9 @@ else
           "$preference")"
 fi
 
+# The prefetch thread tokenizes while the step runs: HF tokenizers' own thread pool would then be forked into
+# the data-loading workers or contend with the step's threads, and it warns on every fork.
+export TOKENIZERS_PARALLELISM="${TOKENIZERS_PARALLELISM:-false}"
 if [ "$kind" = npu ]; then
   # Shared runtime settings (HCCL_CONNECT_TIMEOUT, PYTORCH_NPU_ALLOC_CONF, TASK_QUEUE_ENABLE, CPU_AFFINITY_CONF,
   # COMBINED_ENABLE, CANN log settings), exported only where the caller has not set them.
@@ -42,13 +46,16 @@ if [ "$kind" = npu ]; then
   # Asynchronous kernel launches (1 = synchronous, for debugging a failing operator only; it also disables
   # the task queue and costs a large share of throughput).
   export ASCEND_LAUNCH_BLOCKING="${ASCEND_LAUNCH_BLOCKING:-0}"
-  # CPU binding of each rank by the NPU/CPU topology (npu_affine:1), not by the rank's index among the
-  # visible cards: with ASCEND_RT_VISIBLE_DEVICES=4,5,6,7 rank 0 drives physical card 4, which index-based
-  # binding would put on the cores of card 0. Mode 2 (fine-grained): the rank's main and task-queue threads get
-  # fixed cores of that block, its data-loading threads the rest. torch_npu documents npu_affine for Atlas A2
-  # (910B); on other servers give explicit ranges per card, e.g. TRAIN_CPU_AFFINITY_CONF=2,npu0:0-23,npu1:24-47
-  # (cores of each card's NUMA node from `npu-smi info -t topo` and `lscpu`).
-  export CPU_AFFINITY_CONF="${TRAIN_CPU_AFFINITY_CONF:-2,npu_affine:1}"
+  # CPU binding of each rank. torch_npu's topology binding (npu_affine:1, mode 2: main and task-queue threads on
+  # fixed cores) looks the cores up by the visible index, right only when the ranks see every card: with
+  # ASCEND_RT_VISIBLE_DEVICES=4,5,6,7 it would bind rank 0 (card 4) to card 0's cores. So it is the default
+  # only without that variable; with it, each rank binds itself by its physical card (shared/cpu_affinity.py).
+  # TRAIN_CPU_AFFINITY_CONF overrides, e.g. explicit ranges per visible index: 2,npu0:0-23,npu1:24-47.
+  if [ -n "${TRAIN_CPU_AFFINITY_CONF:-}" ]; then
+    export CPU_AFFINITY_CONF="$TRAIN_CPU_AFFINITY_CONF"
+  elif [ -z "${ASCEND_RT_VISIBLE_DEVICES:-}" ]; then
+    export CPU_AFFINITY_CONF="2,npu_affine:1"
+  fi
   # MB of HCCL buffer per communicator (default 200). FSDP2 all-gathers a whole decoder layer's parameters
   # and reduce-scatters its gradients in one collective; a buffer at least that size (a 1.7B talker layer is
   # ~100 MB in bf16) avoids splitting each collective into several rounds.
@@ -75,7 +82,7 @@ command=("$python_bin" -m torch.distributed.run --nnodes "${NNODES:-1}" --node_r
 
 if [ "${TRAIN_PRINT_ONLY:-0}" = 1 ]; then
   echo "device: $kind"
-  env | grep -E '^(HCCL_|ASCEND_|TASK_QUEUE_ENABLE|CPU_AFFINITY_CONF|PYTORCH_NPU_ALLOC_CONF|COMBINED_ENABLE|MULTI_STREAM_MEMORY_REUSE|ACLNN_CACHE_LIMIT)' | sort || true
+  env | grep -E '^(HCCL_|ASCEND_|TASK_QUEUE_ENABLE|TOKENIZERS_PARALLELISM|NPU_ASD_ENABLE|CPU_AFFINITY_CONF|PYTORCH_NPU_ALLOC_CONF|COMBINED_ENABLE|MULTI_STREAM_MEMORY_REUSE|ACLNN_CACHE_LIMIT)' | sort || true
   printf '%q ' "${command[@]}"; echo
   exit 0
 fi

@@ -40,7 +40,7 @@ def last_line(exc: BaseException) -> str:
     return lines[-1] if lines else type(exc).__name__
 
 
-def cluster_kind(device: str) -> str:
+def cluster_kind(device: str, log=print) -> str:
     """The accelerator kind encoders are placed on: the one asked for, or what the cluster offers."""
     if device != "auto":
         return device
@@ -49,7 +49,41 @@ def cluster_kind(device: str) -> str:
         return "npu"
     if resources.get("GPU", 0) >= 1:
         return "cuda"
+    unregistered = nodes_with_unregistered_npus()
+    if unregistered:
+        log(f"WARNING: --device auto runs CPU encoders, but Ascend cards (/dev/davinci*) are on nodes where Ray "
+            f"registered no NPU resource: {', '.join(f'{ip} ({n} cards)' for ip, n in unregistered)}. Fix: on "
+            "those nodes source CANN before `ray start` (deploy/node_env.sh does), so that Ray detects the cards, "
+            "or start Ray with --resources '{\"NPU\": <cards>}'; pass --device cpu to encode on the CPU anyway")
     return "cpu"
+
+
+@ray.remote(num_cpus=0)
+def _ascend_device_files() -> int:
+    import glob
+    import os
+
+    return len(glob.glob(f"{os.environ.get('QWEN3TTS_SYSROOT', '')}/dev/davinci[0-9]*"))
+
+
+def nodes_with_unregistered_npus(timeout: float = 30.0) -> list[tuple[str, int]]:
+    """(node address, device files) of alive nodes that have /dev/davinci* but no NPU resource in Ray, checked by
+    a zero-CPU task on each such node. A node that does not answer in time is left out (no warning, no wait)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive") and not n.get("Resources", {}).get(RAY_RESOURCE["npu"])]
+    refs = {_ascend_device_files.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
+            .remote(): n["NodeManagerAddress"] for n in nodes}
+    ready, _ = ray.wait(list(refs), num_returns=len(refs), timeout=timeout)
+    found = []
+    for ref in ready:
+        try:
+            count = ray.get(ref)
+        except Exception:  # a node lost meanwhile: nothing to say about it
+            continue
+        if count:
+            found.append((refs[ref], count))
+    return sorted(found)
 
 
 def placement(kind: str, cpus: float) -> dict:
@@ -89,6 +123,7 @@ class EncoderPool:
         # One shard queued behind those the actor works on, so it never waits for the driver's round trip.
         self.max_in_flight = max_in_flight + shards_at_once(kind) - 1
         self.encoders: dict[str, Encoder] = {}
+        self.on_started: Callable[[dict], None] | None = None  # called with each started encoder's info()
         self.actor_class = ray.remote(max_restarts=0, max_task_retries=0)(EncoderActor)
         self._next_index = 0
         self.failed: dict[int, str] = {}  # shard id -> reason, for shards that failed for good
@@ -187,6 +222,8 @@ class EncoderPool:
         self.first_started_at = self.first_started_at or time.time()
         self.log(f"{enc.name} started on {info['hostname']} ({info['node']}, node {info['node_id'][:12]}) "
                  f"device {info['device']} {info.get('visible_devices') or ''}")
+        if self.on_started is not None:
+            self.on_started(info)
 
     def _drop(self, enc: Encoder) -> None:
         self.encoders.pop(enc.name, None)

@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(0: the node's cores shared among its encoders)")
     p.add_argument("--max-batch-seconds", type=float, default=240.0, help="padded audio seconds per codec call")
     p.add_argument("--max-batch-items", type=int, default=64)
+    p.add_argument("--allow-reduced-codec-precision", action="store_true",
+                   help="encode on Ascend chips before 910B1 (910A, 310P), whose fp32 reads fp16 inputs "
+                        "(recorded in plan.json); refused without it")
     p.add_argument("--exact-tail", action="store_true", help="reproduce upstream's one-at-a-time codes for the "
                    "last partial frame too (slower; see README)")
     p.add_argument("--min-seconds", type=float, default=0.1)
@@ -221,14 +224,15 @@ class Driver:
         args = self.args
         self.reaper = connect_ray(args.address, args.ray_dashboard)
         self.ray_up = True
-        kind = self.kind = cluster_kind(args.device)
+        kind = self.kind = cluster_kind(args.device, self.log)
         self.log(f"Ray ready after {self.since_start()}")
         options = EncoderOptions(
             codec=str(args.codec.resolve()), output=str(self.output),
             max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
             decode_threads=args.decode_threads, placement=kind, exact_tail=args.exact_tail,
             min_seconds=args.min_seconds, max_seconds=args.max_seconds,
-            torch_threads=max(1, int(args.cpus_per_encoder)) if kind == "cpu" else 0)
+            torch_threads=max(1, int(args.cpus_per_encoder)) if kind == "cpu" else 0,
+            allow_reduced_precision=args.allow_reduced_codec_precision)
         self.pool = EncoderPool(options, kind, args.num_encoders or None, args.cpus_per_encoder,
                                 max_retries=args.max_retries, log=self.log)
         if spawn:
@@ -298,13 +302,15 @@ class Driver:
 
     def encode(self, plan, pending) -> None:
         from services.progress import collect_progress, format_progress_line
-        from services.plan import record_encode_run
-        from shared.device import codec_numerics
+        from services.plan import amend_encode_run, record_encode_run
+        from shared.device import CodecNumerics, codec_numerics
 
         if not self.ray_up:
             self.start_encoders(spawn=True)
         record_encode_run(self.output, plan, codec_numerics(self.kind), self.log)  # plan.json: which hardware
         pool = self.pool
+        pool.on_started = lambda info: amend_encode_run(self.output, plan, CodecNumerics(**info["numerics"]),
+                                                        f"{info['name']} on {info['hostname']}", self.log)
         pool.scale()
         self.heartbeat("running")
 

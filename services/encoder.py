@@ -43,6 +43,7 @@ class EncoderOptions:
     min_seconds: float = 0.1
     max_seconds: float = 60.0
     torch_threads: int = 0  # 0: leave torch's default
+    allow_reduced_precision: bool = False  # encode on an Ascend chip whose fp32 reads fp16 inputs (910A, 310P)
 
 
 def _error_row(index: int, entry: dict, message: str) -> ShardRow:
@@ -180,7 +181,7 @@ class ShardEncoder:
         if options.torch_threads:
             torch.set_num_threads(options.torch_threads)
         self.device = placed_device(options.placement, f"{name} on {socket.gethostname()}")
-        self.numerics = apply_codec_numerics(self.device)  # before the codec's first kernel
+        self.numerics = apply_codec_numerics(self.device, options.allow_reduced_precision)  # before the first kernel
         self.codec = load_codec(options.codec, self.device.torch_device)
         # One small encode now, so device context, kernel loading and allocator growth are start-up cost
         # and not charged to the first shard.

@@ -237,3 +237,14 @@ def record_encode_run(output: Path, plan: Plan, numerics: CodecNumerics, log=pri
     plan.runs.append(EncodeRun(time.time(), numerics))
     write_json_atomic(output / PLAN_FILE, plan.to_json())
     return differences
+
+
+def amend_encode_run(output: Path, plan: Plan, numerics: CodecNumerics, who: str, log=print) -> None:
+    """An encoder of this run computes the codec otherwise than the run recorded (known only once it has seen its
+    chip, e.g. fp16 inputs on an Ascend 910A): plan.json records what it really does, and the log says so."""
+    if not plan.runs or plan.runs[-1].numerics == numerics:
+        return
+    log(f"WARNING: {who} encodes with other codec numerics than recorded "
+        f"({'; '.join(numerics.differs_from(plan.runs[-1].numerics))}); plan.json records them")
+    plan.runs[-1] = EncodeRun(plan.runs[-1].started, numerics)
+    write_json_atomic(output / PLAN_FILE, plan.to_json())

@@ -163,6 +163,8 @@ def select_device(preference: str = "auto", local_index: int | None = None) -> D
         raise RuntimeError(f"{kind} index {index} requested but only {count} visible ({VISIBLE_DEVICES_VAR[kind]}={visible})")
     if kind == "npu":
         torch.npu.set_device(index)
+        from shared.cpu_affinity import bind_to_card
+        bind_to_card(index)  # by the physical card id, which torch_npu's own binding does not translate to
     else:
         torch.cuda.set_device(index)
     return DeviceInfo(kind, index, visible)
@@ -195,8 +197,9 @@ class CodecNumerics:
     nearest-codebook choices and would make codes depend on which machine encoded a shard."""
     device_kind: str
     dtype: str = "float32"
-    conv_reduced_fp32: bool = False  # HF32 (npu) / TF32 (cuda) in convolutions
+    conv_reduced_fp32: bool = False  # HF32 (npu) / TF32 (cuda) in convolutions; fp16 inputs on Ascend before 910B
     matmul_reduced_fp32: bool = False  # the same for matmuls
+    fp32_inputs: str = "float32"  # what fp32 convolutions/matmuls really read: "float16" on Ascend before 910B
 
     def differs_from(self, other: "CodecNumerics") -> list[str]:
         return [f"{name} {getattr(other, name)} -> {getattr(self, name)}" for name in self.__dataclass_fields__
@@ -208,7 +211,27 @@ def codec_numerics(kind: str) -> CodecNumerics:
     return CodecNumerics(kind)
 
 
-def apply_codec_numerics(dev: DeviceInfo) -> CodecNumerics:
+# Chips before Ascend910B1 (910A, 310P) have fp16 cube units only: torch_npu feeds fp32 convolutions and matmuls to
+# them as fp16 inputs whatever the HF32 switches say. The same chips lack bf16, so torch.npu.is_bf16_supported()
+# tells them apart (the test training's precision check uses).
+FP16_INPUTS = CodecNumerics("npu", conv_reduced_fp32=True, matmul_reduced_fp32=True, fp32_inputs="float16")
+ALLOW_REDUCED_FLAG = "--allow-reduced-codec-precision"
+
+
+def npu_codec_numerics(device_name: str, bf16_supported: bool, allow_reduced: bool) -> CodecNumerics:
+    """The codec's numerics on an Ascend chip, or UnsupportedPrecision (with the fix) on a chip that computes fp32
+    from fp16 inputs, unless the user accepted that."""
+    if bf16_supported:
+        return CodecNumerics("npu")
+    if not allow_reduced:
+        raise UnsupportedPrecision(
+            f"{device_name} (before Ascend910B1: 910A, 310P) computes fp32 convolutions and matmuls from fp16 "
+            "inputs, so the codec's codes would depend on the chip. Fix: encode on an Ascend 910B or newer, a GPU "
+            f"or the CPU, or pass {ALLOW_REDUCED_FLAG} to accept it (plan.json then records fp32_inputs float16)")
+    return FP16_INPUTS
+
+
+def apply_codec_numerics(dev: DeviceInfo, allow_reduced: bool = False) -> CodecNumerics:
     """Switch this process's reduced-precision fp32 modes off and return what is in effect, read back from torch.
 
     torch_npu turns HF32 on for fp32 convolutions by default (torch.npu.conv.allow_hf32 = True; matmul HF32 is
@@ -216,8 +239,12 @@ def apply_codec_numerics(dev: DeviceInfo) -> CodecNumerics:
     """
     import torch
     if dev.kind == "npu":
+        chip = npu_codec_numerics(torch.npu.get_device_name(dev.index or 0), bool(torch.npu.is_bf16_supported()),
+                                  allow_reduced)
         torch.npu.conv.allow_hf32 = False
         torch.npu.matmul.allow_hf32 = False
+        if chip == FP16_INPUTS:
+            return chip  # the switches cannot lift what the chip does
         now = CodecNumerics("npu", conv_reduced_fp32=bool(torch.npu.conv.allow_hf32),
                             matmul_reduced_fp32=bool(torch.npu.matmul.allow_hf32))
     elif dev.kind == "cuda":
@@ -235,7 +262,7 @@ def apply_codec_numerics(dev: DeviceInfo) -> CodecNumerics:
 
 # ------------------------------------------------------------------------------------------ training per chip
 
-ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flash_attention_2")
+ATTENTION_CHOICES = ("auto", "eager", "sdpa", "flex_attention", "flash_attention_2")
 HALF_DTYPES = ("bfloat16", "float16")
 
 
@@ -243,32 +270,57 @@ class UnsupportedPrecision(RuntimeError):
     """The chip cannot compute in the dtype the training config asks for."""
 
 
-def attention_for(requested: str, kind: str, compute_dtype: str) -> str:
+def flash_attn_installed() -> bool:
+    """True when the flash-attn package (CUDA's flash_attention_2 kernels) can be imported; never imports it."""
+    import importlib.util
+    return importlib.util.find_spec("flash_attn") is not None
+
+
+def attention_for(requested: str, kind: str, compute_dtype: str, flash_attn: bool | None = None) -> str:
     """The attention implementation training loads the model with; `auto` picks per device.
 
-    On an NPU with bf16/fp16 compute, transformers' "flash_attention_2" runs torch_npu's npu_fusion_attention,
-    in variable-length ("TND") form when a batch is packed or padded: no compute on padding and no L x L mask in
-    memory. The fused kernel takes half-precision inputs only, so fp32 compute (e.g. a 910A) keeps sdpa. CUDA
-    keeps sdpa (the flash-attn package is not a dependency), the CPU too.
+    Packed rows need a varlen path: sdpa and eager get a dense (B, 1, L, L) block-diagonal mask from the position
+    ids, which computes every pair (most of them between different utterances at pack_length 4096) and, on CUDA,
+    rules out sdpa's flash kernel and its GQA path.
+    - NPU, bf16/fp16: transformers' "flash_attention_2" runs torch_npu's npu_fusion_attention in varlen ("TND")
+      form. The fused kernel takes half precision only, so fp32 compute (e.g. a 910A) keeps sdpa.
+    - CUDA: "flash_attention_2" (flash-attn's varlen kernel on cu_seq_lens) when that package is installed and
+      compute is half precision; otherwise "flex_attention", torch's own kernel over a block mask that skips the
+      tiles between utterances (compiled with torch.compile on first use).
+    - CPU: sdpa (inductor compiles flex attention's forward only on CPU, not its backward).
+    `flash_attn` says whether flash-attn is installed (looked up when None).
     """
     if requested not in ATTENTION_CHOICES:
         raise ValueError(f"model.attn_implementation must be one of {ATTENTION_CHOICES}, got {requested!r}")
+    if requested == "flex_attention" and kind != "cuda":
+        raise ValueError(f"model.attn_implementation=flex_attention trains on CUDA only (this is {kind}: "
+                         "torch compiles no flex backward for it). Fix: model.attn_implementation=auto")
     if requested != "auto":
         return requested
-    return "flash_attention_2" if kind == "npu" and compute_dtype in HALF_DTYPES else "sdpa"
+    half = compute_dtype in HALF_DTYPES
+    if kind == "npu":
+        return "flash_attention_2" if half else "sdpa"
+    if kind == "cuda":
+        has_flash = flash_attn_installed() if flash_attn is None else flash_attn
+        return "flash_attention_2" if half and has_flash else "flex_attention"
+    return "sdpa"
 
 
 def precision_problem(kind: str, device_name: str, bf16_supported: bool, dtypes: dict[str, str]) -> str | None:
     """Why this chip cannot train with `dtypes` ({"fsdp.param_dtype": "bfloat16", ...}), with the fix; None if
     it can."""
+    if kind == "npu" and not bf16_supported:  # whatever the dtypes: fp32 is no fallback on these chips
+        return (f"{device_name} (before Ascend910B1: 910A, 310P) cannot train here: it has no bf16 units, and "
+                "torch_npu computes fp32 matmuls and convolutions from fp16 inputs, so fp32 would really be fp16 "
+                "without the loss scaling this trainer does not do. Fix: train on an Ascend 910B or newer, a GPU "
+                "or the CPU")
     asked = [key for key, dtype in dtypes.items() if dtype == "bfloat16"]
     if not asked or bf16_supported or kind == "cpu":
         return None
-    chip = f"{device_name} (Ascend 910A and older have no bf16 units)" if kind == "npu" else device_name
     settings = " ".join(f"{key}=float32" for key in asked)
-    return (f"{', '.join(asked)}=bfloat16 but {chip} cannot compute in bf16. Fix: train in fp32, e.g. append "
-            f"`{settings}` to the deploy/train.sh command (or set it in the config); float16 runs too but this "
-            "trainer does no loss scaling, so small gradients underflow")
+    return (f"{', '.join(asked)}=bfloat16 but {device_name} cannot compute in bf16. Fix: train in fp32, e.g. "
+            f"append `{settings}` to the deploy/train.sh command (or set it in the config); float16 runs too but "
+            "this trainer does no loss scaling, so small gradients underflow")
 
 
 def check_training_precision(dev: DeviceInfo, dtypes: dict[str, str]) -> None:

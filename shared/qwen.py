@@ -43,7 +43,11 @@ from qwen_tts.core.models.configuration_qwen3_tts import (
     Qwen3TTSTalkerCodePredictorConfig,
     Qwen3TTSTalkerConfig,
 )
-from qwen_tts.core.models.modeling_qwen3_tts import Qwen3TTSForConditionalGeneration, mel_spectrogram
+from qwen_tts.core.models.modeling_qwen3_tts import (
+    Qwen3TTSForConditionalGeneration,
+    Qwen3TTSSpeakerEncoder,
+    mel_spectrogram,
+)
 from qwen_tts.core.tokenizer_12hz.configuration_qwen3_tts_tokenizer_v2 import (
     Qwen3TTSTokenizerV2Config,
     Qwen3TTSTokenizerV2DecoderConfig,
@@ -57,7 +61,7 @@ __all__ = [
     "Qwen3TTSForConditionalGeneration", "Qwen3TTSModel", "Qwen3TTSTokenizer", "Qwen3TTSTokenizerV2Config",
     "Qwen3TTSTokenizerV2DecoderConfig", "Qwen3TTSTokenizerV2Model", "mel_spectrogram",
     "load_codec", "encode_clips", "kept_codes", "reference_encode", "load_tts_model", "load_inference_model",
-    "speaker_mel", "SPEAKER_MEL", "save_model_dir", "place_inference_model",
+    "speaker_mel", "SPEAKER_MEL", "save_model_dir", "place_inference_model", "load_speaker_encoder",
 ]
 
 
@@ -137,9 +141,19 @@ def reference_encode(codec: Qwen3TTSTokenizer, audios: list, sr: int | None = No
 def load_tts_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    attn_implementation: str = "eager") -> Qwen3TTSForConditionalGeneration:
     """The bare `Qwen3TTSForConditionalGeneration` (what training wraps with FSDP2)."""
+    flex = attn_implementation == "flex_attention"
     model = Qwen3TTSForConditionalGeneration.from_pretrained(
-        _check_dir(path, "model"), dtype=dtype, attn_implementation=attn_implementation)
+        _check_dir(path, "model"), dtype=dtype, attn_implementation="sdpa" if flex else attn_implementation)
+    if flex:
+        set_talker_attention(model, "flex_attention")
     return model.to(device)
+
+
+def set_talker_attention(model: Qwen3TTSForConditionalGeneration, implementation: str) -> None:
+    """Switch the talker's layers to `implementation`; the code predictor keeps sdpa. Upstream declares flex support
+    on the talker's text model only (not on the top-level class or the code predictor, so flex cannot be asked
+    for at load time), and the code predictor's 16-position causal sequences are never packed."""
+    model.talker.model.set_attn_implementation({"": implementation, "code_predictor_config": "sdpa"})
 
 
 def load_inference_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
@@ -147,6 +161,27 @@ def load_inference_model(path: str | Path, device: torch.device | str = "cpu", d
     """The user-facing wrapper with generate_voice_clone / generate_custom_voice."""
     return Qwen3TTSModel.from_pretrained(_check_dir(path, "model"), device_map=str(device), dtype=dtype,
                                          attn_implementation=attn_implementation)
+
+
+def load_speaker_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen3TTSSpeakerEncoder:
+    """Only the speaker encoder of a Base model directory (its `speaker_encoder.*` tensors; a few MB of a
+    multi-GB checkpoint), in eval mode on the CPU: the x-vectors for a model that has none (CustomVoice)."""
+    import json
+
+    from safetensors import safe_open
+
+    path = Path(_check_dir(path, "model"))
+    config = Qwen3TTSConfig.from_pretrained(str(path))
+    encoder = Qwen3TTSSpeakerEncoder(config.speaker_encoder_config)
+    index = path / "model.safetensors.index.json"
+    files = (sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file()
+             else ["model.safetensors"])
+    prefix, state = "speaker_encoder.", {}
+    for name in files:
+        with safe_open(str(path / name), framework="pt") as f:
+            state |= {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    encoder.load_state_dict(state)
+    return encoder.to(dtype).eval()
 
 
 # The log-mel the speaker encoder reads (the settings of Qwen3TTSForConditionalGeneration.extract_speaker_embedding).

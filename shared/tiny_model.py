@@ -67,16 +67,28 @@ _TOKENIZER_CORPUS = [
 ]
 
 
-def tiny_config(shape: str = "1.7b") -> Qwen3TTSConfig:
+# The tiny CustomVoice model's built-in speakers: name -> (codec-embedding row, dialect key or False). Their rows
+# leave 3001 and 3002 free between them, so new speakers must be placed around the built-in ones; one of them is
+# a dialect speaker, reachable with language chinese or auto only (as in the released CustomVoice checkpoints).
+CUSTOM_VOICE_SPEAKERS = {"ryan": (3000, False), "eric": (3003, "sichuan_dialect")}
+# Dialect ids exist in the CustomVoice vocabulary only; no language list offers them to a user.
+CUSTOM_VOICE_DIALECTS = {"sichuan_dialect": 2062, "beijing_dialect": 2074}
+
+
+def tiny_config(shape: str = "1.7b", model_type: str = "base") -> Qwen3TTSConfig:
     if shape not in SHAPES:
         raise ValueError(f"tiny model shape {shape!r}: choose one of {', '.join(SHAPES)}")
     text_hidden, hidden, predictor_hidden = SHAPES[shape]
     talker = dict(TALKER, hidden_size=hidden, text_hidden_size=text_hidden,
                   code_predictor_config=dict(CODE_PREDICTOR, hidden_size=predictor_hidden))
+    if model_type == "custom_voice":
+        talker.update(codec_language_id={**TALKER["codec_language_id"], **CUSTOM_VOICE_DIALECTS},
+                      spk_id={name: row for name, (row, _) in CUSTOM_VOICE_SPEAKERS.items()},
+                      spk_is_dialect={name: dialect for name, (_, dialect) in CUSTOM_VOICE_SPEAKERS.items()})
     return Qwen3TTSConfig(talker_config=talker, speaker_encoder_config=dict(SPEAKER_ENCODER, enc_dim=hidden),
                           tokenizer_type="qwen3_tts_tokenizer_12hz",
                           tts_model_size="0b6" if shape == "0.6b" else "tiny",  # "0b6": the released 0.6B's value
-                          tts_model_type="base")
+                          tts_model_type=model_type)
 
 
 def spread_speaker_encoder(encoder, seed: int = 0, clips: int = 8) -> None:
@@ -157,19 +169,21 @@ def write_text_tokenizer(output: Path) -> None:
 
 
 def write_model(output_dir: str | Path, codec_dir: str | Path, seed: int = 0, shape: str = "1.7b",
-                distinct_speakers: bool = False) -> Path:
-    """Write a loadable tiny random Base model (weights, configs, tokenizer, speech_tokenizer/) to output_dir.
-    `distinct_speakers`: a speaker encoder whose x-vectors differ between voices (spread_speaker_encoder)."""
+                distinct_speakers: bool = False, model_type: str = "base") -> Path:
+    """Write a loadable tiny random model (weights, configs, tokenizer, speech_tokenizer/) to output_dir.
+    `distinct_speakers`: a speaker encoder whose x-vectors differ between voices (spread_speaker_encoder).
+    `model_type` "custom_voice": no speaker encoder, the built-in speakers of CUSTOM_VOICE_SPEAKERS (their rows
+    drawn like every codec row, so each speaker has its own)."""
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
-    model = Qwen3TTSForConditionalGeneration(tiny_config(shape)).eval()
+    model = Qwen3TTSForConditionalGeneration(tiny_config(shape, model_type)).eval()
     # Default init uses std 0.02: widen the codec embeddings so random generation is not one repeated code.
     with torch.no_grad():
         model.talker.model.codec_embedding.weight.normal_(0.0, 1.0)
         for emb in model.talker.code_predictor.model.codec_embedding:
             emb.weight.normal_(0.0, 1.0)
-    if distinct_speakers:
+    if distinct_speakers and model.speaker_encoder is not None:
         spread_speaker_encoder(model.speaker_encoder, seed)
     save_model_dir(model, out)
     (out / "generation_config.json").write_text(json.dumps(GENERATION, indent=2))

@@ -243,6 +243,16 @@ def tiny_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_custom_voice_dir(tiny_dir) -> Path:
+    """TINY/custom_voice: the tiny CustomVoice model shared.tiny writes (built-in speakers ryan and the dialect
+    speaker eric, no speaker encoder), the same size as TINY/model, whose speaker encoder can serve it."""
+    from shared.tiny import write_custom_voice
+
+    path = tiny_dir / "custom_voice"
+    return path if (path / "config.json").is_file() else write_custom_voice(tiny_dir)
+
+
+@pytest.fixture(scope="session")
 def synthetic_encoded(tiny_dir, tmp_path_factory) -> Path:
     """A complete encode output directory (shards + _COMPLETE) built from generated audio by the tiny codec."""
     from training.synthetic import write_encoded

@@ -57,7 +57,7 @@ def test_node_env_finds_cann_in_either_layout(tmp_path, layout):
     assert env["ASCEND_HOME_PATH"] == f"{root / LAYOUTS[layout]}/latest"
     assert env["RAY_AUTH_MODE"] == "token"
     assert env["MULTI_STREAM_MEMORY_REUSE"] == "1" and env["ACLNN_CACHE_LIMIT"] == "100000"
-    assert env["CPU_AFFINITY_CONF"] == "1,npu_affine:1"
+    assert "CPU_AFFINITY_CONF" not in env  # npu_affine binds by visible index: every encoder on card 0's cores
 
 
 def test_node_env_prefers_an_explicit_set_env(tmp_path):
@@ -103,7 +103,8 @@ def test_train_sh_on_an_ascend_node_prints_npu_settings(tmp_path, layout):
     assert lines[0] == "device: npu"  # found from /dev/davinci*, not guessed from torch
     env = dict(line.split("=", 1) for line in lines[1:-1])
     assert env["ASCEND_HOME_PATH"] == f"{root / LAYOUTS[layout]}/latest"
-    assert env["CPU_AFFINITY_CONF"] == "2,npu_affine:1"  # training binds by topology, fine-grained
+    assert env["CPU_AFFINITY_CONF"] == "2,npu_affine:1"  # every card visible: visible index = physical card
+    assert env["TOKENIZERS_PARALLELISM"] == "false"
     assert env["HCCL_SOCKET_IFNAME"] == "eth1"  # the operator's per-node value goes through
     assert env["MULTI_STREAM_MEMORY_REUSE"] == "1" and env["ACLNN_CACHE_LIMIT"] == "100000"
     assert env["HCCL_BUFFSIZE"] == "400" and env["ASCEND_LAUNCH_BLOCKING"] == "0"
@@ -117,6 +118,15 @@ def test_train_sh_topology_binding_can_be_overridden(tmp_path):
     result = train_print(tmp_path, root, TRAIN_CPU_AFFINITY_CONF="2,npu0:0-23,npu1:24-47", NPUS_PER_NODE="2")
     assert result.returncode == 0, result.stderr
     assert "CPU_AFFINITY_CONF=2,npu0:0-23,npu1:24-47" in result.stdout.splitlines()
+
+
+def test_train_sh_leaves_binding_to_the_ranks_when_they_see_a_subset_of_cards(tmp_path):
+    """torch_npu's npu_affine binds by visible index: rank 0 on cards 4-7 would get card 0's cores."""
+    root = fake_host(tmp_path / "host", "cann", devices=8)
+    result = train_print(tmp_path, root, ASCEND_RT_VISIBLE_DEVICES="4,5,6,7", NPUS_PER_NODE="4")
+    assert result.returncode == 0, result.stderr
+    env = dict(line.split("=", 1) for line in result.stdout.splitlines()[1:-1])
+    assert "CPU_AFFINITY_CONF" not in env and env["ASCEND_RT_VISIBLE_DEVICES"] == "4,5,6,7"
 
 
 def test_train_sh_on_a_node_with_devices_but_no_cann_fails_before_torchrun(tmp_path):

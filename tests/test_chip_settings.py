@@ -1,6 +1,6 @@
 """Per-chip training settings: `auto` attention resolves to flash_attention_2 (transformers' route to torch_npu's
-npu_fusion_attention) on an NPU computing in bf16/fp16 and to sdpa elsewhere; a chip without bf16 (910A) is
-refused before training with the config change that fixes it."""
+npu_fusion_attention) on an NPU computing in bf16/fp16, to a varlen path on CUDA and to sdpa elsewhere; an Ascend
+chip without bf16 (910A) is refused before training, fp32 included (its fp32 matmuls read fp16 inputs)."""
 import inspect
 
 import pytest
@@ -12,12 +12,18 @@ from tests.test_training_config import CONFIGS
 BF16_RUN = {"fsdp.param_dtype": "bfloat16", "fsdp.reduce_dtype": "float32"}
 
 
-def test_shipped_1_7b_config_takes_fused_attention_on_npu_and_sdpa_elsewhere():
+def test_shipped_1_7b_config_takes_varlen_attention_on_accelerators_and_sdpa_on_cpu():
     config = load_config(CONFIGS / "qwen3tts_1.7b.yaml")
     assert config.model.attn_implementation == "auto" and config.fsdp.param_dtype == "bfloat16"
     assert attention_for("auto", "npu", config.fsdp.param_dtype) == "flash_attention_2"
     assert config.for_chip(DeviceInfo("cpu", None, None)) == "sdpa"
-    assert attention_for("auto", "cuda", "bfloat16") == "sdpa"
+    # CUDA takes a varlen path for packed rows: flash-attn's kernel when installed (half precision), else flex.
+    assert attention_for("auto", "cuda", "bfloat16", flash_attn=False) == "flex_attention"
+    assert attention_for("auto", "cuda", "bfloat16", flash_attn=True) == "flash_attention_2"
+    assert attention_for("auto", "cuda", "float32", flash_attn=True) == "flex_attention"
+    assert attention_for("auto", "cpu", "bfloat16") == "sdpa"
+    with pytest.raises(ValueError, match="flex_attention trains on CUDA only.*Fix: model.attn_implementation=auto"):
+        attention_for("flex_attention", "npu", "bfloat16")
     assert attention_for("auto", "npu", "float32") == "sdpa"  # the fused kernel takes half precision only
     assert attention_for("eager", "npu", "bfloat16") == "eager"  # an explicit choice is kept
     with pytest.raises(ValueError, match="flash_attention_3"):
@@ -41,11 +47,12 @@ def test_transformers_routes_flash_attention_2_to_npu_fusion_attention():
 
 def test_chip_without_bf16_is_refused_with_the_fix():
     problem = precision_problem("npu", "Ascend910A", False, BF16_RUN)
-    assert problem and "fsdp.param_dtype=bfloat16" in problem and "910A" in problem
-    assert "`fsdp.param_dtype=float32`" in problem  # the override that fixes it
+    assert problem and "910A" in problem and "Fix: train on an Ascend 910B or newer" in problem
     assert precision_problem("npu", "Ascend910B3", True, BF16_RUN) is None
-    assert precision_problem("npu", "Ascend910A", False, {"fsdp.param_dtype": "float32",
-                                                          "fsdp.reduce_dtype": "float32"}) is None
+    # fp32 is no fallback there: torch_npu computes fp32 matmuls from fp16 inputs on chips before 910B1.
+    fp32 = precision_problem("npu", "Ascend910A", False, {"fsdp.param_dtype": "float32", "fsdp.reduce_dtype": "float32"})
+    assert fp32 and "fp16 inputs" in fp32
+    assert "`fsdp.param_dtype=float32`" in precision_problem("cuda", "Tesla V100", False, BF16_RUN)
     assert "Tesla V100" in precision_problem("cuda", "Tesla V100", False, BF16_RUN)
     check_training_precision(DeviceInfo("cpu", None, None), BF16_RUN)  # CPUs emulate bf16: nothing to refuse
     assert issubclass(UnsupportedPrecision, RuntimeError)

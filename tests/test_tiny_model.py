@@ -32,3 +32,24 @@ def test_loads_and_clones_a_voice(tiny_dir):
     wavs, rate = tts.generate_voice_clone(text="hello world", ref_audio=(tone(1.0, 3), 24000),
                                           x_vector_only_mode=True, max_new_tokens=8)
     assert rate == 24000 and len(wavs[0]) > 0 and np.isfinite(wavs[0]).all()
+
+
+def test_custom_voice_model_speaks_with_its_built_in_speakers(tiny_custom_voice_dir):
+    """Upstream generate_custom_voice reaches both built-in speakers (the dialect one through chinese and auto),
+    each from its own row, and takes an instruct text."""
+    from shared.tiny_model import CUSTOM_VOICE_SPEAKERS
+
+    tts = load_inference_model(tiny_custom_voice_dir)
+    assert tts.model.tts_model_type == "custom_voice" and tts.model.speaker_encoder is None
+    assert sorted(tts.get_supported_speakers()) == sorted(CUSTOM_VOICE_SPEAKERS)
+    assert not [lang for lang in tts.get_supported_languages() if "dialect" in lang]  # dialects: speakers only
+    talker = tts.model.config.talker_config
+    assert talker.spk_is_dialect == {"ryan": False, "eric": "sichuan_dialect"}
+    rows = tts.model.talker.get_input_embeddings().weight
+    assert not np.allclose(rows[talker.spk_id["ryan"]].detach(), rows[talker.spk_id["eric"]].detach())
+    greedy = dict(do_sample=False, subtalker_dosample=False, max_new_tokens=6)
+    for speaker, language in (("Ryan", "english"), ("eric", "chinese"), ("eric", "auto")):
+        wavs, rate = tts.generate_custom_voice("hello world", speaker=speaker, language=language, **greedy)
+        assert rate == 24000 and len(wavs[0]) > 0 and np.isfinite(wavs[0]).all()
+    wavs, _ = tts.generate_custom_voice("hello world", speaker="ryan", instruct="speak slowly", **greedy)
+    assert len(wavs[0]) > 0

@@ -1,7 +1,8 @@
 """TensorBoard event files of a run, RUN/tensorboard/ (rank 0 only): `tensorboard --logdir RUN/tensorboard`.
 
 Scalars: train/* (losses, lr, grad norm, frames/s, TFLOP/s, step time, padding, data wait), eval/* (the
-same losses, and eval/loss/<speaker>), samples/* (similarity, cer, wer: the mean, and per speaker); audio:
+same losses, and eval/loss/<speaker>), samples/* (similarity, cer, wer: the mean, and per speaker), keep/<built-in speaker>/* (codebook0,
+all_codebooks, similarity: training.keep_check); audio:
 samples/<speaker>-<k>. A resumed run opens the writer with purge_step just after its checkpoint's step, so
 TensorBoard drops what the interrupted run logged after the checkpoint instead of drawing it twice.
 """
@@ -54,6 +55,10 @@ class Board:
         for name in ("similarity", "cer", "wer"):
             if f"sample_{name}" in record:
                 add(f"samples/{name}", record[f"sample_{name}"], step)
+        for speaker, score in result.keep.items():  # a CustomVoice base's built-in speakers (training.keep_check)
+            for name, value in score.to_dict().items():
+                if value is not None:
+                    add(f"keep/{speaker}/{name}", value, step)
         for sample in result.samples:
             for name in ("similarity", "cer", "wer"):
                 value = getattr(sample, name)

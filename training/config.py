@@ -19,7 +19,11 @@ SCHEDULES = ("cosine", "constant")
 
 @dataclass
 class ModelConfig:
-    path: str = ""  # a Base model directory (config.json, model.safetensors, tokenizer, speech_tokenizer/)
+    path: str = ""  # a Base or CustomVoice model directory (config.json, model.safetensors, tokenizer, speech_tokenizer/)
+    # CustomVoice model.path only (training.custom_voice): a Base model of the same size whose speaker encoder
+    # gives new speakers their x-vectors; empty = each new speaker's codec-embedding row trains instead
+    speaker_encoder: str = ""
+    retrain_speakers: list[str] = field(default_factory=list)  # built-in speakers the shards may retrain
     # auto | eager | sdpa | flash_attention_2; auto: flash_attention_2 (npu_fusion_attention) on an NPU with
     # bf16/fp16 compute, sdpa elsewhere (shared.device.attention_for)
     attn_implementation: str = "sdpa"
@@ -87,6 +91,8 @@ class EvalConfig:
     max_new_tokens: int = 0  # codec frames per sample at most; 0 = a slow reading of the sentence (voice_check)
     budget_seconds: float = 300.0  # synthesis time per eval; samples not started by then are skipped (logged)
     asr_model: str = ""  # a local speech-recognition model directory (transformers ASR pipeline) for CER/WER
+    # CustomVoice model.path: the built-in speakers whose forgetting is measured (keep/<speaker>); empty = all
+    keep_speakers: list[str] = field(default_factory=list)
 
     @property
     def enabled(self) -> bool:

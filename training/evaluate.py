@@ -39,11 +39,14 @@ class EvalResult:
     new_best: bool = False
     samples: list = field(default_factory=list)  # voice_check.SampleScore, rank 0 only
     skipped_samples: list = field(default_factory=list)  # <speaker>-<k> not synthesised within eval.budget_seconds
+    keep: dict = field(default_factory=dict)  # built-in speaker -> keep_check.KeepScore, rank 0 only
 
     def record(self) -> dict:
         record = dict(kind="eval", step=self.step, eval_loss=self.loss, eval_talker_loss=self.talker_loss,
                       eval_sub_talker_loss=self.sub_talker_loss, eval_loss_by_speaker=self.loss_by_speaker,
                       eval_rows=self.rows)
+        if self.keep:
+            record["keep"] = {name: score.to_dict() for name, score in self.keep.items()}
         if self.samples:
             record["samples"] = [s.to_dict() for s in self.samples]
             for name in ("similarity", "cer", "wer"):
@@ -192,6 +195,7 @@ class Evaluator:
             self.best_loss = result.loss
         if self.voice_check is not None:
             result.samples, result.skipped_samples = self.voice_check.run(step, module, self.speakers)
+            result.keep = self.voice_check.last_keep
         self.metrics.append(result.record())
         self.board.eval(result)
         if self.rank == 0:

@@ -27,6 +27,8 @@ import yaml
 from shared import schema
 from shared.qwen import load_tts_model, save_model_dir
 from training.checkpoint import load_model_weights, resolve_checkpoint
+from training.custom_voice import FIRST_SPEAKER_ROW, is_custom_voice, model_config
+from training.custom_voice_export import export_custom_voice
 from training.data import resolve_output_dir
 from training.lora import read_meta
 from training.lora_export import LoraExportError, load_adapters, merge, write_adapter
@@ -36,7 +38,6 @@ from training.split import HeldOut
 
 log = logging.getLogger(__name__)
 
-FIRST_SPEAKER_ROW = 3000  # the codec-embedding row upstream's custom-voice fine-tunes use for their speaker
 _NOT_COPIED = {"config.json", "model.safetensors.index.json"}
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -165,6 +166,8 @@ def export(checkpoint: Path, output: Path, model_path: str | None = None, speake
     checkpoint = resolve_checkpoint(checkpoint)  # RUN/best -> the step with the lowest eval loss
     config = run_config(checkpoint)
     base = Path(model_path or config.get("model", {}).get("path", ""))
+    if is_custom_voice(model_config(base)):  # built-in speakers kept, new ones in the rows they trained with
+        return export_custom_voice(checkpoint, output, base, config, speaker_name, ref_audio, dtype, all_speakers)
     model = load_tts_model(base, "cpu", torch.float32)
     # The whole checkpoint (sharded over any number of ranks) is read into one unsharded model here.
     adapters = load_adapters(checkpoint, model, base, lora_scale)  # a LoRA run's: None for full fine-tuning

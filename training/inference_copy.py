@@ -76,11 +76,16 @@ class InferenceCopy:
         self.rank = dist.get_rank()
         self.tts = None
 
+    def load(self):
+        """Rank 0's Qwen3TTSModel (loaded from model.path the first time, on the host), None elsewhere."""
+        if self.rank == 0 and self.tts is None:
+            self.tts = load_inference_model(self.model_path, "cpu", self.dtype, self.attention)
+        return self.tts
+
     def refresh(self, module: torch.nn.Module):
         """Collective: the current training weights into rank 0's copy; returns the Qwen3TTSModel on rank 0
         (still on the host), None on the other ranks."""
-        if self.rank == 0 and self.tts is None:
-            self.tts = load_inference_model(self.model_path, "cpu", self.dtype, self.attention)
+        self.load()
         gather_weights(module, self.tts.model if self.tts is not None else None, self.dtype)
         return self.tts
 

@@ -231,6 +231,9 @@ class TalkerBatch:
     cu_seq_lens: torch.Tensor  # (S + 1,) int32 block boundaries over the flattened rows (flash attention varlen)
     max_block: int  # longest block (flash attention varlen)
     shape: BatchShape  # host-side counts: no device sync needed to read them
+    # (U,) bool: the utterance's speaker slot keeps its codec id's embedding (a trainable speaker row, see
+    # training.custom_voice) instead of taking `speaker`; None: every slot takes `speaker`
+    speaker_learned: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "TalkerBatch":
         kind = device.type if isinstance(device, torch.device) else str(device).split(":")[0]
@@ -249,10 +252,11 @@ class TalkerBatch:
         return self.shape.frames
 
 
-def collate(sequences: list[list[Sample]], speaker: torch.Tensor, pad_text_id: int) -> TalkerBatch:
+def collate(sequences: list[list[Sample]], speaker: torch.Tensor, pad_text_id: int,
+            speaker_learned: torch.Tensor | None = None) -> TalkerBatch:
     """Rows of packed samples (one sample per row = the unpacked layout), right-padded to the longest row.
 
-    `speaker` holds one x-vector per sample, in row-major sample order.
+    `speaker` holds one x-vector per sample, in row-major sample order (`speaker_learned`: see TalkerBatch).
     """
     rows = [sum(len(s) for s in seq) for seq in sequences]
     b, longest = len(sequences), max(rows)
@@ -293,4 +297,4 @@ def collate(sequences: list[list[Sample]], speaker: torch.Tensor, pad_text_id: i
                        torch.tensor(speaker_index, dtype=torch.int64), t(target[:, :2].copy()),
                        t(target[:, 2].copy()), t(target_utterance), t(np.concatenate(predictors)),
                        t(np.concatenate([s.frames for s in samples])), t(frame_utterance), t(cu), max(blocks),
-                       shape)
+                       shape, speaker_learned)

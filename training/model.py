@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from training.document_mask import packed_causal_block_mask
 from training.layout import TalkerBatch
 
 
@@ -53,18 +54,32 @@ class TalkerForTraining(nn.Module):
         codec = codec * batch.codec_on.unsqueeze(-1).to(codec.dtype)
         # Each utterance's speaker slot carries the x-vector itself as its codec-channel input.
         rows, positions = batch.speaker_index.unbind(1)
-        codec = codec.index_put((rows, positions), batch.speaker.to(codec.dtype))
+        vectors = batch.speaker.to(codec.dtype)
+        if batch.speaker_learned is not None:  # a trainable speaker row: the slot keeps its own embedding
+            vectors = torch.where(batch.speaker_learned.unsqueeze(1), codec[rows, positions], vectors)
+        codec = codec.index_put((rows, positions), vectors)
         return text + codec
 
     def hidden_states(self, batch: TalkerBatch) -> torch.Tensor:
         """The talker's last hidden states, (B, L, D): packed utterances see only themselves."""
-        kwargs = {}
-        if "flash" in str(self.talker.config._attn_implementation):
+        embeds = self.input_embeddings(batch)
+        return self.talker.model(inputs_embeds=embeds, position_ids=batch.position_ids, use_cache=False,
+                                 **self.attention_kwargs(batch, embeds.device)).last_hidden_state
+
+    def attention_kwargs(self, batch: TalkerBatch, device: torch.device) -> dict:
+        """How the packed rows' block boundaries reach the attention. With no mask, sdpa and eager get the
+        block-diagonal causal mask transformers derives from the restarting position ids: a dense (B, 1, L, L)
+        tensor, every pair computed. The varlen paths skip the pairs between utterances instead."""
+        implementation = str(self.talker.config._attn_implementation)
+        if "flash" in implementation:
             # Varlen boundaries computed once per batch on the host, instead of from position ids in every layer.
-            kwargs = dict(cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
-                          max_length_q=batch.max_block, max_length_k=batch.max_block)
-        return self.talker.model(inputs_embeds=self.input_embeddings(batch), attention_mask=None,
-                                 position_ids=batch.position_ids, use_cache=False, **kwargs).last_hidden_state
+            return dict(attention_mask=None, cu_seq_lens_q=batch.cu_seq_lens, cu_seq_lens_k=batch.cu_seq_lens,
+                        max_length_q=batch.max_block, max_length_k=batch.max_block)
+        if implementation == "flex_attention":
+            # A 4-D mask passes through transformers' mask creation untouched, so every layer shares this one.
+            rows, length = batch.text_ids.shape
+            return dict(attention_mask=packed_causal_block_mask(batch.cu_seq_lens, rows, length, device))
+        return dict(attention_mask=None)
 
     def sub_talker_inputs(self, hidden: torch.Tensor, frames: torch.Tensor) -> torch.Tensor:
         """[h_(p-1), emb(c0), emb_1(c1), ..., emb_14(c14)]: 16 inputs, as code-predictor generation sees them."""

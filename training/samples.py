@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from shared.schema import ShardRow
+from training.custom_voice import Voices
 from training.layout import (Sample, SpecialIds, TalkerBatch, batch_text_token_ids, build_sample, collate,
                              load_text_tokenizer, sequence_length)
 from training.packing import plan_packed
@@ -38,19 +39,32 @@ class PlannedRow:
 
 
 class SampleBuilder:
-    def __init__(self, tokenizer, ids: SpecialIds, references: ReferenceCache | None = None):
+    def __init__(self, tokenizer, ids: SpecialIds, references: ReferenceCache | None = None,
+                 voices: Voices | None = None, speaker_width: int = 0):
         self.tokenizer, self.ids, self.references = tokenizer, ids, references
+        self.voices, self.speaker_width = voices, speaker_width  # a CustomVoice base: the run's speaker rows
         self.roles: dict[tuple[int, ...], tuple[int, ...]] = {}  # one shared tuple per distinct role prefix
 
     @classmethod
     def for_model(cls, model_path: str | Path, model, speaker_device: torch.device | None = None,
-                  speakers: SpeakerTable | None = None) -> "SampleBuilder":
+                  speakers: SpeakerTable | None = None, voices: Voices | None = None,
+                  speaker_encoder=None) -> "SampleBuilder":
         """From a loaded Qwen3TTSForConditionalGeneration: its special ids, its directory's tokenizer and its
         (frozen) speaker encoder, moved to `speaker_device`; `speakers`: each speaker's references (the run's
-        shards), whose mean x-vector its rows train with."""
-        encoder = model.speaker_encoder
-        references = ReferenceCache(encoder.to(speaker_device) if speaker_device is not None else encoder, speakers)
-        return cls(load_text_tokenizer(model_path), SpecialIds.from_config(model.config), references)
+        shards), whose mean x-vector its rows train with. A CustomVoice model has no speaker encoder:
+        `speaker_encoder` (a Base model's) gives the x-vectors, else each speaker's row of `voices` trains."""
+        encoder = speaker_encoder if speaker_encoder is not None else model.speaker_encoder
+        references = None
+        if encoder is not None:
+            references = ReferenceCache(encoder.to(speaker_device) if speaker_device is not None else encoder,
+                                        speakers)
+        return cls(load_text_tokenizer(model_path), SpecialIds.from_config(model.config), references, voices,
+                   model.config.talker_config.hidden_size)
+
+    @property
+    def learned_rows(self) -> bool:
+        """The speaker slot carries the speaker's own codec-embedding row (it trains) instead of an x-vector."""
+        return self.voices is not None and self.voices.learned
 
     def text_ids(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(role ids, text ids) per text, in one batched tokenizer call, sliced exactly as inference slices
@@ -77,10 +91,16 @@ class SampleBuilder:
         row = planned.row
         if row.codes is None:
             raise ValueError(f"row {row.id}: codes not read")
-        return build_sample(list(planned.role_ids), planned.text_ids, row.codes, self.ids, row.language)
+        sample = build_sample(list(planned.role_ids), planned.text_ids, row.codes, self.ids, row.language)
+        if self.learned_rows:
+            sample.codec_ids[sample.speaker_pos, 0] = self.voices.row_of(row.speaker)
+        return sample
 
     def speaker(self, row: ShardRow) -> torch.Tensor:
-        """The x-vector fed at the row's speaker slot: its speaker's (the mean over the speaker's references)."""
+        """The x-vector fed at the row's speaker slot: its speaker's (the mean over the speaker's references);
+        zeros where the slot keeps the speaker's trainable row instead."""
+        if self.learned_rows:
+            return torch.zeros(self.speaker_width)
         if self.references is None:
             raise ValueError("this SampleBuilder has no speaker encoder (built without references)")
         return self.references.speaker_vector(row.speaker, row.ref_audio)
@@ -89,8 +109,8 @@ class SampleBuilder:
         """One micro-batch (sequences of planned rows with codes) -> a host batch."""
         planned = [p for seq in sequences for p in seq]
         speakers = torch.stack([self.speaker(p.row) for p in planned])
-        return collate([[self.sample(p) for p in seq] for seq in sequences], speakers,
-                       self.ids.tts_pad)
+        learned = torch.ones(len(planned), dtype=torch.bool) if self.learned_rows else None
+        return collate([[self.sample(p) for p in seq] for seq in sequences], speakers, self.ids.tts_pad, learned)
 
     def batches(self, rows: list[ShardRow], frame_budget: int, device: torch.device | str = "cpu",
                 pack_length: int = 0, seed: int = 0) -> list[TalkerBatch]:

@@ -27,7 +27,7 @@ import torch.distributed as dist
 
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
-from training import checkpoint, lora
+from training import checkpoint, custom_voice, lora
 from training.board import Board
 from training.config import Config, dump_config
 from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
@@ -113,7 +113,9 @@ def train(config: Config) -> None:
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
     speakers, figures = _corpus(config, SpecialIds.from_config(model.config), rank, store, run_dir)
-    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers)
+    voices, speaker_encoder = custom_voice.start(config, model, run_dir, rank, store)  # CustomVoice model.path
+    builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers, voices,
+                                      speaker_encoder)
     module = TalkerForTraining(model.talker)
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
     adapters = lora.apply(module, config)  # before sharding and before the move: frozen weights shrink first

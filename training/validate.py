@@ -126,6 +126,7 @@ def validate(config_path: str | None, overrides: list[str]) -> Config:
     check_shards(config.data.shards, config.data.follow)
     check_run_dir(config.checkpoint.dir)
     check_lora(config)
+    check_voices(config)
     return config
 
 
@@ -136,6 +137,16 @@ def check_lora(config: Config) -> None:
     problem = (config.lora.enabled and lora.target_problem(config)) or lora.resume_problem(config)
     if problem:
         raise TrainingInputProblem(problem)
+
+
+def check_voices(config: Config) -> None:
+    """Speakers against the model: built-in name clashes, dialect rows, model.speaker_encoder's size."""
+    from training.custom_voice import VoiceProblem, check_run
+
+    try:
+        check_run(config)
+    except VoiceProblem as exc:
+        raise TrainingInputProblem(str(exc)) from None
 
 
 def validate_or_exit(config_path: str | None, overrides: list[str]) -> Config:

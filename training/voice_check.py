@@ -4,11 +4,13 @@ Each eval copies the talker weights from the FSDP shards into rank 0's inference
 parameter at a time: training.inference_copy; the model lives on the host between evals and on the device
 only while it generates) and synthesises `eval.sentences` for each speaker, conditioned on the x-vector that
 speaker's rows train with (SampleBuilder.speaker; x-vector only, non-streaming layout, the rows' language id
-when they share one). Each sample lands in RUN/samples/step-NNNNNN/<speaker>-<k>.wav and is scored:
+when they share one; on a CustomVoice model.path the speaker is installed in its row and generate_custom_voice
+speaks: custom_voice.speak). Each sample lands in RUN/samples/step-NNNNNN/<speaker>-<k>.wav and is scored:
 - similarity: cosine of the model's own speaker-encoder x-vector of the sample and that conditioning vector;
 - with eval.asr_model: the transcript, its character and word error rates against the sentence.
 Sampling is seeded per sentence inside a forked RNG, so samples are repeatable and training's random
-stream is untouched (a resumed run still reproduces an uninterrupted one).
+stream is untouched (a resumed run still reproduces an uninterrupted one). On a CustomVoice model.path the
+built-in speakers' forgetting is measured too (training.keep_check).
 
 The other ranks wait at a barrier meanwhile, so the samples are bounded: each by a frame count from its
 sentence's length (an undertrained model may never emit the end code), the eval by eval.budget_seconds
@@ -35,7 +37,9 @@ from shared.qwen import speaker_mel
 from training.asr import Transcriber, cer, wer
 from training.checkpoint import step_dir_name
 from training.config import Config
+from training.custom_voice import speak
 from training.inference_copy import InferenceCopy
+from training.keep_check import keep_check_for
 from training.layout import has_language
 from training.model import speaker_embedding
 from training.samples import SampleBuilder
@@ -111,6 +115,10 @@ class VoiceCheck:
         attention = "eager" if config.model.attn_implementation == "eager" else "sdpa"
         self.copy = InferenceCopy(config.model.path, device, _DTYPES[config.fsdp.param_dtype], attention)
         self.transcriber = None
+        encoder = builder.references.speaker_encoder if builder.references is not None else None
+        # The built-in speakers of a CustomVoice model.path, their generation bounded like a sample's.
+        self.keep = keep_check_for(config, builder.voices, encoder, lambda text: self.max_new_tokens(None, text))
+        self.last_keep: dict = {}  # speaker -> keep_check.KeepScore of the last eval (rank 0)
 
     def sentences(self, speaker) -> list[str]:
         """eval.sentences, else the defaults in the speaker's language (its rows' `language`, else guessed from
@@ -125,6 +133,10 @@ class VoiceCheck:
     def run(self, step: int, module, speakers: dict) -> tuple[list[SampleScore], list[str]]:
         """Collective (the weight copy); the synthesis runs on rank 0 while the other ranks wait. Returns rank 0's
         scores and the samples skipped for want of time (empty lists elsewhere)."""
+        if self.rank == 0 and self.keep is not None and self.keep.base is None:
+            base = self.copy.load()  # the first time: the base model's own weights, before any refresh
+            with self.copy.on_device():
+                self.keep.remember_base(base)
         tts = self.copy.refresh(module)
         done = self._synthesise(step, tts, speakers) if self.rank == 0 else ([], [])
         dist.barrier()
@@ -135,7 +147,7 @@ class VoiceCheck:
         if self.config.eval.max_new_tokens:
             return self.config.eval.max_new_tokens
         bound = sentence_frame_bound(sentence)
-        limit = (tts.generate_defaults or {}).get("max_new_tokens") or bound
+        limit = ((tts or self.copy.tts).generate_defaults or {}).get("max_new_tokens") or bound
         return min(bound, limit)
 
     def _synthesise(self, step: int, tts, speakers: dict) -> tuple[list[SampleScore], list[str]]:
@@ -157,12 +169,14 @@ class VoiceCheck:
                         skipped.append(name)
                         continue
                     limit = self.max_new_tokens(tts, sentence)
-                    wav, rate = self._generate(tts, sentence, language, reference, self.config.train.seed + k, limit)
+                    wav, rate = self._generate(tts, sentence, language, reference, self.config.train.seed + k, limit,
+                                               speaker.rows[0].speaker)
                     path = out_dir / f"{name}.wav"
                     sf.write(path, wav, rate)
                     wav, rate = sf.read(path, dtype="float32")  # score what was written (16-bit PCM)
                     scores.append(self._score(speaker, k, sentence, path, wav, rate, reference))
                     scores[-1].max_new_tokens = limit
+            self.last_keep = self.keep.measure(tts) if self.keep is not None else {}
         if skipped:
             log.warning("step %d: eval.budget_seconds=%g spent after %d sample(s) (%.1f s); skipped %s", step, budget,
                         len(scores), time.monotonic() - started, ", ".join(skipped))
@@ -175,19 +189,23 @@ class VoiceCheck:
         return self.transcriber.on_device(self.device)
 
     def _generate(self, tts, sentence: str, language: str, xvector: torch.Tensor, seed: int,
-                  max_new_tokens: int) -> tuple[np.ndarray, int]:
+                  max_new_tokens: int, speaker: str | None = None) -> tuple[np.ndarray, int]:
         prompt = dict(ref_code=[None], ref_spk_embedding=[xvector], x_vector_only_mode=[True], icl_mode=[False])
         devices = [] if self.device.type == "cpu" else [self.device.index or 0]
         with torch.random.fork_rng(devices=devices, device_type=self.device.type if devices else "cuda"):
             torch.manual_seed(seed)
-            wavs, rate = tts.generate_voice_clone(text=sentence, language=language, voice_clone_prompt=prompt,
-                                                  non_streaming_mode=True, max_new_tokens=max_new_tokens)
+            if self.builder.voices is not None:  # a CustomVoice base: the speaker's row, as its export holds it
+                wavs, rate = speak(tts, self.builder.voices, speaker, xvector, sentence, language,
+                                   max_new_tokens=max_new_tokens)
+            else:
+                wavs, rate = tts.generate_voice_clone(text=sentence, language=language, voice_clone_prompt=prompt,
+                                                      non_streaming_mode=True, max_new_tokens=max_new_tokens)
         return np.asarray(wavs[0], dtype=np.float32), int(rate)
 
     def _score(self, speaker, k: int, sentence: str, path: Path, wav: np.ndarray, rate: int,
                reference: torch.Tensor) -> SampleScore:
         similarity = None
-        if len(wav) >= _MIN_SCORED_SAMPLES:
+        if len(wav) >= _MIN_SCORED_SAMPLES and self.builder.references is not None:  # trainable rows: no encoder
             audio = wav if rate == CODEC_SAMPLE_RATE else _resample(wav, rate)
             sample = speaker_embedding(self.builder.references.speaker_encoder, speaker_mel(audio))
             similarity = cosine(sample.cpu(), reference)
