@@ -167,6 +167,9 @@ def export(checkpoint: Path, output: Path, model_path: str | None = None, speake
     config = run_config(checkpoint)
     base = Path(model_path or config.get("model", {}).get("path", ""))
     if is_custom_voice(model_config(base)):  # built-in speakers kept, new ones in the rows they trained with
+        if read_meta(checkpoint):
+            raise ExportError(f"{checkpoint} is a LoRA checkpoint and {base} a CustomVoice model: LoRA trains on "
+                              "Base models only; pass the Base model it trained on with --model")
         return export_custom_voice(checkpoint, output, base, config, speaker_name, ref_audio, dtype, all_speakers)
     model = load_tts_model(base, "cpu", torch.float32)
     # The whole checkpoint (sharded over any number of ranks) is read into one unsharded model here.
