@@ -102,7 +102,10 @@ def throughput(details: list[ShardDetail], progress: dict, buckets: int = THROUG
         return Throughput(0.0, 0.0, (), (), live_rows, live_audio)
     start = min(s[0] for s in spans)
     end = max(max(s[1] for s in spans), progress["updated"] if progress["state"] == "running" else 0.0)
-    end = max(end, start + buckets)  # at least a second per bucket
+    if progress["state"] == "running":
+        end = max(end, start + buckets)  # at least a second per bucket while the job grows
+    else:  # the chart ends with the job's last shard, however short the job was
+        end = max(end, start + 1e-3 * buckets)
     width = (end - start) / buckets
     rows, audio = [0.0] * buckets, [0.0] * buckets
     for begin, finish, n_rows, n_audio in spans:

@@ -291,7 +291,8 @@ class Driver:
             if self.encode_seconds:
                 self.log(f"throughput this run: {len(pending)} shards in {self.encode_seconds:.1f} s "
                          f"({self.run_rows / self.encode_seconds:.1f} rows/s, "
-                         f"{self.run_audio_seconds / self.encode_seconds:.1f} audio-s/s)")
+                         f"{self.run_audio_seconds / self.encode_seconds:.1f} audio-s/s), encoding only: "
+                         "from the first encoder ready, start-up excluded")
         self.log(f"summary: {summary['rows_ok']} rows ok, {summary['rows_error']} errors "
                  f"{summary['errors_by_reason']}, {summary['audio_hours']:.4f} h audio; "
                  f"{'complete' if summary['complete'] else 'INCOMPLETE'} -> {self.output}")

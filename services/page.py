@@ -10,7 +10,7 @@ import html
 from datetime import datetime
 
 from services.dashboard import Dashboard, NodeRow, Throughput
-from services.progress import format_duration, format_progress_line
+from services.progress import RATE_BASES, format_duration, format_progress_line
 
 PAGE_REFRESH_SECONDS = 5
 CHART_WIDTH, CHART_HEIGHT = 600, 140  # SVG user units; the SVG stretches to the card's width
@@ -49,7 +49,7 @@ th{color:var(--dim);font-weight:600}
 td.num,th.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.stale td{color:var(--dim);background:#fbf3f3}
 .badge{font-size:.78em;padding:0 .45em;border-radius:1em;color:#fff;background:var(--ok)}
-.badge.stale{background:var(--fail)}
+.badge.stale{background:var(--fail)}.badge.finished{background:var(--dim)}
 .none{color:var(--dim);font-style:italic}
 @media (max-width:720px){
 body{padding:.7em .6em;font-size:14px}.grid{grid-template-columns:1fr;gap:.7em}.card{padding:.8em}
@@ -205,8 +205,10 @@ def duration_card(d: Dashboard) -> str:
 {horizontal_bars(items[first:last + 1], "run")}</section>"""
 
 
-def nodes_card(nodes: list[NodeRow]) -> str:
-    rows = "".join(f'<tr><td>{esc(n.node)}</td><td class="num">{n.alive} / {n.encoders}</td>'
+def nodes_card(nodes: list[NodeRow], finished: bool) -> str:
+    """`finished`: the job is complete, so no encoder is alive and none should be: say that, not "0 / 1"."""
+    rows = "".join(f'<tr><td>{esc(n.node)}</td>'
+                   f'<td class="num">{f"{n.encoders} finished" if finished else f"{n.alive} / {n.encoders}"}</td>'
                    f'<td class="num">{n.rows}</td><td class="num">{n.rows_per_s:.1f}</td>'
                    f'<td class="num">{n.audio_seconds_per_s:.0f}</td></tr>' for n in nodes)
     body = (f'<div class="scroll"><table><tr><th>node</th><th class="num">alive</th><th class="num">rows</th>'
@@ -218,11 +220,13 @@ def nodes_card(nodes: list[NodeRow]) -> str:
 def encoders_card(encoders: list[dict], now: float) -> str:
     rows = []
     for e in encoders:
-        age = "-" if e["updated"] is None else format_duration(max(0.0, now - e["updated"]))
+        state = e.get("state") or ("alive" if e["alive"] else "stale")
+        # A finished encoder's last heartbeat only grows older: its age says nothing, so none is shown.
+        age = "-" if e["updated"] is None or state == "finished" else format_duration(max(0.0, now - e["updated"]))
         shard = "-" if e["shard"] is None else e["shard"]
-        badge = '<span class="badge">alive</span>' if e["alive"] else '<span class="badge stale">stale</span>'
+        badge = f'<span class="badge{"" if state == "alive" else f" {state}"}">{state}</span>'
         rows.append(
-            f'<tr class="{"alive" if e["alive"] else "stale"}"><td>{esc(e["name"])}</td><td>{badge}</td>'
+            f'<tr class="{state}"><td>{esc(e["name"])}</td><td>{badge}</td>'
             f'<td>{esc(e["node"])}</td><td class="optional">{esc(e["hostname"])}</td>'
             f'<td class="optional">{esc(e["device"])}</td><td class="num">{shard}</td>'
             f'<td class="num">{e["rows"]}</td><td class="num">{e["rows_per_s"]:.1f}</td>'
@@ -234,6 +238,16 @@ def encoders_card(encoders: list[dict], now: float) -> str:
     return f'<section class="card wide"><h2>Encoders</h2>{body}</section>'
 
 
+def headline(p: dict) -> str:
+    """A finished job's duration and its own rate (naming what the rate is over), else the ETA."""
+    rate = p["rate"]
+    rates = f'{rate["rows_per_s"]:.1f} rows/s, {rate["audio_seconds_per_s"]:.0f} audio-s/s'
+    if p.get("duration_seconds"):
+        return esc(f"finished in {format_duration(p['duration_seconds'])}: {rates} over "
+                   f"{RATE_BASES[p['rate_basis']]} (start-up included)")
+    return esc(f"ETA {format_duration(p['eta_seconds'])} · {rates} over {RATE_BASES[p['rate_basis']]}")
+
+
 def render_page(d: Dashboard) -> str:
     p = d.progress
     state = esc(p["state"])
@@ -242,7 +256,7 @@ def render_page(d: Dashboard) -> str:
 <meta name="viewport" content="width=device-width,initial-scale=1">
 <title>encode: {state}</title><style>{STYLE}</style></head>
 <body><h1>Encode job <span class="state {state}">{state}</span></h1>
-<p class="sub">ETA {esc(format_duration(p["eta_seconds"]))} · updated {esc(format_timestamp(p["updated"]))}
+<p class="sub">{headline(p)} · updated {esc(format_timestamp(p["updated"]))}
 · refreshes every {PAGE_REFRESH_SECONDS} s</p>
 <main class="grid">
 {progress_card(p)}
@@ -250,5 +264,5 @@ def render_page(d: Dashboard) -> str:
 {duration_card(d)}
 {encoders_card(p["encoders"], p["updated"])}
 {errors_card(d)}
-{nodes_card(d.nodes)}
+{nodes_card(d.nodes, p["state"] == "complete")}
 </main></body></html>"""

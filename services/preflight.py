@@ -114,8 +114,11 @@ def check_numbers(args: argparse.Namespace) -> None:
 
 
 def check_output(path: Path) -> None:
-    if path.exists() and not path.is_dir():
-        raise InputProblem(f"--output {path}: is a file; pass a directory (it is created if missing)")
+    from services.writer import local_output_problem
+
+    problem = local_output_problem(path)
+    if problem:
+        raise InputProblem(f"--output {path}: {problem}")
 
 
 def check_inputs(args: argparse.Namespace) -> None:

@@ -135,15 +135,21 @@ def driver_faults(driver: dict | None) -> dict:
     return {key: int(as_number(driver[key])) for key in ("shard_retries", "encoders_lost") if key in driver}
 
 
-def idle_rate(stats: list[ShardStats], summary: dict | None) -> tuple[float, float]:
-    """(rows/s, audio-s/s) when no encoder is alive: over the job's wall time once the summary gives it,
-    else the speed the published shards were encoded at (encoder time, so one encoder's speed)."""
-    seconds = as_number(summary.get("elapsed_seconds")) if summary else 0.0
+# What `rate` is measured over (the /status key `rate_basis`): a finished job's rate is over its wall time,
+# start-up included, which is why it is lower than the driver's "throughput this run" (from the first encoder ready).
+RATE_BASES = {"heartbeats": "the alive encoders' heartbeats now", "wall_time": "the job's wall time",
+              "encode_time": "the shards' encode time"}
+
+
+def idle_rate(stats: list[ShardStats], summary: dict | None) -> tuple[float, float, str]:
+    """(rows/s, audio-s/s, basis) when no encoder is alive: over the job's wall time once the summary gives
+    it, else the speed the published shards were encoded at (encoder time, so one encoder's speed)."""
+    seconds, basis = (as_number(summary.get("elapsed_seconds")) if summary else 0.0), "wall_time"
     if seconds <= 0:
-        seconds = sum(s.encode_seconds for s in stats)
+        seconds, basis = sum(s.encode_seconds for s in stats), "encode_time"
     if seconds <= 0:
-        return 0.0, 0.0
-    return sum(s.rows for s in stats) / seconds, sum(s.audio_seconds for s in stats) / seconds
+        return 0.0, 0.0, basis
+    return sum(s.rows for s in stats) / seconds, sum(s.audio_seconds for s in stats) / seconds, basis
 
 
 def job_state(output: Path, plan: dict | None, has_shards: bool, running: bool, driver: dict | None) -> str:
@@ -167,6 +173,10 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
     stats = [s for s in (SHARD_STATS_CACHE.get(p) for p in shards.values()) if s is not None]
 
     encoders = read_encoders(output, now)
+    finished = (output / COMPLETE_MARKER).exists()
+    for e in encoders:  # a finished job's encoders stopped with it: neither alive nor stale, whatever their age
+        e["alive"] = e["alive"] and not finished
+        e["state"] = "alive" if e["alive"] else "finished" if finished else "stale"
     alive = [e for e in encoders if e["alive"]]
     running_ids = {e["shard"] for e in alive if e["shard"] is not None} - set(shards)
     failed_ids = failed_shard_ids(driver) - set(shards) - running_ids
@@ -177,13 +187,16 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
     rows_ok = sum(s.rows_ok for s in stats)
     rows_error = sum(s.rows_error for s in stats)
     audio_seconds = sum(s.audio_seconds for s in stats)
+    summary = read_json_object(output / SUMMARY_FILE)
     if alive:
         rows_per_s = sum(e["rows_per_s"] for e in alive)
         audio_per_s = sum(e["audio_seconds_per_s"] for e in alive)
+        basis = "heartbeats"
     else:
-        rows_per_s, audio_per_s = idle_rate(stats, read_json_object(output / SUMMARY_FILE))
+        rows_per_s, audio_per_s, basis = idle_rate(stats, summary)
 
     state = job_state(output, plan, bool(shards), bool(alive) or driver_is_running(driver, now), driver)
+    duration = as_number(summary.get("elapsed_seconds")) if summary and state == "complete" else 0.0
     rows_planned = as_int_or_none(plan.get("num_rows")) if plan else None
     eta = None
     if state == "complete":
@@ -203,6 +216,8 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
         "rows": {"planned": rows_planned, "ok": rows_ok, "error": rows_error},
         "audio_hours": audio_seconds / 3600.0,
         "rate": {"rows_per_s": rows_per_s, "audio_seconds_per_s": audio_per_s},
+        "rate_basis": basis,
+        "duration_seconds": duration or None,  # a finished job's wall time (summary.json)
         "eta_seconds": eta,
         "faults": driver_faults(driver),
         "encoders": encoders,
@@ -220,8 +235,10 @@ def format_duration(seconds: float | None) -> str:
 
 def format_progress_line(progress: dict) -> str:
     shards, rows, rate = progress["shards"], progress["rows"], progress["rate"]
+    duration = progress.get("duration_seconds")
+    tail = (f"over the job's {format_duration(duration)} wall time (start-up included)" if duration
+            else f"ETA {format_duration(progress['eta_seconds'])}")
     return (f"[{progress['state']}] shards {shards['done']}/{shards['total']} "
             f"({shards['running']} running, {shards['failed']} failed) "
             f"rows {rows['ok']} ok / {rows['error']} err, {progress['audio_hours']:.2f} h audio, "
-            f"{rate['rows_per_s']:.1f} rows/s, {rate['audio_seconds_per_s']:.0f} audio-s/s, "
-            f"ETA {format_duration(progress['eta_seconds'])}")
+            f"{rate['rows_per_s']:.1f} rows/s, {rate['audio_seconds_per_s']:.0f} audio-s/s, {tail}")

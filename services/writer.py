@@ -37,6 +37,44 @@ def write_failure(target: str | Path, exc: OSError) -> OutputWriteError:
     return OutputWriteError(f"cannot write {target}: {reason}; {fix} and re-run the same command")
 
 
+OUTPUT_FIX = "pass a directory you can write to (it is created if missing)"
+
+
+def local_output_problem(path: Path) -> str | None:
+    """Why nothing can be written under the local directory `path`, as "cause; fix" (None when it can). Checked
+    by doing it: create what is missing and a probe file in it, then remove both, so nothing is left behind
+    (permission bits say little when the job runs as root, and /proc or /sys refuse whatever the bits say)."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        where = "is a file" if existing == path else f"is under {existing}, a file, not a directory"
+        return f"{where}; {OUTPUT_FIX}"
+    missing = []  # the directories to create, deepest first
+    while path != existing and path not in missing:
+        missing.append(path)
+        path = path.parent
+    step = ""
+    try:
+        for directory in reversed(missing):
+            step = f"create a directory in {directory.parent}"
+            directory.mkdir()
+        step = "write a file in it"
+        probe = (missing[0] if missing else existing) / f".output-probe.tmp-{uuid.uuid4().hex[:8]}"
+        probe.write_bytes(b"probe")
+        probe.unlink()
+    except OSError as exc:
+        fix = FIX_FOR_ERRNO.get(exc.errno)
+        return f"cannot {step} ({exc.strerror or exc}); {f'{fix} or ' if fix else ''}{OUTPUT_FIX}"
+    finally:
+        for directory in missing:
+            try:
+                directory.rmdir()
+            except OSError:
+                pass
+    return None
+
+
 class ShardWriter:
     def __init__(self, output: str | Path, filesystem: pafs.FileSystem | None = None):
         """`filesystem`: write through this pyarrow filesystem, `output` being a path inside it."""

@@ -5,35 +5,17 @@ change here only. The same code loads the released checkpoints and the tiny ones
 """
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from shared.quiet import quiet_fds
 
-@contextlib.contextmanager
-def _quiet_fds():
-    """qwen_tts prints a flash-attn banner and its `sox` dependency shells out to a missing binary at
-    import time; neither matters to the 12 Hz path, so keep them out of every log."""
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        for fd in (1, 2):
-            os.dup2(devnull, fd)
-        yield
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        for fd, copy in zip((1, 2), saved):
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(devnull)
-
-
-with _quiet_fds():
+# qwen_tts prints a flash-attn banner and its `sox` dependency shells out to a missing binary at import time;
+# neither matters to the 12 Hz path, so keep them out of every log.
+with quiet_fds():
     import qwen_tts  # noqa: F401
 
 from qwen_tts import Qwen3TTSModel, Qwen3TTSTokenizer
@@ -159,8 +141,14 @@ def set_talker_attention(model: Qwen3TTSForConditionalGeneration, implementation
 def load_inference_model(path: str | Path, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                          attn_implementation: str = "eager") -> Qwen3TTSModel:
     """The user-facing wrapper with generate_voice_clone / generate_custom_voice."""
-    return Qwen3TTSModel.from_pretrained(_check_dir(path, "model"), device_map=str(device), dtype=dtype,
-                                         attn_implementation=attn_implementation)
+    tts = Qwen3TTSModel.from_pretrained(_check_dir(path, "model"), device_map=str(device), dtype=dtype,
+                                        attn_implementation=attn_implementation)
+    # The talker's generate names no pad token, so transformers warns on every call that it takes the eos
+    # token: name it here, the same one, and the log keeps one line per thing worth reading.
+    generation = tts.model.talker.generation_config
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tts.model.config.talker_config.codec_eos_token_id
+    return tts
 
 
 def load_speaker_encoder(path: str | Path, dtype: torch.dtype = torch.float32) -> Qwen3TTSSpeakerEncoder:
@@ -217,8 +205,11 @@ def save_model_dir(model: Qwen3TTSForConditionalGeneration, out: str | Path, sta
     _drop_local_paths(config)
     (out / "config.json").write_text(json.dumps(config, indent=2, default=str))
     tensors = state_dict if state_dict is not None else model.state_dict()
-    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, out / "model.safetensors",
-              metadata={"format": "pt"})
+    weights = out / "model.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in tensors.items()}, weights, metadata={"format": "pt"})
+    # safetensors creates its file 0600 whatever the umask; a model directory is meant to be served or shared,
+    # so the weights take the mode every other file here got from the umask (config.json's).
+    os.chmod(weights, (out / "config.json").stat().st_mode & 0o777)
 
 
 def _drop_local_paths(config: dict) -> None:

@@ -1,3 +1,6 @@
+# Readable progress for the whole suite: "[k/N] tests/test_x.py (n tests), elapsed" as each file starts.
+from tests.progress_plugin import pytest_configure  # noqa: F401
+
 # ---------------------------------------------------------------------------------------------
 # Encode output directories for the status/progress tests (services.progress, services.status).
 # ---------------------------------------------------------------------------------------------

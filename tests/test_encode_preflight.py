@@ -116,3 +116,29 @@ def test_an_encoder_start_up_error_ends_the_job_with_its_reason_and_the_fixed_co
                        "--status-port", "-1")
     assert fixed.returncode == 0, fixed.stderr[-3000:]
     assert "has no published shard: replanning" in fixed.stdout
+
+
+def test_an_unwritable_output_is_one_line_naming_the_flag_the_path_and_the_fix(tiny_codec_dir, inputs):
+    """procfs refuses new directories (ENOENT), sysfs refuses them (EPERM), and nothing can be created under a
+    regular file: each is refused by the preflight, in a fresh process, before Ray starts."""
+    root, manifest = inputs
+    (root / "a_file").write_text("")
+    for output, cause in [("/proc/nonexistent", "cannot create a directory in /proc"),
+                          ("/sys/nonexistent", "cannot create a directory in /sys"),
+                          ("/proc/version/out", "is under /proc/version, a file"),
+                          (str(root / "a_file" / "deeper" / "out"), f"is under {root / 'a_file'}, a file")]:
+        result = subprocess.run([sys.executable, "-m", "services.encode", "--manifest", str(manifest),
+                                 "--codec", str(tiny_codec_dir), "--output", output, "--status-port", "-1"],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        lines = result.stderr.strip().splitlines()
+        assert result.returncode == 2 and len(lines) == 1, (output, result.returncode, result.stderr)
+        assert lines[0].startswith(f"error: --output {output}: {cause}"), lines[0]
+        assert lines[0].endswith("pass a directory you can write to (it is created if missing)"), lines[0]
+
+
+def test_the_output_probe_leaves_nothing_behind(tiny_codec_dir, inputs, capsys):
+    root, manifest = inputs
+    out = root / "new" / "deeper" / "out"
+    line = refused(capsys, "--manifest", str(manifest), "--codec", str(tiny_codec_dir), "--output", str(out),
+                   "--shard-size", "0")  # the output passes; a later check refuses the job
+    assert line.startswith("error: --shard-size 0") and not (root / "new").exists()

@@ -89,7 +89,7 @@ def test_garbage_files_never_raise(encode_output):
     assert p["shards"]["done"] == 1 and p["rows"]["ok"] == 0
     assert p["encoders"] == [{"name": "encoder-8", "node": None, "node_id": None, "hostname": None, "device": None, "shard": None,
                               "rows": 0, "rows_error": 0, "rows_per_s": 0.0, "audio_seconds_per_s": 0.0,
-                              "alive": False, "updated": None}]
+                              "alive": False, "updated": None, "state": "stale"}]
 
 
 def test_temporaries_and_unplanned_shards_do_not_count(encode_output):

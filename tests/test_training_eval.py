@@ -88,7 +88,7 @@ def resumed(tiny_dir, speaker_encoded, asr_dir, tmp_path_factory):
     result = subprocess.run(cmd, cwd=REPO, env=ENV, timeout=300, capture_output=True, text=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stderr
-    return run, split_before, result.stderr
+    return run, split_before, result.stderr + result.stdout  # the whole log, as a person running it reads it
 
 
 @pytest.fixture(scope="module")
@@ -294,6 +294,24 @@ def test_best_checkpoint_survives_retention_and_export_picks_it(resumed, tmp_pat
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-3000:]
     assert f"exported {run / f'step-{lowest:06d}'}" in out.stdout
+    assert_no_library_noise(out.stderr + out.stdout)
+
+
+# What libraries print that a person running the pipeline has nothing to do about: transformers' pad-token
+# warning on every generate, DCP's single-process warning on export, gloo's connection line per rank, and
+# qwen_tts' import-time flash-attn banner and SoX notice.
+LIBRARY_NOISE = ("Setting `pad_token_id`", "torch.distributed is disabled", "[Gloo]", "flash-attn", "SoX")
+
+
+def assert_no_library_noise(log: str) -> None:
+    noisy = [line for line in log.splitlines() if any(noise in line for noise in LIBRARY_NOISE)]
+    assert not noisy, "\n".join(noisy[:10])
+
+
+def test_a_training_run_with_samples_logs_no_library_noise(resumed):
+    log = resumed[2]
+    assert "eval loss" in log and "samples:" in log  # it did evaluate and generate samples
+    assert_no_library_noise(log)
 
 
 def test_export_leaves_out_a_speaker_whose_rows_were_all_held_out(one_rank, speaker_encoded, tmp_path, caplog,

@@ -154,5 +154,7 @@ def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.O
 def load_model_weights(path: Path, module: torch.nn.Module) -> None:
     """Load only the model weights of a checkpoint into an unsharded module (export; no process group)."""
     state = {MODEL_KEY: module.state_dict()}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():  # a single-process load is the intent here, not a missing process group
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
     module.load_state_dict(state[MODEL_KEY])

@@ -55,6 +55,9 @@ def check(voice: Path, shards: Path, speaker: str) -> float:
     input_ids = tts._tokenize_texts([tts._build_assistant_text(row.text)])
     generated, _ = tts.model.generate(input_ids=input_ids, languages=["auto"], speakers=[speaker],
                                       non_streaming_mode=True, do_sample=False, subtalker_dosample=False,
+                                      # greedy: the sampling temperatures are neutral, or transformers warns
+                                      # that a sampling flag goes unused
+                                      temperature=1.0, subtalker_temperature=1.0,
                                       repetition_penalty=1.0, max_new_tokens=len(expected) + 8)
     got = generated[0].cpu()
     frames = min(len(got), len(expected))

@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
+from shared.quiet import quiet_fds
 from training import checkpoint, custom_voice, lora
 from training.board import Board
 from training.config import Config, dump_config
@@ -72,8 +73,9 @@ def init_distributed(preference: str, timeout_minutes: float = 30.0):
     # a per-attempt prefix they read the dead ranks' addresses and never connect (gloo/nccl "connection refused").
     store, rank, world = next(dist.rendezvous("env://"))
     attempt = dist.PrefixStore(f"attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    with quiet_fds(1):  # gloo prints "[Gloo] Rank r is connected to ..." per rank to stdout; errors still raise
+        dist.init_process_group(backend=device.backend, store=attempt, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(minutes=timeout_minutes))
     return device, dist.PrefixStore("data", attempt)
 
 
