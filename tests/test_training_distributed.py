@@ -38,6 +38,19 @@ def losses_by_step(run: Path) -> dict[int, tuple]:
     return {r["step"]: (r["loss"], r["talker_loss"], r["sub_talker_loss"], r["grad_norm"]) for r in read_metrics(run)}
 
 
+def kill_after_step(command: list[str], run: Path, step: int) -> int:
+    """Start the training command, SIGKILL torchrun and its ranks once `step` is logged; the last logged step."""
+    proc = subprocess.Popen(command, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline and max(losses_by_step(run), default=0) < step:
+            time.sleep(0.05)
+    finally:
+        kill_tree(proc)  # mid-training
+    return max(losses_by_step(run), default=0)
+
+
 @pytest.fixture(scope="module")
 def uninterrupted(tiny_dir, synthetic_encoded, tmp_path_factory):
     run = tmp_path_factory.mktemp("runs") / "uninterrupted"
@@ -73,15 +86,7 @@ def test_killed_run_resumes_to_exactly_the_same_losses(tiny_dir, synthetic_encod
     run = tmp_path / "killed"
     command = [sys.executable, *train_command(tiny_dir, synthetic_encoded, run, nproc=2), f"train.steps={STEPS}",
                "checkpoint.interval=2"]  # the output directory this time, not shards/: both are accepted
-    proc = subprocess.Popen(command, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.time() + 180
-        while time.time() < deadline and max(losses_by_step(run), default=0) < 3:
-            time.sleep(0.05)
-    finally:
-        kill_tree(proc)  # torchrun and its ranks, mid-training
-    killed_at = max(losses_by_step(run))
+    killed_at = kill_after_step(command, run, 3)
     assert 3 <= killed_at < STEPS, "the run must be killed part-way through"
     assert STEPS not in complete_checkpoints(run)
 

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
 log = logging.getLogger(__name__)
@@ -62,20 +62,31 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def model_options(module: torch.nn.Module) -> StateDictOptions:
+    """Frozen parameters (LoRA's base weights) are not saved: they come from the base model, which the run's
+    step folders name (training.lora.META_FILE). Loading then fills the trainable parameters only."""
+    frozen = any(not p.requires_grad for p in module.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler, extra: dict, keep: int) -> Path:
-    """Collective: every rank calls it. `extra` (data position etc., JSON) is global: rank 0 writes it."""
+         scheduler, extra: dict, keep: int, files: dict[str, str] | None = None) -> Path:
+    """Collective: every rank calls it. `extra` (data position etc., JSON) is global and `files` (name -> text,
+    the same on every rank) are written into the folder: both by rank 0."""
     rank = dist.get_rank()
     final = run_dir / step_dir_name(step)
     temporary = run_dir / f".{final.name}.tmp"
     if rank == 0 and temporary.exists():
         shutil.rmtree(temporary)
     dist.barrier()
-    state = {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+    state = {MODEL_KEY: get_model_state_dict(module, options=model_options(module)),
+             "optim": get_optimizer_state_dict(module, optimizer)}
     dcp.save(state, checkpoint_id=str(temporary))
     torch.save({"rng": _rng_state()}, temporary / f"extra-rank{rank:05d}.pt")
     if rank == 0:
         (temporary / STATE_FILE).write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(), **extra}))
+        for name, text in (files or {}).items():
+            (temporary / name).write_text(text)
     dist.barrier()
     if rank == 0:
         if final.exists():  # re-saving the same step (e.g. final save after an interval save)
@@ -130,9 +141,11 @@ def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.O
     if choice[0] is None:
         return None
     path = run_dir / step_dir_name(choice[0])
-    state = {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+    options = model_options(module)
+    state = {MODEL_KEY: get_model_state_dict(module, options=options),
+             "optim": get_optimizer_state_dict(module, optimizer)}
     dcp.load(state, checkpoint_id=str(path))
-    set_model_state_dict(module, state[MODEL_KEY])
+    set_model_state_dict(module, state[MODEL_KEY], options=options)
     set_optimizer_state_dict(module, optimizer, state["optim"])
     rank_path = path / f"extra-rank{dist.get_rank():05d}.pt"
     state_path = path / STATE_FILE

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from shared.quiet import quiet_fds
-from training import checkpoint, custom_voice
+from training import checkpoint, custom_voice, lora
 from training.board import Board
 from training.config import Config, dump_config
 from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
@@ -106,12 +106,19 @@ def train(config: Config) -> None:
     voices, speaker_encoder = custom_voice.start(config, model, run_dir, rank, store)  # CustomVoice model.path
     builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers, voices,
                                       speaker_encoder)
-    module = TalkerForTraining(model.talker).to(device.torch_device).train()
+    module = TalkerForTraining(model.talker)
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
+    adapters = lora.apply(module, config)  # before sharding and before the move: frozen weights shrink first
+    module = module.to(device.torch_device).train()
     del model
     parallelize(module, config.fsdp, build_mesh(device))
+    lora.check_sharded(module, config)
+    if adapters:
+        log.info("%s", adapters)
     t = config.train
-    optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    files = lora.checkpoint_files(config)  # a LoRA run's step folders name their base weights
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
     stream.figures = figures
@@ -162,7 +169,7 @@ def train(config: Config) -> None:
                 board.train(record)
             evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None
             if step % config.checkpoint.interval == 0 or (evaluation and evaluation.new_best):
-                _save(run_dir, step, module, optimizer, schedule, position, config)
+                _save(run_dir, step, module, optimizer, schedule, position, config, files)
                 last_saved = step
             if evaluation:
                 evaluator.mark_best(evaluation)  # a new lowest eval loss was just checkpointed
@@ -175,7 +182,7 @@ def train(config: Config) -> None:
     evaluation = evaluator.run(step, module) if evaluator and evaluator.last_step != step else None
     # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
     if last_saved != step:
-        _save(run_dir, step, module, optimizer, schedule, position, config)
+        _save(run_dir, step, module, optimizer, schedule, position, config, files)
     if evaluation:
         evaluator.mark_best(evaluation)
     board.close()
@@ -223,9 +230,9 @@ def _planned_micro_batches(config: Config, stream: ShardStream, consumed: int, s
     return stream.estimate_micro_batches_per_epoch() * config.train.epochs
 
 
-def _save(run_dir, step, module, optimizer, schedule, position: DataPosition, config: Config) -> None:
+def _save(run_dir, step, module, optimizer, schedule, position: DataPosition, config: Config, files: dict) -> None:
     extra = {"data": position.to_dict(), "plan_settings": plan_settings(config)}
-    checkpoint.save(run_dir, step, module, optimizer, schedule, extra, config.checkpoint.keep)
+    checkpoint.save(run_dir, step, module, optimizer, schedule, extra, config.checkpoint.keep, files)
     log.info("saved %s", run_dir / checkpoint.step_dir_name(step))
 
 
@@ -243,7 +250,7 @@ def _train_step(module, optimizer, batches: list[TalkerBatch], step: Step, confi
         loss.backward()
         sums += torch.stack([out.talker_loss_sum.detach(), out.sub_loss_sum.detach()]).float()
     max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
