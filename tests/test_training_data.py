@@ -93,8 +93,8 @@ def test_a_rank_reads_the_codes_of_its_own_rows_only(encoded, builder):
     config = DataConfig(shards=str(encoded), frame_budget=40)
     published = schema.published_shards(encoded)
     rows = [p for sid in published for p in read_planned(published[sid], sid, builder)]
-    steps = plan_round(rows, config, seed=3, epoch=0, round_shards=list(published), world=2, grad_accum=1)
-    mine = [p for step in steps for seq in step[0] for p in seq]
+    plan = plan_round(rows, config, seed=3, epoch=0, round_shards=list(published))
+    mine = [p for step in plan.steps(0, per_step=2) for i, _ in step[:1] for seq in plan.batches[i] for p in seq]
     others = [p for p in rows if all(p is not q for q in mine)]
     assert mine and others
     RoundCodes(published, mine).load(mine)
@@ -208,17 +208,20 @@ def test_the_schedule_counts_only_rows_that_train(tmp_path, builder):
     exactly, eval.fraction's per-row hash by its expected share; the last step trained runs at the lr floor."""
     from training.config import Config
     from training.split import HeldOut, training_rows
-    from training.train import lr_lambda
+    from training.schedule import SampleSchedule
 
     data = random_code_shards(tmp_path / "mix", shards=8, rows=40)
     config = dict(frame_budget=1024, pack_length=256, shards_per_round=2)
     for held_out, tolerance in ((HeldOut(shards=frozenset({1, 3, 5, 7})), 0.05), (HeldOut(fraction=0.3), 0.1)):
         taken, planned = stream(data, builder, **config), stream(data, builder, **config)
         taken.row_filter = planned.row_filter = training_rows(held_out)
-        actual = sum(1 for _ in taken.epoch_steps())
+        steps = list(taken.epoch_steps())
+        actual = len(steps)
         estimate = planned.estimate_steps_per_epoch()
         assert abs(estimate - actual) <= max(1, tolerance * actual), (held_out, estimate, actual)
         assert planned.estimate_micro_batches_per_epoch() == sum(planned.estimate_micro_batches_per_round())
         if held_out.shards:
-            factor = lr_lambda(Config(), estimate)
-            assert factor(actual - 1) <= Config().train.min_lr_ratio + 0.02, (estimate, actual)
+            schedule = SampleSchedule(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), Config().train, 1)
+            schedule.total = planned.estimate_micro_batches_per_epoch()
+            trained = sum(step.trained_micro_batches for step in steps)  # the schedule's axis: micro-batches
+            assert schedule.factor(trained) <= Config().train.min_lr_ratio + 0.02, (schedule.total, trained)

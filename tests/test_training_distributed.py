@@ -38,18 +38,18 @@ def losses_by_step(run: Path) -> dict[int, tuple]:
     return {r["step"]: (r["loss"], r["talker_loss"], r["sub_talker_loss"], r["grad_norm"]) for r in read_metrics(run)}
 
 
-def kill_part_way(command: list[str], logs: Path, env: dict = ENV, step: int = 3, timeout: float = 180) -> int:
-    """Start a training command, SIGKILL it (torchrun and its ranks) once `logs` holds `step`'s metrics; returns
-    the last step logged."""
+def kill_after_step(command: list[str], run: Path, step: int, env: dict = ENV, timeout: float = 180) -> int:
+    """Start the training command, SIGKILL torchrun and its ranks once `step` is logged (in `run`'s metrics);
+    the last logged step."""
     proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
         deadline = time.time() + timeout
-        while time.time() < deadline and max(losses_by_step(logs), default=0) < step:
+        while time.time() < deadline and max(losses_by_step(run), default=0) < step:
             time.sleep(0.05)
     finally:
-        kill_tree(proc)  # torchrun and its ranks, mid-training
-    return max(losses_by_step(logs), default=0)
+        kill_tree(proc)  # mid-training
+    return max(losses_by_step(run), default=0)
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +87,7 @@ def test_killed_run_resumes_to_exactly_the_same_losses(tiny_dir, synthetic_encod
     run = tmp_path / "killed"
     command = [sys.executable, *train_command(tiny_dir, synthetic_encoded, run, nproc=2), f"train.steps={STEPS}",
                "checkpoint.interval=2"]  # the output directory this time, not shards/: both are accepted
-    killed_at = kill_part_way(command, run)
+    killed_at = kill_after_step(command, run, 3)
     assert 3 <= killed_at < STEPS, "the run must be killed part-way through"
     assert STEPS not in complete_checkpoints(run)
 

@@ -9,7 +9,7 @@ import uuid
 
 from shared.store import open_store
 from tests.s3server import upload_tree as upload
-from tests.test_training_distributed import (ENV, REPO, STEPS, kill_part_way, losses_by_step, torchrun,
+from tests.test_training_distributed import (ENV, REPO, STEPS, kill_after_step, losses_by_step, torchrun,
                                              train_command)
 from training.checkpoint import complete_checkpoints
 
@@ -26,7 +26,7 @@ def test_two_ranks_on_s3_killed_and_resumed_match_the_local_run_and_export(tiny_
     env = {**ENV, **s3_env}
     command = [sys.executable, *train_command(tiny_dir, f"{prefix}/encoded/shards", run, nproc=2),
                f"train.steps={STEPS}", "checkpoint.interval=2", f"checkpoint.log_dir={logs}"]
-    killed_at = kill_part_way(command, logs, env, timeout=240)
+    killed_at = kill_after_step(command, logs, 3, env, timeout=240)
     assert 3 <= killed_at < STEPS, "the run must be killed part-way through"
     assert STEPS not in complete_checkpoints(run)
 

@@ -1,5 +1,10 @@
 """torch.distributed.checkpoint folders RUN_DIR/step-NNNNNN/: model, optimizer, scheduler, data position, RNG.
 
+Model and optimizer state are DCP shards that load on any number of ranks. The step, the lr schedule and the
+data position are one global record (train_state.json, written by rank 0); each rank's RNG state is in
+extra-rankNNNNN.pt. A checkpoint therefore resumes on another world size; one of an older format (the data
+position per rank in extra-rankNNNNN.pt, no train_state.json) resumes only on the world size that wrote it.
+
 A folder is written as .step-NNNNNN.tmp and renamed once every rank has finished, so a step-NNNNNN/ name
 always means a complete checkpoint; a crash mid-save leaves only a temporary that the next save replaces.
 """
@@ -19,7 +24,7 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
-    get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
+    StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
 from training import remote_checkpoint as remote
@@ -31,6 +36,7 @@ warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category
 STEP_RE = re.compile(r"^step-(\d{6,})$")
 MODEL_KEY = "model"
 BEST_FILE = "best.json"  # {"step", "eval_loss"} of the checkpoint with the lowest eval loss so far
+STATE_FILE = "train_state.json"  # {"step", "scheduler", "data", ...}: the same for every rank
 BEST_NAME = "best"  # RUN/best: a link to that step-NNNNNN/ (export also resolves the name through best.json)
 
 
@@ -60,13 +66,22 @@ def _set_rng_state(state: dict) -> None:
     np.random.set_state(state["numpy"])
 
 
+def model_options(module: torch.nn.Module) -> StateDictOptions:
+    """Frozen parameters (LoRA's base weights) are not saved: they come from the base model, which the run's
+    step folders name (training.lora.META_FILE). Loading then fills the trainable parameters only."""
+    frozen = any(not p.requires_grad for p in module.parameters())
+    return StateDictOptions(ignore_frozen_params=frozen, strict=not frozen)
+
+
 def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.optim.Optimizer,
-         scheduler, extra: dict, keep: int) -> Path:
-    """Collective: every rank calls it. `extra` (data position etc.) is per rank."""
+         scheduler, extra: dict, keep: int, files: dict[str, str] | None = None) -> Path:
+    """Collective: every rank calls it. `extra` (data position etc., JSON) is global and `files` (name -> text,
+    the same on every rank) are written into the folder: both by rank 0."""
     rank = dist.get_rank()
     if remote.is_remote(run_dir):  # no rename there: a commit marker instead (training.remote_checkpoint)
         final = remote.join(run_dir, step_dir_name(step))
-        remote.save(final, _train_state(module, optimizer), _extra_state(step, scheduler, extra))
+        remote.save(final, _train_state(module, optimizer), {"rng": _rng_state()},
+                    _rank0_files(step, scheduler, extra, files) if rank == 0 else {})
         if rank == 0:
             _apply_retention(run_dir, keep, remote.remove)
         dist.barrier()
@@ -77,7 +92,10 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.opt
         shutil.rmtree(temporary)
     dist.barrier()
     dcp.save(_train_state(module, optimizer), checkpoint_id=str(temporary))
-    torch.save(_extra_state(step, scheduler, extra), temporary / f"extra-rank{rank:05d}.pt")
+    torch.save({"rng": _rng_state()}, temporary / f"extra-rank{rank:05d}.pt")
+    if rank == 0:
+        for name, text in _rank0_files(step, scheduler, extra, files).items():
+            (temporary / name).write_text(text)
     dist.barrier()
     if rank == 0:
         if final.exists():  # re-saving the same step (e.g. final save after an interval save)
@@ -89,11 +107,28 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.opt
 
 
 def _train_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return {MODEL_KEY: get_model_state_dict(module), "optim": get_optimizer_state_dict(module, optimizer)}
+    return {MODEL_KEY: get_model_state_dict(module, options=model_options(module)),
+            "optim": get_optimizer_state_dict(module, optimizer)}
 
 
-def _extra_state(step: int, scheduler, extra: dict) -> dict:
-    return {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), **extra}
+def _rank0_files(step: int, scheduler, extra: dict, files: dict[str, str] | None) -> dict[str, str]:
+    """What rank 0 writes into a step folder: the global training state and the run's `files`."""
+    return {STATE_FILE: json.dumps({"step": step, "scheduler": scheduler.state_dict(), **extra}), **(files or {})}
+
+
+def _local_extra(path: Path) -> tuple[dict, dict | None]:
+    """(global state, this rank's RNG state or None) of a step folder on a path."""
+    rank_path = path / f"extra-rank{dist.get_rank():05d}.pt"
+    state_path = path / STATE_FILE
+    if state_path.exists():
+        rng = torch.load(rank_path, weights_only=False)["rng"] if rank_path.exists() else None
+        return json.loads(state_path.read_text()), rng
+    # the older format: everything per rank, so only the world size that wrote it can resume
+    written = len(list(path.glob("extra-rank*.pt")))
+    if written != dist.get_world_size():
+        raise RuntimeError(legacy_world_problem(path, written, dist.get_world_size()))
+    extra = torch.load(rank_path, weights_only=False)
+    return extra, extra.pop("rng")
 
 
 def _apply_retention(run_dir, keep: int, delete) -> None:
@@ -164,24 +199,35 @@ def load_latest(run_dir: Path | str, module: torch.nn.Module, optimizer: torch.o
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         return None
+    options = model_options(module)
     state = _train_state(module, optimizer)
     if remote.is_remote(run_dir):
         path = remote.join(run_dir, step_dir_name(choice[0]))
         remote.load(path, state)
-        extra = remote.load_extra(path, dist.get_rank())
     else:
         path = run_dir / step_dir_name(choice[0])
         dcp.load(state, checkpoint_id=str(path))
-        extra_path = path / f"extra-rank{dist.get_rank():05d}.pt"
-        extra = torch.load(extra_path, weights_only=False) if extra_path.exists() else None
-    set_model_state_dict(module, state[MODEL_KEY])
+    set_model_state_dict(module, state[MODEL_KEY], options=options)
     set_optimizer_state_dict(module, optimizer, state["optim"])
-    if extra is None:
-        raise RuntimeError(f"{path} was written by a different number of ranks; resume with the same world size")
+    if remote.is_remote(run_dir):  # always the current format (train_state.json + per-rank RNG)
+        extra = json.loads(remote.read_text(remote.join(path, STATE_FILE)) or "{}")
+        rank_state = remote.load_extra(path, dist.get_rank())
+        rng = rank_state["rng"] if rank_state else None
+    else:
+        extra, rng = _local_extra(path)
     scheduler.load_state_dict(extra.pop("scheduler"))
-    _set_rng_state(extra.pop("rng"))
+    if rng is not None:
+        _set_rng_state(rng)
+    else:  # a rank the checkpoint did not have: its RNG stays as train.seed left it
+        log.warning("%s has no RNG state for rank %d (written by fewer ranks)", path, dist.get_rank())
     log.info("resumed from %s", path)
     return extra
+
+
+def legacy_world_problem(path: Path, written: int, world: int) -> str:
+    return (f"{path} was written by {written} rank(s) in an older format (a data position per rank, no "
+            f"{STATE_FILE}), which resumes only on the same layout; this start has {world}: relaunch with "
+            f"--nproc_per_node {written} (and the same train.grad_accum), or start a new checkpoint.dir")
 
 
 def load_model_weights(path: Path, module: torch.nn.Module) -> None:

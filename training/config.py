@@ -41,6 +41,7 @@ class DataConfig:
     bucket_size: int = 512  # unpacked: rows sorted by length together before batching (length bucketing)
     poll_seconds: float = 10.0  # follow mode: wait between looks for new shards
     prefetch_steps: int = 2  # steps of input prepared in the background (0: prepared inline)
+    trace_rows: bool = False  # record the row ids each step trained, per rank (RUN/trained_rows/)
 
 
 @dataclass
@@ -111,6 +112,38 @@ class EvalConfig:
         return self.fraction > 0 or bool(self.shards)
 
 
+# Module-name globs (fnmatch, relative to the talker; only Linear modules count): the attention and MLP projections
+# of the talker's decoder layers and of the code predictor's layers.
+LORA_TARGETS = ["model.layers.*.self_attn.[qkvo]_proj", "model.layers.*.mlp.*_proj",
+                "code_predictor.model.layers.*.self_attn.[qkvo]_proj", "code_predictor.model.layers.*.mlp.*_proj"]
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters (training.lora); rank 0 trains every weight (full fine-tuning)."""
+    rank: int = 0
+    alpha: float = 32.0  # adapter output scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: list(LORA_TARGETS))
+    train_heads: bool = False  # also train the codec head, the code predictor's heads and the codec embeddings
+
+    @property
+    def enabled(self) -> bool:
+        return self.rank > 0
+
+    def problems(self) -> list[str]:
+        found = []
+        if self.rank < 0:
+            found.append(f"lora.rank={self.rank} must be >= 0 (0 = full fine-tuning, e.g. 16 for LoRA)")
+        if self.alpha <= 0:
+            found.append(f"lora.alpha={self.alpha:g} must be > 0 (the adapter is scaled by alpha/rank; e.g. 2 x rank)")
+        if not 0.0 <= self.dropout < 1.0:
+            found.append(f"lora.dropout={self.dropout:g} must be in [0, 1)")
+        if self.enabled and not self.targets:
+            found.append("lora.targets is empty; list module-name patterns (default: the layers' projections)")
+        return found
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -119,6 +152,7 @@ class Config:
     fsdp: FsdpConfig = field(default_factory=FsdpConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def validate(self) -> "Config":
         problems = []
@@ -157,6 +191,7 @@ class Config:
         if self.eval.asr_model and not Path(self.eval.asr_model, "config.json").is_file():
             problems.append(f"eval.asr_model {self.eval.asr_model} has no config.json; give a local "
                             f"speech-recognition model directory (e.g. a Whisper checkpoint) or leave it empty")
+        problems += self.lora.problems()
         if problems:
             raise ValueError("invalid training config: " + "; ".join(problems))
         return self

@@ -4,12 +4,14 @@ Work is organised in *rounds*: a group of shards planned together. A round's pla
 texts, references, `num_frames`): texts are tokenized in one batched call, lengths computed, and the rows
 packed into micro-batches (training.packing). Every rank computes the same plan from the same shard ids and
 seed and takes its own micro-batches of each step, so ranks always run the same number of steps; a rank then
-reads the codes (the heavy column) of only the rows of its own micro-batches. An epoch is a sequence of
-rounds covering every shard once; with `follow`, rounds are formed from shards as the encode service
-publishes them, and the epoch (and training) ends once `_COMPLETE` is present and every shard was consumed.
+reads the codes (the heavy column) of only the rows of its own micro-batches. The plan does not depend on the
+world size or grad_accum (only its grouping into steps does), so the position is global: the epoch, the round
+and how many of its micro-batches were trained; a restart on another layout continues from there. An epoch
+is a sequence of rounds covering every shard once; with `follow`, rounds are formed from shards as the encode
+service publishes them, and the epoch (and training) ends once `_COMPLETE` is present and every shard was consumed.
 
-Start-up therefore costs one round, whatever the corpus size; the step total for the lr schedule comes from
-the per-shard figures of the output's shard index (training.corpus_index) plus one round's plan
+Start-up therefore costs one round, whatever the corpus size; the micro-batch total for the lr schedule comes
+from the per-shard figures of the output's shard index (training.corpus_index) plus one round's plan
 (`estimate_micro_batches_per_epoch`).
 
 Only names from shared.schema.published_shards are ever opened: a shard still being written has a
@@ -19,6 +21,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
 import logging
 import math
 import pickle
@@ -48,32 +52,53 @@ MicroBatch = list[list[PlannedRow]]  # sequences (rows of the batch) of packed u
 
 @dataclass
 class DataPosition:
-    """Where the stream is: saved with every checkpoint, so a restart continues with the next step."""
+    """Where the stream is, as one global record (the same on every rank, whatever the world size): saved with
+    every checkpoint, so a restart continues with the next micro-batch of the round in progress, on any number
+    of ranks and with any grad_accum (a round's micro-batch plan does not depend on either)."""
     epoch: int = 0
     consumed: list[int] = field(default_factory=list)  # shard ids finished in this epoch, in order
     round_shards: list[int] = field(default_factory=list)  # shard ids of the round in progress
-    step_in_round: int = 0  # steps of that round already taken
+    round_micro_batches: int = 0  # micro-batches of that round's plan already trained (padding repeats not counted)
+    round_digest: str = ""  # fingerprint of that round's plan: a resume that would plan it differently is refused
 
     def to_dict(self) -> dict:
         return copy.deepcopy(self.__dict__)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DataPosition":
+    def from_dict(cls, d: dict, legacy_per_step: int = 0) -> "DataPosition":
+        """`legacy_per_step`: micro-batches per step (world x grad_accum) of a checkpoint that counted steps of
+        the round per rank (`step_in_round`, an older format), which resumes only on the same layout."""
+        if "step_in_round" in d:
+            if legacy_per_step < 1:
+                raise ValueError("a per-rank data position (step_in_round) needs the layout that wrote it")
+            done = int(d["step_in_round"]) * legacy_per_step  # capped at the plan's length when grouped
+            return cls(int(d["epoch"]), [int(x) for x in d["consumed"]], [int(x) for x in d["round_shards"]], done)
         return cls(int(d["epoch"]), [int(x) for x in d["consumed"]], [int(x) for x in d["round_shards"]],
-                   int(d["step_in_round"]))
+                   int(d["round_micro_batches"]), str(d.get("round_digest", "")))
 
 
 @dataclass
 class Step:
     """One optimizer step's input: this rank's micro-batches (codes read), the shapes of every rank's
-    micro-batches (the global token counts the loss is normalised by, known without a collective), and the
-    stream position after the step."""
+    micro-batches (the global token counts the loss is normalised by, known without a collective), which of
+    them repeat a micro-batch of the round to fill the step (padding), and the stream position after the step."""
     micro_batches: list[MicroBatch]
     shapes: list[BatchShape]  # all ranks' micro-batches of the step
+    repeated: list[bool]  # per entry of `shapes`: a padding repeat
+    own_repeated: list[bool]  # per entry of `micro_batches`
     position: DataPosition
 
     def total(self, key: str) -> int:
         return sum(getattr(s, key) for s in self.shapes)
+
+    @property
+    def trained_micro_batches(self) -> int:
+        """Micro-batches of the plan this step advanced by (all ranks, padding repeats not counted)."""
+        return self.repeated.count(False)
+
+    @property
+    def repeated_utterances(self) -> int:
+        return sum(s.utterances for s, again in zip(self.shapes, self.repeated) if again)
 
 
 def resolve_output_dir(shards: str | Path) -> Path | str:
@@ -124,20 +149,35 @@ def round_rng(seed: int, epoch: int, round_shards: list[int]) -> random.Random:
     return random.Random(f"{seed}/{epoch}/{','.join(map(str, round_shards))}")
 
 
-def plan_round(rows: list[PlannedRow], config: DataConfig, seed: int, epoch: int, round_shards: list[int],
-               world: int, grad_accum: int) -> list[list[MicroBatch]]:
-    """steps[s][rank * grad_accum + a] = micro-batch a of rank `rank` at step s.
+@dataclass
+class RoundPlan:
+    """A round's micro-batches in training order. The plan depends on the rows, the data settings, the seed and
+    the epoch, never on the world size or grad_accum: only its grouping into steps does (`steps`)."""
+    batches: list[MicroBatch]
 
-    The batch count is padded to a multiple of world x grad_accum by repeating the round's first batches,
-    so no row is dropped and every rank takes the same number of steps.
-    """
-    batches = plan_micro_batches(rows, config, round_rng(seed, epoch, round_shards))
-    per_step = world * grad_accum
-    if not batches:
-        return []
-    missing = -len(batches) % per_step
-    batches = batches + [batches[i % len(batches)] for i in range(missing)]
-    return [batches[s:s + per_step] for s in range(0, len(batches), per_step)]
+    def steps(self, start: int, per_step: int) -> list[list[tuple[int, bool]]]:
+        """Micro-batches `start`.. grouped into steps of `per_step` (world x grad_accum, rank-major), as (index,
+        repeated) pairs: the last step is filled by repeating the round's first micro-batches, so no row is
+        dropped and every rank takes the same number of steps."""
+        if start >= len(self.batches):
+            return []
+        order = [(i, False) for i in range(start, len(self.batches))]
+        order += [(i % len(self.batches), True) for i in range(-len(order) % per_step)]
+        return [order[s:s + per_step] for s in range(0, len(order), per_step)]
+
+    def digest(self) -> str:
+        """Which rows, in which micro-batches: equal digests mean the same plan."""
+        layout = [[[(r.shard, r.position, r.row.id, r.length) for r in seq] for seq in mb] for mb in self.batches]
+        return hashlib.sha256(json.dumps(layout).encode()).hexdigest()[:16]
+
+
+def plan_round(rows: list[PlannedRow], config: DataConfig, seed: int, epoch: int,
+               round_shards: list[int]) -> RoundPlan:
+    return RoundPlan(plan_micro_batches(rows, config, round_rng(seed, epoch, round_shards)))
+
+
+class RoundChanged(ValueError):
+    """The round a checkpoint stopped in plans differently now: resuming would train rows twice or skip some."""
 
 
 class ShardStream:
@@ -162,6 +202,7 @@ class ShardStream:
         self.figures: dict[int, tuple[int, int]] = {}
         self._agreements = 0
         self._last_round: tuple[list[int] | None, list] = (None, [])
+        self._last_plan: tuple[tuple | None, RoundPlan | None] = (None, None)
 
     def _agree(self, value):
         """Rank 0's `value` on every rank (the n-th call on every rank exchanges the n-th value)."""
@@ -215,37 +256,59 @@ class ShardStream:
                                                                   self.row_filter)])
         return [dataclasses.replace(r, row=dataclasses.replace(r.row)) for r in self._last_round[1]]
 
-    def _round_steps(self, shard_ids: list[int], epoch: int) -> list[list[MicroBatch]]:
-        rows = self._round_rows(shard_ids)
-        steps = plan_round(rows, self.config, self.seed, epoch, shard_ids, self.world, self.grad_accum)
-        if self.verbose and self.rank == 0:
-            log.info("epoch %d round: shards %s, %d rows, %d steps", epoch, shard_ids, len(rows), len(steps))
-        return steps
+    def _round_plan(self, shard_ids: list[int], epoch: int) -> RoundPlan:
+        """The round's plan (the last one is kept: a resume checks it before training starts with it)."""
+        if self._last_plan[0] != (epoch, shard_ids):
+            rows = self._round_rows(shard_ids)
+            self._last_plan = ((epoch, shard_ids), plan_round(rows, self.config, self.seed, epoch, shard_ids))
+            if self.verbose and self.rank == 0:
+                log.info("epoch %d round: shards %s, %d rows, %d micro-batches", epoch, shard_ids, len(rows),
+                         len(self._last_plan[1].batches))
+        return self._last_plan[1]
 
-    def _mine(self, step: list[MicroBatch]) -> list[MicroBatch]:
-        return step[self.rank * self.grad_accum:(self.rank + 1) * self.grad_accum]
+    def check_round(self) -> RoundPlan | None:
+        """The plan of the round in progress (None between rounds), refused with RoundChanged when it differs from
+        the plan the position was taken in: other shards, or other packing settings, under the same round."""
+        pos = self.position
+        if not pos.round_shards:
+            return None
+        published = schema.published_shards(self.output)
+        missing = [s for s in pos.round_shards + pos.consumed if s not in published]
+        if missing:
+            raise RoundChanged(f"the checkpoint's data position names shards {missing} that {self.output} does not "
+                               f"publish: data.shards points at other data; restore it or start a new checkpoint.dir")
+        plan = self._round_plan(pos.round_shards, pos.epoch)
+        if pos.round_digest and plan.digest() != pos.round_digest:
+            raise RoundChanged(f"epoch {pos.epoch}, round of shards {pos.round_shards}: the rows under "
+                               f"{self.output} plan into other micro-batches than when the checkpoint was written "
+                               f"(the shards were rewritten, or data/seed settings changed), so resuming would "
+                               f"train rows twice or skip some; restore the data or start a new checkpoint.dir")
+        pos.round_digest = plan.digest()
+        return plan
 
     def epoch_steps(self) -> Iterator[Step]:
         """This rank's remaining steps of the current epoch, codes read; advances `position`."""
-        pos = self.position
+        pos, per_step = self.position, self.world * self.grad_accum
+        mine = slice(self.rank * self.grad_accum, (self.rank + 1) * self.grad_accum)
         while True:
             if not pos.round_shards:
                 nxt = self._next_round()
                 if nxt is None:
                     return
-                pos.round_shards, pos.step_in_round = nxt, 0
-            steps = self._round_steps(pos.round_shards, pos.epoch)
+                pos.round_shards, pos.round_micro_batches, pos.round_digest = nxt, 0, ""
+            plan = self.check_round()
+            steps = plan.steps(pos.round_micro_batches, per_step)
             codes = RoundCodes(schema.published_shards(self.output),
-                               [r for step in steps[pos.step_in_round:] for mb in self._mine(step)
-                                for seq in mb for r in seq])
-            while pos.step_in_round < len(steps):
-                step = steps[pos.step_in_round]
-                mine = self._mine(step)
-                codes.load([r for mb in mine for seq in mb for r in seq])
-                pos.step_in_round += 1  # counted before yielding: a checkpoint after this step resumes past it
-                yield Step(mine, [shape_of(mb) for mb in step], DataPosition.from_dict(pos.to_dict()))
+                               [r for step in steps for i, _ in step[mine] for seq in plan.batches[i] for r in seq])
+            for step in steps:
+                own = [plan.batches[i] for i, _ in step[mine]]
+                codes.load([r for mb in own for seq in mb for r in seq])
+                # counted before yielding: a checkpoint after this step resumes past it
+                pos.round_micro_batches += sum(1 for _, again in step if not again)
+                yield Step(own, [shape_of(plan.batches[i]) for i, _ in step], [again for _, again in step],
+                           [again for _, again in step[mine]], DataPosition.from_dict(pos.to_dict()))
             pos.consumed.extend(pos.round_shards)
-            pos.round_shards, pos.step_in_round = [], 0
+            pos.round_shards, pos.round_micro_batches, pos.round_digest = [], 0, ""
 
     def next_epoch(self) -> None:
         self.position = DataPosition(epoch=self.position.epoch + 1)

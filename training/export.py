@@ -31,6 +31,8 @@ from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.custom_voice import FIRST_SPEAKER_ROW, is_custom_voice, model_config
 from training.custom_voice_export import export_custom_voice
 from training.data import resolve_output_dir
+from training.lora import read_meta
+from training.lora_export import LoraExportError, load_adapters, merge, write_adapter
 from training.model import TalkerForTraining
 from training.reference import ReferenceCache, SpeakerTable, scan_speakers, speaker_key
 from training.split import HeldOut
@@ -165,16 +167,28 @@ def copy_base_files(base: Path, out: Path) -> None:
 
 
 def export(checkpoint: Path, output: Path, model_path: str | None = None, speaker_name: str | None = None,
-           ref_audio: str | None = None, dtype: str = "auto", all_speakers: bool = False) -> dict[str, int]:
-    """Write the model directory; returns the exported speakers (name -> codec-embedding row)."""
+           ref_audio: str | None = None, dtype: str = "auto", all_speakers: bool = False, adapter: bool = False,
+           lora_scale: float = 1.0) -> dict[str, int]:
+    """Write the model directory (or, for a LoRA checkpoint with `adapter`, the peft adapter directory);
+    returns the exported speakers (name -> codec-embedding row)."""
     checkpoint = resolve_checkpoint(checkpoint)  # RUN/best -> the step with the lowest eval loss
     config = run_config(checkpoint)
     base = Path(model_path or config.get("model", {}).get("path", ""))
     if is_custom_voice(model_config(base)):  # built-in speakers kept, new ones in the rows they trained with
+        if read_meta(checkpoint):
+            raise ExportError(f"{checkpoint} is a LoRA checkpoint and {base} a CustomVoice model: LoRA trains on "
+                              "Base models only; pass the Base model it trained on with --model")
         return export_custom_voice(checkpoint, output, base, config, speaker_name, ref_audio, dtype, all_speakers)
     model = load_tts_model(base, "cpu", torch.float32)
     # The whole checkpoint (sharded over any number of ranks) is read into one unsharded model here.
-    load_model_weights(checkpoint, TalkerForTraining(model.talker))
+    adapters = load_adapters(checkpoint, model, base, lora_scale)  # a LoRA run's: None for full fine-tuning
+    if adapters is None:
+        if adapter or lora_scale != 1.0:
+            raise ExportError(f"{checkpoint} is a full fine-tuning checkpoint: --adapter and --lora-scale apply "
+                              "to LoRA runs (lora.rank > 0) only")
+        load_model_weights(checkpoint, TalkerForTraining(model.talker))
+    elif not adapter:
+        merge(adapters)  # plain names from here on: the export is a full fine-tune's
 
     state, rows = None, {}
     if speaker_name or all_speakers:
@@ -192,6 +206,9 @@ def export(checkpoint: Path, output: Path, model_path: str | None = None, speake
         model.config.talker_config.spk_id = dict(rows)
         model.config.talker_config.spk_is_dialect = {name: False for name in rows}
         state = {k: v for k, v in model.state_dict().items() if not k.startswith("speaker_encoder.")}
+    if adapter:
+        write_adapter(adapters, model, output, rows, read_meta(checkpoint))
+        return rows
     target_dtype = _target_dtype(base, dtype)
     if target_dtype != torch.float32:
         model = model.to(target_dtype)
@@ -223,16 +240,22 @@ def main(argv: list[str] | None = None) -> None:
                                             "speaker's references in the shards")
     parser.add_argument("--model", help="base model directory (default: model.path of the run's config.yaml)")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights dtype to write")
+    parser.add_argument("--adapter", action="store_true",
+                        help="LoRA run: write a peft adapter directory (plus custom-voice rows) instead of a merged "
+                             "model")
+    parser.add_argument("--lora-scale", type=float, default=1.0,
+                        help="LoRA run: scale the adapter by this factor (default 1.0) before merging or writing it")
     args = parser.parse_args(argv)
     if args.ref_audio and not args.speaker_name:
         parser.error("--ref-audio needs --speaker-name")
     try:
         rows = export(args.checkpoint, args.output, args.model, args.speaker_name, args.ref_audio, args.dtype,
-                      args.all_speakers)
-    except ExportError as e:
+                      args.all_speakers, args.adapter, args.lora_scale)
+    except (ExportError, LoraExportError) as e:
         parser.exit(2, f"export: error: {e}\n")
-    kind = (f"custom voice, speakers {', '.join(f'{n!r} (row {r})' for n, r in rows.items())}" if rows
-            else "Base model")
+    kind = "peft adapter, " if args.adapter else ""
+    kind += (f"custom voice, speakers {', '.join(f'{n!r} (row {r})' for n, r in rows.items())}" if rows
+             else "Base model")
     print(f"exported {resolve_checkpoint(args.checkpoint)} to {args.output} ({kind})")
 
 

@@ -22,6 +22,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from shared.qwen import load_inference_model, place_inference_model
+from training.lora import inference_name, merge_adapters
 
 
 def release_device_cache(device: torch.device) -> None:
@@ -42,12 +43,16 @@ def gather_weights(module: torch.nn.Module, target: torch.nn.Module | None, dtyp
             # and frees those full copies before the samples need the memory.
             part.reshard()
     targets = dict(target.named_parameters()) if target is not None else {}
-    copied, names = 0, set()
-    for name, param in module.named_parameters():
-        names.add(name)
-        full = param.detach().to(dtype)
+    copied, names, adapters = 0, set(), {}
+    for training_name, param in module.named_parameters():
+        name = inference_name(training_name)  # LoRA: the plain name; None for an adapter (merged below)
+        full = param.detach().to(dtype if name else torch.float32)
         if isinstance(full, DTensor):
             full = full.full_tensor()
+        if name is None:
+            adapters[training_name] = full
+            continue
+        names.add(name)
         if target is not None:
             if name not in targets or targets[name].shape != full.shape:
                 raise RuntimeError(f"training weight {name} {tuple(full.shape)} has no counterpart in the inference "
@@ -56,6 +61,7 @@ def gather_weights(module: torch.nn.Module, target: torch.nn.Module | None, dtyp
             copied += 1
         del full
     if target is not None:
+        merge_adapters(targets, adapters, module)
         missing = sorted(n for n in targets if n.startswith("talker.") and n not in names)
         if missing:
             raise RuntimeError(f"the inference model has talker weights training does not: {missing[:5]}")

@@ -11,8 +11,8 @@ import logging
 import time
 from pathlib import Path
 
+from training.data import Step
 from training.flops import FlopModel
-from training.packing import BatchShape
 
 log = logging.getLogger("training")
 
@@ -50,8 +50,11 @@ class Throughput:
     def _reset(self) -> None:
         self.steps, self.frames, self.training_flops, self.wait_s = 0, 0, 0.0, 0.0
 
-    def add(self, shapes: list[BatchShape], data_wait_s: float) -> dict:
-        """One step (every rank's micro-batches): returns the step's own counts."""
+    def add(self, step: Step, data_wait_s: float) -> dict:
+        """One step (every rank's micro-batches): returns the step's own counts. `utterances` counts every
+        utterance the step trained, `repeated` those of them in padding repeats (trained earlier in the round),
+        so the sum of utterances - repeated over an epoch's lines is the epoch's rows."""
+        shapes = step.shapes
         self.steps += 1
         frames = sum(s.frames for s in shapes)
         self.frames += frames
@@ -59,8 +62,8 @@ class Throughput:
         self.wait_s += data_wait_s
         tokens, padding = sum(s.positions for s in shapes), sum(s.padding for s in shapes)
         return dict(frames=frames, tokens=tokens, utterances=sum(s.utterances for s in shapes),
-                    padding_fraction=padding / tokens if tokens else 0.0, data_wait_s=data_wait_s,
-                    micro_batches=len(shapes) // self.world)
+                    repeated=step.repeated_utterances, padding_fraction=padding / tokens if tokens else 0.0,
+                    data_wait_s=data_wait_s, micro_batches=len(shapes) // self.world)
 
     def restart_clock(self) -> None:
         """Leave out the time since the last record (e.g. a checkpoint save just after it)."""

@@ -52,8 +52,9 @@ def complete_checkpoints(run_dir: str, step_re) -> dict[int, str]:
     return dict(sorted(found.items()))
 
 
-def save(final: str, state: dict, extra_state: dict) -> None:
-    """Collective. `final`: the step folder's URI; `state`: DCP's state dict; `extra_state`: this rank's."""
+def save(final: str, state: dict, rank_state: dict, files: dict[str, str]) -> None:
+    """Collective. `final`: the step folder's URI; `state`: DCP's state dict; `rank_state`: this rank's own
+    (torch.save'd); `files`: name -> text, written by the rank that passes them (rank 0) before the commit."""
     rank = dist.get_rank()
     fs, path = _fs(final)
     if rank == 0 and fs.exists(f"{path}/{COMMIT_MARKER}"):  # re-saving a step: uncommitted until rewritten
@@ -61,8 +62,10 @@ def save(final: str, state: dict, extra_state: dict) -> None:
     dist.barrier()
     dcp.save(state, storage_writer=FsspecWriter(final, sync_files=False))
     buffer = io.BytesIO()
-    torch.save(extra_state, buffer)
+    torch.save(rank_state, buffer)
     fs.pipe(f"{path}/extra-rank{rank:05d}.pt", buffer.getvalue())
+    for name, text in files.items():
+        fs.pipe(f"{path}/{name}", text.encode())
     dist.barrier()
     if rank == 0:
         fs.pipe(f"{path}/{COMMIT_MARKER}", b"{}")

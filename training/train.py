@@ -15,9 +15,9 @@ from __future__ import annotations
 import argparse
 import datetime
 import logging
-import math
 import os
 import pickle
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -28,11 +28,11 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from shared.quiet import quiet_fds
-from training import checkpoint, custom_voice, remote_checkpoint
+from training import checkpoint, custom_voice, lora, remote_checkpoint
 from training.board import Board
 from training.config import Config, dump_config
 from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
-from training.data import DataPosition, ShardStream, Step, resolve_output_dir
+from training.data import DataPosition, RoundChanged, ShardStream, Step, resolve_output_dir
 from training.evaluate import evaluator_for
 from training.flops import FlopModel, accelerator_name, peak_tflops
 from training.layout import SpecialIds, TalkerBatch
@@ -41,25 +41,14 @@ from training.model import TalkerForTraining
 from training.parallelize import build_mesh, parallelize
 from training.prefetch import Prefetcher
 from training.reference import SpeakerTable
+from training.resume import plan_settings
+from training.schedule import SampleSchedule
 from training.samples import SampleBuilder
 from training.split import HeldOut, check_same_rule, training_rows
-from training.validate import validate_or_exit
+from training.trace import RowTrace, drop_after
+from training.validate import EXIT_CODE, validate_or_exit
 
 log = logging.getLogger("training")
-
-
-def lr_lambda(config: Config, total_steps: int):
-    t = config.train
-
-    def factor(step: int) -> float:  # step = optimizer steps already taken
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        # total_steps 0: unknown in advance (follow mode without train.steps), so no decay can be planned.
-        if t.lr_schedule == "constant" or total_steps <= t.warmup_steps:
-            return 1.0
-        progress = min(1.0, (step - t.warmup_steps) / max(1, total_steps - t.warmup_steps))
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-    return factor
 
 
 def init_distributed(preference: str, timeout_minutes: float = 30.0):
@@ -110,10 +99,6 @@ def train(config: Config) -> None:
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_same_rule(run_dir, HeldOut.from_config(config.eval))  # before config.yaml is replaced
-        dump_config(config, run_dir / "config.yaml")
-        if not isinstance(checkpoint_dir, Path):  # export reads the run's config next to its checkpoints
-            remote_checkpoint.write_bytes(remote_checkpoint.join(checkpoint_dir, "config.yaml"),
-                                          (run_dir / "config.yaml").read_bytes())
     torch.manual_seed(config.train.seed)
 
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
@@ -122,31 +107,50 @@ def train(config: Config) -> None:
     voices, speaker_encoder = custom_voice.start(config, model, run_dir, rank, store)  # CustomVoice model.path
     builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers, voices,
                                       speaker_encoder)
-    module = TalkerForTraining(model.talker).to(device.torch_device).train()
+    module = TalkerForTraining(model.talker)
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
+    adapters = lora.apply(module, config)  # before sharding and before the move: frozen weights shrink first
+    module = module.to(device.torch_device).train()
     del model
     parallelize(module, config.fsdp, build_mesh(device))
+    lora.check_sharded(module, config)
+    if adapters:
+        log.info("%s", adapters)
     t = config.train
-    optimizer = torch.optim.AdamW(module.parameters(), lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
+    files = lora.checkpoint_files(config)  # a LoRA run's step folders name their base weights
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
     stream.figures = figures
     if config.eval.enabled:  # held-out rows are never trained on
         stream.row_filter = training_rows(HeldOut.from_config(config.eval))
-    total_steps = t.steps or _estimate_total_steps(config, stream)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config, total_steps))
+    per_step = world * t.grad_accum
+    schedule = SampleSchedule(optimizer, t, per_step)
 
     step = 0
-    resumed = checkpoint.load_latest(checkpoint_dir, module, optimizer, scheduler)
-    if resumed:
-        step, stream.position = resumed["step"], DataPosition.from_dict(resumed["data"])
+    resumed = checkpoint.load_latest(checkpoint_dir, module, optimizer, schedule)
+    if resumed:  # an older checkpoint's per-rank position counted steps of this layout (the same world size)
+        step, stream.position = resumed["step"], DataPosition.from_dict(resumed["data"], legacy_per_step=per_step)
+    stream.check_round()  # a resume into a round that now plans differently is refused here
+    if rank == 0:
+        dump_config(config, run_dir / "config.yaml")
+        if not isinstance(checkpoint_dir, Path):  # export reads the run's config next to its checkpoints
+            remote_checkpoint.write_bytes(remote_checkpoint.join(checkpoint_dir, "config.yaml"),
+                                          (run_dir / "config.yaml").read_bytes())
     position = stream.position
+    schedule.total = _planned_micro_batches(config, stream, schedule.consumed, step, per_step)
+    trace = RowTrace(run_dir, rank, config.data.trace_rows)
+    if config.data.trace_rows:
+        if rank == 0:
+            drop_after(run_dir, step)
+        dist.barrier()
     metrics = MetricsLog(run_dir, rank == 0)
     board = Board(run_dir, rank == 0, step)
     evaluator = evaluator_for(config, run_dir, builder, metrics, board, device.torch_device)
     peak = peak_tflops(accelerator_name(device.kind), t.peak_tflops)
     log.info("training on %s x %d (%s), %s, run dir %s, peak %s TFLOP/s", device.describe(), world, device.backend,
-             f"{t.steps} steps" if t.steps else f"{t.epochs} epochs (~{total_steps} steps)", run_dir,
+             f"{t.steps} steps" if t.steps else f"{t.epochs} epochs (~{schedule.total} micro-batches)", run_dir,
              peak or "unknown (mfu not computed; set train.peak_tflops)")
 
     last_saved = step if resumed else -1
@@ -155,20 +159,21 @@ def train(config: Config) -> None:
     try:
         for prepared in ([] if t.steps and step >= t.steps else inputs):
             batches = [b.to(device.torch_device) for b in prepared.batches]
-            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (the scheduler moves on after it)
+            lr = schedule.step(prepared.step.trained_micro_batches)  # the rate of this step, by data consumed
             sums, grad_norm = _train_step(module, optimizer, batches, prepared.step, config, world)
-            scheduler.step()
             step += 1
             position = prepared.step.position
-            counts = meter.add(prepared.step.shapes, inputs.wait_s)
+            trace.write(step, prepared.step)
+            counts = meter.add(prepared.step, inputs.wait_s)
             if step % t.log_interval == 0:
                 record = (_record(sums, grad_norm, prepared.step, config) | counts | meter.rates()
-                          | dict(step=step, epoch=position.epoch, lr=lr, peak_memory_bytes=peak_memory_bytes(device)))
+                          | dict(step=step, epoch=position.epoch, lr=lr, consumed_micro_batches=schedule.consumed,
+                                 peak_memory_bytes=peak_memory_bytes(device)))
                 metrics.write(record)
                 board.train(record)
             evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None
             if step % config.checkpoint.interval == 0 or (evaluation and evaluation.new_best):
-                _save(checkpoint_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
+                _save(checkpoint_dir, step, module, optimizer, schedule, position, config, files)
                 last_saved = step
             if evaluation:
                 evaluator.mark_best(evaluation)  # a new lowest eval loss was just checkpointed
@@ -181,7 +186,7 @@ def train(config: Config) -> None:
     evaluation = evaluator.run(step, module) if evaluator and evaluator.last_step != step else None
     # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
     if last_saved != step:
-        _save(checkpoint_dir, step, module, optimizer, scheduler, position, config.checkpoint.keep)
+        _save(checkpoint_dir, step, module, optimizer, schedule, position, config, files)
     if evaluation:
         evaluator.mark_best(evaluation)
     board.close()
@@ -216,19 +221,23 @@ def _setup_logging(rank: int) -> None:
     log.propagate = False
 
 
-def _estimate_total_steps(config: Config, stream: ShardStream) -> int:
-    """For the cosine schedule when only epochs are given: steps of the rows that train (see
-    ShardStream.estimate_micro_batches_per_round)."""
+def _planned_micro_batches(config: Config, stream: ShardStream, consumed: int, step: int, per_step: int) -> int:
+    """The schedule's end, in global micro-batches: epochs x an epoch's plan (see
+    ShardStream.estimate_micro_batches_per_epoch; the same on any layout), or with train.steps what the steps
+    left take on this layout after what was consumed; 0 (no decay) in follow mode without train.steps."""
+    if config.train.steps:
+        return consumed + max(0, config.train.steps - step) * per_step
     if config.data.follow:
         log.warning("data.follow without train.steps: the data size is unknown, so the lr stays constant "
                     "after warmup; set train.steps for a cosine decay")
         return 0
-    return stream.estimate_steps_per_epoch() * config.train.epochs
+    return stream.estimate_micro_batches_per_epoch() * config.train.epochs
 
 
-def _save(run_dir, step, module, optimizer, scheduler, position: DataPosition, keep: int) -> None:
-    log.info("saved %s", checkpoint.save(run_dir, step, module, optimizer, scheduler, {"data": position.to_dict()},
-                                         keep))
+def _save(run_dir, step, module, optimizer, schedule, position: DataPosition, config: Config, files: dict) -> None:
+    extra = {"data": position.to_dict(), "plan_settings": plan_settings(config)}
+    log.info("saved %s", checkpoint.save(run_dir, step, module, optimizer, schedule, extra, config.checkpoint.keep,
+                                         files))
 
 
 def _train_step(module, optimizer, batches: list[TalkerBatch], step: Step, config: Config, world: int):
@@ -245,7 +254,7 @@ def _train_step(module, optimizer, batches: list[TalkerBatch], step: Step, confi
         loss.backward()
         sums += torch.stack([out.talker_loss_sum.detach(), out.sub_loss_sum.detach()]).float()
     max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(module.parameters(), max_norm)
+    grad_norm = torch.nn.utils.clip_grad_norm_([p for p in module.parameters() if p.requires_grad], max_norm)
     if hasattr(grad_norm, "full_tensor"):
         grad_norm = grad_norm.full_tensor()
     optimizer.step()
@@ -267,7 +276,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--config", help="YAML config (see training/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
     args = parser.parse_args(argv)
-    train(validate_or_exit(args.config, args.overrides))  # one line and exit 2 on a bad input, nothing written
+    config = validate_or_exit(args.config, args.overrides)  # one line and exit 2 on a bad input, nothing written
+    try:
+        train(config)
+    except RoundChanged as exc:  # found once the round in progress is re-planned; every rank finds it
+        if dist.get_rank() == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_CODE)
 
 
 if __name__ == "__main__":

@@ -148,8 +148,34 @@ def validate(config_path: str | None, overrides: list[str]) -> Config:
     check_model(config.model.path)
     check_shards(config.data.shards, config.data.follow)
     check_run_dir(config.checkpoint.dir)
+    check_resume(config)
+    check_lora(config)
     check_voices(config)
     return config
+
+
+def check_resume(config: Config) -> None:
+    """The newest checkpoint must be resumable by this command (same data-plan settings; an older-format one
+    on the world size that wrote it)."""
+    from training.resume import resume_problem  # reads checkpoint metadata only, but imports torch
+
+    problem = resume_problem(config, int(os.environ.get("WORLD_SIZE", "1")))
+    if problem:
+        raise TrainingInputProblem(problem)
+
+
+def check_lora(config: Config) -> None:
+    """Target patterns against the model's module names, and a resumed run against its base weights."""
+    from training import lora
+    from training.custom_voice import is_custom_voice, model_config
+
+    if config.lora.enabled and is_custom_voice(model_config(config.model.path)):
+        raise TrainingInputProblem(f"lora.rank={config.lora.rank} with a CustomVoice model.path ({config.model.path}) "
+                                   "is not supported (its speaker rows train with the model); use lora.rank=0 or a "
+                                   "Base model.path")
+    problem = (config.lora.enabled and lora.target_problem(config)) or lora.resume_problem(config)
+    if problem:
+        raise TrainingInputProblem(problem)
 
 
 def check_voices(config: Config) -> None:
