@@ -24,6 +24,7 @@ class SampleSchedule:
         self.warmup = config.warmup_steps * per_step
         self.total = 0  # 0: unknown (follow mode without train.steps), so no decay is planned
         self.consumed = 0
+        self.planned_per_step = 0  # the layout `total` was planned for (a resumed total is kept on that layout)
 
     def factor(self, consumed: int) -> float:
         """The lr factor of the step after which `consumed` micro-batches have been trained."""
@@ -45,10 +46,12 @@ class SampleSchedule:
         return self.optimizer.param_groups[0]["lr"]
 
     def state_dict(self) -> dict:
-        return {"warmup_micro_batches": self.warmup, "consumed_micro_batches": self.consumed}
+        return {"warmup_micro_batches": self.warmup, "consumed_micro_batches": self.consumed,
+                "total_micro_batches": self.total, "per_step": self.per_step}
 
     def load_state_dict(self, state: dict) -> None:
         if "last_epoch" in state:  # torch's LambdaLR of an older checkpoint: it counted steps of this layout
             self.consumed = int(state["last_epoch"]) * self.per_step
             return
         self.warmup, self.consumed = int(state["warmup_micro_batches"]), int(state["consumed_micro_batches"])
+        self.total, self.planned_per_step = int(state.get("total_micro_batches", 0)), int(state.get("per_step", 0))

@@ -139,7 +139,7 @@ def train(config: Config) -> None:
             remote_checkpoint.write_bytes(remote_checkpoint.join(checkpoint_dir, "config.yaml"),
                                           (run_dir / "config.yaml").read_bytes())
     position = stream.position
-    schedule.total = _planned_micro_batches(config, stream, schedule.consumed, step, per_step)
+    schedule.total = _planned_micro_batches(config, stream, schedule, step, per_step)
     trace = RowTrace(run_dir, rank, config.data.trace_rows)
     if config.data.trace_rows:
         if rank == 0:
@@ -221,12 +221,17 @@ def _setup_logging(rank: int) -> None:
     log.propagate = False
 
 
-def _planned_micro_batches(config: Config, stream: ShardStream, consumed: int, step: int, per_step: int) -> int:
+def _planned_micro_batches(config: Config, stream: ShardStream, schedule: SampleSchedule, step: int,
+                           per_step: int) -> int:
     """The schedule's end, in global micro-batches: epochs x an epoch's plan (see
     ShardStream.estimate_micro_batches_per_epoch; the same on any layout), or with train.steps what the steps
-    left take on this layout after what was consumed; 0 (no decay) in follow mode without train.steps."""
+    left take on this layout after what was consumed (a resume on the layout that planned it keeps its total:
+    padding repeats make a step train fewer than world x grad_accum new micro-batches, so re-deriving it would
+    move the curve); 0 (no decay) in follow mode without train.steps."""
     if config.train.steps:
-        return consumed + max(0, config.train.steps - step) * per_step
+        if schedule.total and schedule.planned_per_step == per_step:
+            return schedule.total
+        return schedule.consumed + max(0, config.train.steps - step) * per_step
     if config.data.follow:
         log.warning("data.follow without train.steps: the data size is unknown, so the lr stays constant "
                     "after warmup; set train.steps for a cosine decay")
