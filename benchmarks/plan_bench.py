@@ -23,7 +23,7 @@ from benchmarks.common import (GIB, base_parser, child_env, current_rss_self, em
                                run_measured, timed_calls, write_json)
 
 FAKE_AUDIO_ROOT = "/nonexistent-bench-audio"
-PHASES = ("input_fingerprint", "hash_directory", "write_normalised", "plan_shards", "write_json_atomic")
+PHASES = ("input_fingerprint", "hash_directory", "write_normalised", "plan_shards", "plan_bytes")
 _TEXTS = ["今天天气很好我们一起去公园散步", "语音合成模型需要大量的训练数据", "the quick brown fox jumps over the lazy dog",
           "学习语音合成", "hello world, this is a longer line of English text for the manifest"]
 

@@ -8,7 +8,8 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.progress import node_label, planned_published_shards, planned_shard_ids, read_json_object
+from services.progress import node_label, planned_published_shards, planned_shard_ids
+from shared.store import Store, open_store
 from services.shard_details import DURATION_EDGES, ErrorRow, ShardDetail, ShardDetailsCache
 from shared.schema import PLAN_FILE
 
@@ -70,9 +71,11 @@ class Dashboard:
         return DURATION_EDGES
 
 
-def collect_dashboard(output: Path, progress: dict, cache: ShardDetailsCache) -> Dashboard:
-    planned = planned_shard_ids(read_json_object(output / PLAN_FILE))
-    details = cache.details(planned_published_shards(output, planned))
+def collect_dashboard(output: Path | Store, progress: dict, cache: ShardDetailsCache) -> Dashboard:
+    store = open_store(output)
+    planned = planned_shard_ids(store.read_json(PLAN_FILE))
+    infos: dict = {}
+    details = cache.details(planned_published_shards(store, planned, infos), infos)
     reasons: dict[str, int] = {}
     for detail in details:
         for reason, count in detail.errors_by_reason.items():

@@ -5,6 +5,7 @@ local Ray. Re-running with the same arguments finishes only the shards that are 
 """
 from __future__ import annotations
 
+import _thread
 import argparse
 import importlib
 import os
@@ -16,24 +17,32 @@ import time
 from pathlib import Path
 
 from services.index_keeper import IndexKeeper
-from services.lock import OutputLock, OutputLocked
+from services.lease import DEFAULT_LEASE_SECONDS, single_driver_guard
+from services.lock import OutputLocked
 from services.manifest import ManifestError
 from services.preflight import InputProblem, check_inputs
-from services.progress import read_json_object
-from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, write_failure
+from services.progress import DRIVER_FILE
+from services.writer import FIX_FOR_ERRNO, OutputWriteError, ShardWriter, is_own_file, write_failure
 from shared.device import DEVICE_CHOICES  # without torch: the driver never imports it
 from shared.schema import COMPLETE_MARKER, PLAN_FILE, SUMMARY_FILE, published_shards
 from shared.storage import local_path
+from shared.store import is_s3_uri, open_store
 
 
-def output_directory(text: str) -> Path:
-    """--output: the lock, plan, manifest and heartbeats need a POSIX filesystem that every node mounts."""
+def output_location(text: str) -> str:
+    """--output: a path every node mounts, a file:// URI, or an s3:// URI (any S3-compatible store)."""
+    if is_s3_uri(text):
+        return text
     path = local_path(text)
     if path is None:
         raise argparse.ArgumentTypeError(
-            f"{text}: the output directory must be a path every node mounts (or a file:// URI); the lock, plan and "
-            "heartbeats need a shared POSIX filesystem. Mount the bucket (e.g. s3fs, gcsfuse) and pass that path")
-    return path
+            f"{text}: the output must be a path every node mounts, a file:// URI or an s3:// URI (the plan and the "
+            "driver's lease need conditional writes); for GCS use its S3-compatible endpoint with an s3:// URI")
+    return str(path.resolve())
+
+
+def export_destination(text: str) -> str | Path:
+    return text if is_s3_uri(text) else Path(text)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -41,8 +50,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--manifest", required=True, type=Path, help="raw JSONL (audio, text, ref_audio) or a directory "
                    "of audio files with same-stem .txt transcripts")
     p.add_argument("--codec", required=True, type=Path, help="Qwen3-TTS-Tokenizer-12Hz directory")
-    p.add_argument("--output", required=True, type=output_directory, help="output directory: a path every node "
-                   "mounts, or a file:// URI")
+    p.add_argument("--output", required=True, type=output_location, help="output directory: a path every node "
+                   "mounts, a file:// URI, or s3://bucket/prefix")
     p.add_argument("--shard-size", type=int, default=256, help="manifest rows per shard")
     p.add_argument("--device", choices=DEVICE_CHOICES, default="auto")
     p.add_argument("--num-encoders", type=int, default=0, help="0: one per accelerator in the cluster (1 on CPU)")
@@ -59,12 +68,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--min-seconds", type=float, default=0.1)
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--ref-audio", default=None, help="reference wav for entries that have none")
+    p.add_argument("--lease-seconds", type=float, default=DEFAULT_LEASE_SECONDS, help="on s3://: the driver's "
+                   "lease lasts this long unless renewed; a killed driver's output can be resumed after it")
     p.add_argument("--replan", action="store_true", help="inputs changed: move old results aside and start over "
                    "(a manifest with lines appended needs none: only the new lines are encoded)")
     p.add_argument("--status-host", default="127.0.0.1")
     p.add_argument("--status-port", type=int, default=8000, help="serve GET /status while running; -1 disables")
     p.add_argument("--status-token-file", default=None, help="require this bearer token on /status")
-    p.add_argument("--export-jsonl", type=Path, default=None, help="also write upstream train_with_codes.jsonl")
+    p.add_argument("--export-jsonl", type=export_destination, default=None, help="also write upstream "
+                   "train_with_codes.jsonl (a path or an s3:// URI)")
     p.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a private local Ray)")
     p.add_argument("--progress-seconds", type=float, default=10.0)
     p.add_argument("--max-retries", type=int, default=2, help="tries of a shard that raised, after the first, "
@@ -123,7 +135,7 @@ class PlanInBackground:
             except PlanMismatch:
                 # A plan nothing was published under (its job stopped at start-up, e.g. on a codec that would not
                 # load) holds nothing to keep: the corrected command replans instead of asking for --replan.
-                if published_shards(driver.output):
+                if published_shards(driver.store):
                     raise
                 driver.log("the plan there is for other inputs and has no published shard: replanning")
                 self.plan = self._prepare(driver, True)
@@ -136,7 +148,7 @@ class PlanInBackground:
         from services.plan import prepare_plan
 
         args = driver.args
-        return prepare_plan(driver.output, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
+        return prepare_plan(driver.store, args.manifest, args.codec, args.shard_size, exact_tail=args.exact_tail,
                             min_seconds=args.min_seconds, max_seconds=args.max_seconds, ref_audio=args.ref_audio,
                             replan=replan, log=driver.log)
 
@@ -149,7 +161,9 @@ class PlanInBackground:
 
 class Driver:
     def __init__(self, args: argparse.Namespace):
-        self.args, self.output = args, args.output.resolve()
+        self.args = args
+        self.store = open_store(args.output)
+        self.output = self.store.location()  # for messages and the status server
         self.started = time.time()
         self.pool = None  # the EncoderPool once Ray is up
         self.kind = "cpu"  # the accelerator kind encoders are placed on, once Ray is up
@@ -168,10 +182,8 @@ class Driver:
     def heartbeat(self, state: str, message: str = "") -> None:
         """driver.json: read by /status. Failures, retries and lost encoders are live: the pool asks for a
         heartbeat as soon as one happens."""
-        from services.plan import write_json_atomic
-
         pool = self.pool
-        write_json_atomic(self.output / "driver.json", {
+        self.store.write_json(DRIVER_FILE, {
             "pid": os.getpid(), "host": socket.gethostname(), "state": state, "started": self.started,
             "updated": time.time(), "num_encoders": len(pool.encoders) if pool else 0,
             "failed_shards": {str(k): v for k, v in self.failed.items()},
@@ -188,7 +200,7 @@ class Driver:
             self.log(f"warning: /status on {self.args.status_host} without a token: anyone who can reach it "
                      "sees the job's paths and progress; pass --status-token-file")
         try:
-            server = start_status_server(self.output, self.args.status_host, self.args.status_port, token)
+            server = start_status_server(self.store, self.args.status_host, self.args.status_port, token)
         except OSError as exc:
             self.log(f"status server not started ({exc}); the job goes on. Serve it with "
                      f"`python -m services.status --output {self.output} --port P`")
@@ -203,10 +215,10 @@ class Driver:
         """Plan (on a thread) while Ray and the encoders start, unless the job is already complete."""
         # On a fresh output the actors start with Ray. A resubmit's plan may turn out to be for other inputs
         # (refused) or be moved aside (--replan): its actors wait for the plan. (Read before the plan is written.)
-        fresh = not (self.output / PLAN_FILE).exists()
+        fresh = not self.store.exists(PLAN_FILE)
         planning = PlanInBackground(self)
         try:
-            if not (self.output / COMPLETE_MARKER).exists():
+            if not self.store.exists(COMPLETE_MARKER):
                 # The encoder pool's imports (pyarrow, soundfile, Ray's actor API) load on a thread while Ray
                 # starts on this one.
                 threading.Thread(target=importlib.import_module, args=("services.dispatch",), daemon=True).start()
@@ -227,7 +239,7 @@ class Driver:
         kind = self.kind = cluster_kind(args.device, self.log)
         self.log(f"Ray ready after {self.since_start()}")
         options = EncoderOptions(
-            codec=str(args.codec.resolve()), output=str(self.output),
+            codec=str(args.codec.resolve()), output=args.output,
             max_batch_seconds=args.max_batch_seconds, max_batch_items=args.max_batch_items,
             decode_threads=args.decode_threads, placement=kind, exact_tail=args.exact_tail,
             min_seconds=args.min_seconds, max_seconds=args.max_seconds,
@@ -258,20 +270,20 @@ class Driver:
         from services.progress import collect_progress, format_progress_line
 
         args = self.args
-        writer = ShardWriter(self.output)
+        writer = ShardWriter(self.store)
         self.index = IndexKeeper(self.output, self.log)
         removed = writer.remove_temporaries()  # safe: we hold the lock and no encoder of ours has work yet
         if removed:
             self.log(f"removed {len(removed)} temporary files left by encoders that were killed mid-shard")
-        done = published_shards(self.output)
+        done = published_shards(self.store)
         pending = [s for s in plan.shards if s.id not in done]
         self.log(f"plan: {plan.num_rows} rows in {len(plan.shards)} shards; {len(done)} already published, "
                  f"{len(pending)} to encode")
         if not pending:  # a rerun of a finished job: keep the summary's time, it is the job's
             self.stop_encoders()
-            previous = read_json_object(self.output / SUMMARY_FILE) or {}
+            previous = self.store.read_json(SUMMARY_FILE) or {}
             self.index.reconcile()
-            summary = write_summary(self.output, plan, previous.get("elapsed_seconds") or time.time() - self.started)
+            summary = write_summary(self.store, plan, previous.get("elapsed_seconds") or time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed")
             self.log(f"nothing to encode: all {len(plan.shards)} shards were already published")
         else:
@@ -284,10 +296,10 @@ class Driver:
                 if status is not None:
                     status.stop()
             self.index.reconcile()
-            summary = write_summary(self.output, plan, time.time() - self.started)
+            summary = write_summary(self.store, plan, time.time() - self.started)
             self.heartbeat("finished" if summary["complete"] else "failed", message="" if summary["complete"] else
                            f"{len(self.failed)} shards failed; re-run the same command to retry them")
-            self.log(format_progress_line(collect_progress(self.output)))
+            self.log(format_progress_line(collect_progress(self.store)))
             if self.encode_seconds:
                 self.log(f"throughput this run: {len(pending)} shards in {self.encode_seconds:.1f} s "
                          f"({self.run_rows / self.encode_seconds:.1f} rows/s, "
@@ -297,7 +309,7 @@ class Driver:
                  f"{summary['errors_by_reason']}, {summary['audio_hours']:.4f} h audio; "
                  f"{'complete' if summary['complete'] else 'INCOMPLETE'} -> {self.output}")
         if args.export_jsonl and summary["complete"]:
-            for line in export_jsonl(self.output, args.export_jsonl).describe(args.export_jsonl):
+            for line in export_jsonl(self.store, args.export_jsonl).describe(args.export_jsonl):
                 self.log(line)
         return 0 if summary["complete"] else 1
 
@@ -308,9 +320,9 @@ class Driver:
 
         if not self.ray_up:
             self.start_encoders(spawn=True)
-        record_encode_run(self.output, plan, codec_numerics(self.kind), self.log)  # plan.json: which hardware
+        record_encode_run(self.store, plan, codec_numerics(self.kind), self.log)  # plan.json: which hardware
         pool = self.pool
-        pool.on_started = lambda info: amend_encode_run(self.output, plan, CodecNumerics(**info["numerics"]),
+        pool.on_started = lambda info: amend_encode_run(self.store, plan, CodecNumerics(**info["numerics"]),
                                                         f"{info['name']} on {info['hostname']}", self.log)
         pool.scale()
         self.heartbeat("running")
@@ -324,7 +336,7 @@ class Driver:
         def on_tick():
             self.index.save()
             self.heartbeat("running")
-            self.log(format_progress_line(collect_progress(self.output)))
+            self.log(format_progress_line(collect_progress(self.store)))
 
         try:
             begun = time.time()
@@ -352,12 +364,26 @@ def main(argv: list[str] | None = None) -> int:
     except InputProblem as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    lock = OutputLock(args.output.resolve())
+    store = open_store(args.output)
+
+    def log(message: str) -> None:
+        print(f"[encode {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+    def lease_lost(message: str) -> None:
+        log(message)
+        _thread.interrupt_main()  # the driver stops its encoders and exits; the new holder finishes the job
+
+    guard = single_driver_guard(store, args.lease_seconds, log=log, on_lost=lease_lost)
     try:
-        lock.acquire()
+        guard.acquire()
         return Driver(args).run()
     except OutputLocked as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 3
+    except KeyboardInterrupt:
+        if getattr(guard, "lost", None) is None:
+            raise
+        print(f"error: {guard.lost}", file=sys.stderr)
         return 3
     except (ManifestError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -372,15 +398,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     except OSError as exc:
         # The driver's own files (lock, plan, manifest copy, driver.json, summary) fail like the shards do.
-        own_file = exc.filename and Path(exc.filename).resolve().is_relative_to(args.output.resolve())
         if not isinstance(exc, OutputWriteError):
-            if not (own_file and exc.errno in FIX_FOR_ERRNO):
+            if not (is_own_file(exc.filename, store) and exc.errno in FIX_FOR_ERRNO):
                 raise
-            exc = write_failure(Path(exc.filename).parent, exc)
+            exc = write_failure(str(exc.filename).rsplit("/", 1)[0], exc)
         print(f"error: {exc}", file=sys.stderr)
         return 4
     finally:
-        lock.release()
+        guard.release()
 
 
 if __name__ == "__main__":

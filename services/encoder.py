@@ -14,12 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from services.batching import Prefetcher, form_batches, probe_duration
-from services.manifest import ENTRY_ERROR, LINE_ERROR, read_range
-from services.plan import ShardSpec, write_json_atomic
+from services.manifest import ENTRY_ERROR, LINE_ERROR, parse_entries
+from services.plan import ShardSpec
 from services.writer import ShardWriter
 from shared.audio import SAMPLES_PER_FRAME, AudioError, AudioLimits, Clip, load_audio
 from shared.device import RAY_RESOURCE, VISIBLE_DEVICES_VAR, apply_codec_numerics, placed_device
 from shared.schema import MANIFEST_FILE, WORKERS_DIR, ShardRow, ShardStats
+from shared.store import open_store
 
 HEARTBEAT_SECONDS = 2.0
 MAX_TEXT_CHARACTERS = 2000  # ~2 minutes of fast speech: more than any clip under the 60 s limit can say
@@ -188,10 +189,10 @@ class ShardEncoder:
         encode_clips(self.codec, [np.zeros(4 * SAMPLES_PER_FRAME, dtype=np.float32)])
         self.batch_seconds = batch_seconds_for(options, self.device.kind)
         self.limits = AudioLimits(options.min_seconds, options.max_seconds)
-        self.writer = ShardWriter(options.output)
+        self.store = open_store(options.output)
+        self.writer = ShardWriter(self.store)
         self.prefetcher = Prefetcher(options.decode_threads or default_decode_threads(options.placement),
                                      options.prefetch_batches)
-        self.manifest = Path(options.output) / MANIFEST_FILE
         self.totals = {"rows": 0, "rows_error": 0, "audio_seconds": 0.0}
         self.meter = RateMeter()
         # On an accelerator the actor runs two shards at once (dispatch.shards_at_once): one decodes and
@@ -225,7 +226,7 @@ class ShardEncoder:
         from shared.qwen import encode_clips
 
         started = time.time()
-        entries = read_range(self.manifest, spec.byte_start, spec.byte_end)
+        entries = parse_entries(self.store.read_range(MANIFEST_FILE, spec.byte_start, spec.byte_end))
         if len(entries) != spec.rows:
             raise RuntimeError(f"shard {spec.id}: manifest range holds {len(entries)} lines, plan says {spec.rows}; "
                                "manifest.jsonl changed after planning, re-run with --replan")
@@ -279,8 +280,7 @@ class EncoderActor:
     def __init__(self, options: EncoderOptions, name: str):
         self.encoder = ShardEncoder(options, name)
         self.started = time.time()
-        self.heartbeat_path = Path(options.output) / WORKERS_DIR / f"{name}.json"
-        self.heartbeat_path.parent.mkdir(parents=True, exist_ok=True)
+        self.heartbeat_name = f"{WORKERS_DIR}/{name}.json"
         self._stop = threading.Event()
         self._info: dict | None = None
         threading.Thread(target=self._beat, daemon=True, name="heartbeat").start()
@@ -305,7 +305,7 @@ class EncoderActor:
         try:
             self._info = self._info or self.info()
             rows_per_s, audio_per_s = self.encoder.meter.rates()
-            write_json_atomic(self.heartbeat_path, {
+            self.encoder.store.write_json(self.heartbeat_name, {
                 **self._info, "shard": self.encoder.current_shard, **self.encoder.totals,
                 "rows_per_s": rows_per_s, "audio_seconds_per_s": audio_per_s,
                 "started": self.started, "updated": time.time()})

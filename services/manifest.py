@@ -127,5 +127,9 @@ def read_range(manifest: Path, byte_start: int, byte_end: int) -> list[dict]:
     """The entries in [byte_start, byte_end) of a normalised manifest (one shard's rows)."""
     with open(manifest, "rb") as f:
         f.seek(byte_start)
-        data = f.read(byte_end - byte_start)
+        return parse_entries(f.read(byte_end - byte_start))
+
+
+def parse_entries(data: bytes) -> list[dict]:
+    """The entries in a byte range of a normalised manifest, one JSON object a line."""
     return [json.loads(line) for line in data.decode("utf-8").splitlines()]

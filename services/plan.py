@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -19,6 +20,7 @@ from services.manifest import input_fingerprint, write_normalised
 from shared.device import CodecNumerics
 from shared.schema import (COMPLETE_MARKER, ERRORS_FILE, INDEX_FILE, MANIFEST_FILE, PLAN_FILE, SHARDS_DIR,
                            SUMMARY_FILE, WORKERS_DIR)
+from shared.store import LocalStore, Store, open_store
 
 PLAN_VERSION = 1
 
@@ -175,31 +177,35 @@ def write_json_atomic(path: Path, data: dict) -> None:
     os.replace(tmp, path)
 
 
-def load_plan(output: Path) -> Plan | None:
-    path = output / PLAN_FILE
-    if not path.is_file():
+def load_plan(store: Store | str | Path) -> Plan | None:
+    store = open_store(store)
+    data = store.read_json(PLAN_FILE) if store.exists(PLAN_FILE) else None
+    if data is None:
         return None
-    return Plan.from_json(json.loads(path.read_text()))
+    return Plan.from_json(data)
 
 
-def _move_aside(output: Path) -> Path:
-    aside = output / f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
-    aside.mkdir()
+def _move_aside(store: Store) -> str:
+    aside = f"replaced-{time.strftime('%Y%m%d-%H%M%S')}"
     for name in (PLAN_FILE, MANIFEST_FILE, SHARDS_DIR, WORKERS_DIR, SUMMARY_FILE, ERRORS_FILE, COMPLETE_MARKER,
                  INDEX_FILE, "driver.json"):
-        if (output / name).exists():
-            os.replace(output / name, aside / name)
-    return aside
+        if store.exists(name) or store.listing(name):
+            store.move(name, f"{aside}/{name}")
+    return str(store.location(aside))
 
 
-def prepare_plan(output: Path, inputs_source: Path, codec: Path, shard_size: int, *, exact_tail: bool = False,
+def prepare_plan(store: Store | str | Path, inputs_source: Path, codec: Path, shard_size: int, *, exact_tail: bool = False,
                  min_seconds: float = 0.1, max_seconds: float = 60.0, ref_audio: str | None = None,
                  replan: bool = False, log=print) -> Plan:
-    """Reuse the plan in `output` if it matches these inputs; write a new one if there is none."""
+    """Reuse the plan in `store` if it matches these inputs; write a new one if there is none.
+
+    The manifest copy is published first, then plan.json is created if absent (a conditional create on an
+    object store): a plan never points at a manifest that is not there."""
+    store = open_store(store)
     inputs = PlanInputs(manifest=str(inputs_source.resolve()), manifest_sha256=input_fingerprint(inputs_source, ref_audio),
                         codec=str(codec.resolve()), codec_sha256=hash_directory(codec), shard_size=shard_size,
                         exact_tail=exact_tail, min_seconds=min_seconds, max_seconds=max_seconds, ref_audio=ref_audio)
-    existing = load_plan(output)
+    existing = load_plan(store)
     if existing is not None:
         if existing.config_hash == inputs.config_hash():
             return existing
@@ -209,19 +215,30 @@ def prepare_plan(output: Path, inputs_source: Path, codec: Path, shard_size: int
             if changed == ["manifest_sha256"]:  # the manifest alone changed: appended lines extend the plan
                 from services.grow import grow_plan
 
-                return grow_plan(output, existing, inputs, inputs_source, log)
-            raise PlanMismatch(f"{output} already holds a plan for different inputs (changed: {', '.join(changed)}). "
+                if not isinstance(store, LocalStore):
+                    raise PlanMismatch(f"{store.root} holds a plan for another manifest; growing a corpus is "
+                                       "supported on a path only so far: use --replan or a new --output")
+                return grow_plan(store.path, existing, inputs, inputs_source, log)
+            raise PlanMismatch(f"{store.root} already holds a plan for different inputs (changed: {', '.join(changed)}). "
                                "Use a new --output, or pass --replan to move the old results aside and start over.")
-        log(f"--replan: moved the previous plan and shards to {_move_aside(output)}")
-    output.mkdir(parents=True, exist_ok=True)
-    write_normalised(inputs_source, output / MANIFEST_FILE, ref_audio)
-    num_rows, shards, covered = plan_shards(output / MANIFEST_FILE, shard_size)
+        log(f"--replan: moved the previous plan and shards to {_move_aside(store)}")
+    with tempfile.TemporaryDirectory(prefix=".plan-", dir=store.scratch_directory()) as scratch:
+        manifest = Path(scratch) / MANIFEST_FILE
+        write_normalised(inputs_source, manifest, ref_audio)
+        num_rows, shards, covered = plan_shards(manifest, shard_size)
+        store.publish_file(MANIFEST_FILE, manifest)
     plan = Plan(inputs.config_hash(), inputs, num_rows, shards, covered=covered)
-    write_json_atomic(output / PLAN_FILE, plan.to_json())
+    if not store.create_new(PLAN_FILE, plan_bytes(plan)):
+        raise PlanMismatch(f"{store.root}: plan.json appeared while this job planned (another driver?); re-run "
+                           "the same command")
     return plan
 
 
-def record_encode_run(output: Path, plan: Plan, numerics: CodecNumerics, log=print) -> list[str]:
+def plan_bytes(plan: Plan) -> bytes:
+    return json.dumps(plan.to_json(), indent=1, ensure_ascii=False).encode()
+
+
+def record_encode_run(store: Store | str | Path, plan: Plan, numerics: CodecNumerics, log=print) -> list[str]:
     """Append this run's device kind and codec numerics to plan.json; returns (and logs as a warning) how they
     differ from earlier runs' on the same plan.
 
@@ -229,17 +246,18 @@ def record_encode_run(output: Path, plan: Plan, numerics: CodecNumerics, log=pri
     the fp32 codec with HF32/TF32 off differs between devices only in the rounding of near-tie codebook choices.
     But the output is then no longer from one kind of machine, and plan.json says so.
     """
+    store = open_store(store)
     differences = sorted({d for run in plan.runs for d in numerics.differs_from(run.numerics)})
     if differences:
-        log(f"warning: {output} holds shards encoded with other codec numerics than this run's "
+        log(f"warning: {store.root} holds shards encoded with other codec numerics than this run's "
             f"({'; '.join(differences)}); codes of rare near-tie frames may differ between those shards. "
             f"For one kind of machine throughout, use a new --output (or --replan) on that hardware")
     plan.runs.append(EncodeRun(time.time(), numerics))
-    write_json_atomic(output / PLAN_FILE, plan.to_json())
+    store.write_bytes(PLAN_FILE, plan_bytes(plan))
     return differences
 
 
-def amend_encode_run(output: Path, plan: Plan, numerics: CodecNumerics, who: str, log=print) -> None:
+def amend_encode_run(store: Store | str | Path, plan: Plan, numerics: CodecNumerics, who: str, log=print) -> None:
     """An encoder of this run computes the codec otherwise than the run recorded (known only once it has seen its
     chip, e.g. fp16 inputs on an Ascend 910A): plan.json records what it really does, and the log says so."""
     if not plan.runs or plan.runs[-1].numerics == numerics:
@@ -247,4 +265,4 @@ def amend_encode_run(output: Path, plan: Plan, numerics: CodecNumerics, who: str
     log(f"WARNING: {who} encodes with other codec numerics than recorded "
         f"({'; '.join(numerics.differs_from(plan.runs[-1].numerics))}); plan.json records them")
     plan.runs[-1] = EncodeRun(plan.runs[-1].started, numerics)
-    write_json_atomic(output / PLAN_FILE, plan.to_json())
+    open_store(store).write_bytes(PLAN_FILE, plan_bytes(plan))

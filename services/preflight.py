@@ -113,12 +113,16 @@ def check_numbers(args: argparse.Namespace) -> None:
                            "0 <= min < max")
 
 
-def check_output(path: Path) -> None:
+def check_output(output: str | Path) -> None:
+    if isinstance(output, str) and output.lower().startswith("s3://"):
+        from services.store_preflight import check_s3_output
+
+        return check_s3_output(output)
     from services.writer import local_output_problem
 
-    problem = local_output_problem(path)
+    problem = local_output_problem(Path(output))
     if problem:
-        raise InputProblem(f"--output {path}: {problem}")
+        raise InputProblem(f"--output {output}: {problem}")
 
 
 def check_inputs(args: argparse.Namespace) -> None:

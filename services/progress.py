@@ -5,9 +5,7 @@ half-written or stale: nothing here raises on such a directory, it reports what 
 """
 from __future__ import annotations
 
-import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -16,12 +14,14 @@ from services.file_cache import FileVersionCache
 from shared.schema import (
     COMPLETE_MARKER,
     PLAN_FILE,
+    SHARDS_DIR,
     SUMMARY_FILE,
     WORKERS_DIR,
     ShardStats,
-    published_shards,
     read_stats,
+    shard_id_of,
 )
+from shared.store import ObjectInfo, Store, open_store
 
 DRIVER_FILE = "driver.json"
 HEARTBEAT_ALIVE_SECONDS = 30.0  # docs/design.md: an older heartbeat counts as not alive
@@ -30,20 +30,11 @@ HEARTBEAT_ALIVE_SECONDS = 30.0  # docs/design.md: an older heartbeat counts as n
 class ShardStatsCache(FileVersionCache[ShardStats]):
     """Footer stats per published shard, re-read only when the file changes (services.file_cache)."""
 
-    def read(self, path: Path, st: os.stat_result) -> ShardStats:
+    def read(self, path: Path | str, info: ObjectInfo) -> ShardStats:
         return read_stats(path)
 
 
 SHARD_STATS_CACHE = ShardStatsCache()
-
-
-def read_json_object(path: Path) -> dict | None:
-    """The JSON object in `path`, or None when it is absent, half-written or not an object."""
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None
-    return value if isinstance(value, dict) else None
 
 
 def as_number(value: Any, default: float = 0.0) -> float:
@@ -66,16 +57,23 @@ def planned_shard_ids(plan: dict | None) -> set[int] | None:
     return {s["id"] for s in plan["shards"] if isinstance(s, dict) and as_int_or_none(s.get("id")) is not None}
 
 
-def planned_published_shards(output: Path, planned_ids: set[int] | None) -> dict[int, Path]:
+def planned_published_shards(output: Path | Store, planned_ids: set[int] | None,
+                             infos: dict[int, ObjectInfo] | None = None) -> dict[int, Path | str]:
     """Published shards of the current plan (all of them when there is no readable plan); a shard left by an
-    earlier plan of another size is not this job's."""
+    earlier plan of another size is not this job's. `infos`, when given, receives each shard's version."""
+    store = open_store(output)
     try:
-        shards = published_shards(output)
+        listing = store.listing(SHARDS_DIR)
     except OSError:
         return {}
-    if planned_ids is None:
-        return shards
-    return {sid: path for sid, path in shards.items() if sid in planned_ids}
+    shards = {}
+    for name, info in sorted(listing.items()):
+        sid = shard_id_of(name)
+        if sid is not None and (planned_ids is None or sid in planned_ids):
+            shards[sid] = store.location(f"{SHARDS_DIR}/{name}")
+            if infos is not None:
+                infos[sid] = info
+    return dict(sorted(shards.items()))
 
 
 def node_label(encoder: dict) -> str:
@@ -86,20 +84,20 @@ def node_label(encoder: dict) -> str:
     return node
 
 
-def read_encoders(output: Path, now: float) -> list[dict]:
-    workers_dir = output / WORKERS_DIR
+def read_encoders(output: Path | Store, now: float) -> list[dict]:
+    store = open_store(output)
     try:
-        paths = sorted(workers_dir.glob("*.json"))
+        names = sorted(n for n in store.listing(WORKERS_DIR) if n.endswith(".json") and not n.startswith("."))
     except OSError:
         return []
     encoders = []
-    for path in paths:
-        beat = read_json_object(path)
+    for name in names:
+        beat = store.read_json(f"{WORKERS_DIR}/{name}")
         if beat is None:
             continue
         updated = as_number(beat.get("updated"), default=float("nan"))
         encoders.append({
-            "name": as_text_or_none(beat.get("name")) or path.stem,
+            "name": as_text_or_none(beat.get("name")) or name[:-len(".json")],
             "node": as_text_or_none(beat.get("node")),
             "node_id": as_text_or_none(beat.get("node_id")),
             "hostname": as_text_or_none(beat.get("hostname")),
@@ -152,8 +150,8 @@ def idle_rate(stats: list[ShardStats], summary: dict | None) -> tuple[float, flo
     return sum(s.rows for s in stats) / seconds, sum(s.audio_seconds for s in stats) / seconds, basis
 
 
-def job_state(output: Path, plan: dict | None, has_shards: bool, running: bool, driver: dict | None) -> str:
-    if (output / COMPLETE_MARKER).exists():
+def job_state(output: Path | Store, plan: dict | None, has_shards: bool, running: bool, driver: dict | None) -> str:
+    if open_store(output).exists(COMPLETE_MARKER):
         return "complete"
     if running:
         return "running"
@@ -162,18 +160,20 @@ def job_state(output: Path, plan: dict | None, has_shards: bool, running: bool, 
     return "planned" if plan is not None else "empty"
 
 
-def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
-    """A JSON-able snapshot of the job in `output_dir`; see the module docstring for its tolerance."""
-    output = Path(output_dir)
+def collect_progress(output_dir: str | Path | Store, now: float | None = None) -> dict:
+    """A JSON-able snapshot of the job in `output_dir` (a path, a URI or a shared.store.Store); see the module
+    docstring for its tolerance."""
+    output = open_store(output_dir)
     now = time.time() if now is None else now
-    plan = read_json_object(output / PLAN_FILE)
-    driver = read_json_object(output / DRIVER_FILE)
+    plan = output.read_json(PLAN_FILE)
+    driver = output.read_json(DRIVER_FILE)
     planned_ids = planned_shard_ids(plan)
-    shards = planned_published_shards(output, planned_ids)
-    stats = [s for s in (SHARD_STATS_CACHE.get(p) for p in shards.values()) if s is not None]
+    infos: dict[int, ObjectInfo] = {}
+    shards = planned_published_shards(output, planned_ids, infos)
+    stats = [s for s in (SHARD_STATS_CACHE.get(p, infos.get(sid)) for sid, p in shards.items()) if s is not None]
 
     encoders = read_encoders(output, now)
-    finished = (output / COMPLETE_MARKER).exists()
+    finished = output.exists(COMPLETE_MARKER)
     for e in encoders:  # a finished job's encoders stopped with it: neither alive nor stale, whatever their age
         e["alive"] = e["alive"] and not finished
         e["state"] = "alive" if e["alive"] else "finished" if finished else "stale"
@@ -187,7 +187,7 @@ def collect_progress(output_dir: str | Path, now: float | None = None) -> dict:
     rows_ok = sum(s.rows_ok for s in stats)
     rows_error = sum(s.rows_error for s in stats)
     audio_seconds = sum(s.audio_seconds for s in stats)
-    summary = read_json_object(output / SUMMARY_FILE)
+    summary = output.read_json(SUMMARY_FILE)
     if alive:
         rows_per_s = sum(e["rows_per_s"] for e in alive)
         audio_per_s = sum(e["audio_seconds_per_s"] for e in alive)

@@ -1,14 +1,12 @@
 """What the status page and /metrics need from each published shard beyond its footer totals: when it was
 published, its error rows (id and reason code) and the durations of its good rows as histogram counts.
 
-A published shard never changes (it is renamed into place whole), so each is read once, keyed by its mtime
-and size (services.file_cache); only the `index`, `id`, `duration` and `error` columns are
+A published shard never changes (it appears whole), so each is read once, keyed by its version (services.file_cache); only the `index`, `id`, `duration` and `error` columns are
 read, never the codes. Nothing read here is served as is: reasons are reduced to their code, ids are cut.
 """
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +15,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from services.file_cache import FileVersionCache
+from shared.store import ObjectInfo
 from shared.schema import STATS_KEY, ShardStats, shard_id_of
 
 # Upper edges (seconds) of the duration histogram's bins; a last bin holds everything longer.
@@ -88,14 +87,17 @@ def read_shard_detail(shard: int, path: Path, published: float) -> ShardDetail:
 class ShardDetailsCache(FileVersionCache[ShardDetail]):
     """ShardDetail per published shard, re-read only when the file changes (services.file_cache)."""
 
-    def read(self, path: Path, st: os.stat_result) -> ShardDetail:
-        shard = shard_id_of(path.name)
+    def read(self, path: Path | str, info: ObjectInfo) -> ShardDetail:
+        name = str(path).rsplit("/", 1)[-1]
+        shard = shard_id_of(name)
         if shard is None:
-            raise ValueError(f"{path.name} is not a shard name")
-        return read_shard_detail(shard, path, st.st_mtime)
+            raise ValueError(f"{name} is not a shard name")
+        return read_shard_detail(shard, path, info.mtime)
 
-    def details(self, shards: dict[int, Path]) -> list[ShardDetail]:
-        """The readable ones among `shards`, oldest publication first; forgets files no longer listed."""
-        found = [d for d in (self.get(path) for path in shards.values()) if d is not None]
+    def details(self, shards: dict[int, Path | str], infos: dict[int, ObjectInfo] | None = None) -> list[ShardDetail]:
+        """The readable ones among `shards` (`infos`: their versions from a listing), oldest publication first;
+        forgets files no longer listed."""
+        infos = infos or {}
+        found = [d for d in (self.get(path, infos.get(sid)) for sid, path in shards.items()) if d is not None]
         self.keep_only(shards.values())
         return sorted(found, key=lambda d: (d.published, d.shard))

@@ -29,6 +29,7 @@ from services.metrics import exposition, job_registry
 from services.page import render_page
 from services.progress import collect_progress
 from services.shard_details import ShardDetailsCache
+from shared.store import LocalStore, Store, open_store
 
 TOKEN_ENV = "QWEN3TTS_STATUS_TOKEN"
 OPEN_PATHS = {"/healthz"}  # liveness probes (load balancers, k8s) carry no credentials
@@ -41,7 +42,7 @@ class ProgressCache:
 
     WATCHED = ("", "shards", "workers")
 
-    def __init__(self, output: Path, max_age: float = 1.0):
+    def __init__(self, output: Store, max_age: float = 1.0):
         self.output, self.max_age = output, max_age
         self._lock = threading.Lock()
         self._key: tuple | None = None
@@ -55,10 +56,14 @@ class ProgressCache:
         self._page: tuple[Dashboard | None, str] = (None, "")  # the page and the dashboard it shows
 
     def _fingerprint(self) -> tuple:
+        """Directory mtimes on a path; on an object store nothing cheaper than the listing itself, so every
+        `max_age` is a new snapshot."""
+        if not isinstance(self.output, LocalStore):
+            return ()
         stamps = []
         for name in self.WATCHED:
             try:
-                stamps.append(os.stat(self.output / name).st_mtime_ns)
+                stamps.append(os.stat(self.output.location(name)).st_mtime_ns)
             except OSError:
                 stamps.append(None)
         return tuple(stamps)
@@ -88,10 +93,10 @@ class ProgressCache:
             return self._page[1]
 
 
-def create_app(output_dir: str | Path, token: str | None = None) -> FastAPI:
+def create_app(output_dir: str | Path | Store, token: str | None = None) -> FastAPI:
     if token is not None and not token:
         raise ValueError("an empty status token would let anyone in; pass None to disable authentication")
-    output = Path(output_dir)
+    output = open_store(output_dir)
     # No /docs, /redoc or /openapi.json: nothing here needs them, and they widen what is exposed.
     app = FastAPI(title="qwen3tts encode status", docs_url=None, redoc_url=None, openapi_url=None)
 
@@ -204,7 +209,7 @@ def is_loopback(host: str) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--output", required=True, type=Path, help="encode output directory to report on")
+    parser.add_argument("--output", required=True, help="encode output to report on: a path or an s3:// URI")
     parser.add_argument("--port", type=int, default=8787, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--token-file", type=Path, help=f"file holding the bearer token (else ${TOKEN_ENV})")

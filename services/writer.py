@@ -1,7 +1,7 @@
 """Publishing shards atomically: a reader sees a whole shard under its final name or nothing.
 
-`output` is a plain path (written through the OS, fsynced before the rename) or a URI that pyarrow.fs opens
-(written through it; see shared.storage). A shard that cannot be stored raises OutputWriteError, whose
+`output` is a plain path (written through the OS, fsynced before the rename), an s3:// URI (one multipart upload)
+or another URI that pyarrow.fs opens (written, then moved); see shared.store. A shard that cannot be stored raises OutputWriteError, whose
 message names the directory and the fix.
 """
 from __future__ import annotations
@@ -15,9 +15,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from shared.schema import SHARDS_DIR, ShardRow, ShardStats, build_table, shard_name
-from shared.storage import is_uri
+from shared.store import Store, open_store
 
-TEMPORARY_GLOB = ".shard-*.tmp-*"
 # What to do about the storage errors a writer meets; anything else gets the generic fix.
 FIX_FOR_ERRNO = {
     errno.EROFS: "make it writable", errno.EACCES: "make it writable", errno.EPERM: "make it writable",
@@ -35,6 +34,15 @@ def write_failure(target: str | Path, exc: OSError) -> OutputWriteError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc).strip().splitlines()[0]
     fix = FIX_FOR_ERRNO.get(exc.errno, "fix the storage")
     return OutputWriteError(f"cannot write {target}: {reason}; {fix} and re-run the same command")
+
+
+def is_own_file(filename, store: Store) -> bool:
+    """Whether an OSError's file is under the output (a path, or a location of the object store)."""
+    if not filename:
+        return False
+    if "://" in str(filename):
+        return str(filename).startswith(str(store.location()))
+    return Path(filename).resolve().is_relative_to(Path(store.root))
 
 
 OUTPUT_FIX = "pass a directory you can write to (it is created if missing)"
@@ -76,98 +84,42 @@ def local_output_problem(path: Path) -> str | None:
 
 
 class ShardWriter:
-    def __init__(self, output: str | Path, filesystem: pafs.FileSystem | None = None):
-        """`filesystem`: write through this pyarrow filesystem, `output` being a path inside it."""
-        if filesystem is None and is_uri(output):
-            filesystem, output = pafs.FileSystem.from_uri(output)
-        self.filesystem = filesystem
-        self.directory: Path | str = (Path(output) / SHARDS_DIR if filesystem is None
-                                      else f"{str(output).rstrip('/')}/{SHARDS_DIR}")
-        try:
-            if filesystem is None:
-                self.directory.mkdir(parents=True, exist_ok=True)
-            else:
-                filesystem.create_dir(self.directory, recursive=True)
-        except OSError as exc:
-            raise write_failure(self.directory, exc) from exc
+    def __init__(self, output: str | Path | Store, filesystem: pafs.FileSystem | None = None):
+        """`output`: a path, a URI (shared.store.open_store) or a Store; `filesystem`: write through this pyarrow
+        filesystem, `output` being a path inside it."""
+        self.store = open_store(output, filesystem)
+        self.directory = self.store.location(SHARDS_DIR)
 
     def path_of(self, shard_id: int) -> Path | str:
-        if self.filesystem is None:
-            return self.directory / shard_name(shard_id)
-        return f"{self.directory}/{shard_name(shard_id)}"
+        return self.store.location(f"{SHARDS_DIR}/{shard_name(shard_id)}")
 
     def publish(self, shard_id: int, rows: list[ShardRow], stats: ShardStats) -> Path | str:
-        """Write under a hidden temporary name, then rename into place.
+        """Publish the shard whole: a hidden temporary renamed into place (a path), or one multipart upload
+        completed only once every byte is in (an object store; aborted on failure).
 
         A retried shard rewrites identical rows under the same name, so a shard can never hold a
-        row twice and two shards never share a row. On failure the temporary file is removed and
-        any previously published shard is left untouched.
+        row twice and two shards never share a row. On failure nothing appears and any previously
+        published shard is left untouched.
         """
         table = build_table(sorted(rows, key=lambda r: r.index), stats)
-        final = self.path_of(shard_id)
-        temporary = f".{shard_name(shard_id)}.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            if self.filesystem is None:
-                self._publish_local(table, self.directory / temporary, final)
-            else:
-                self._publish_fs(table, f"{self.directory}/{temporary}", final)
+            self.store.publish(f"{SHARDS_DIR}/{shard_name(shard_id)}",
+                               lambda f: pq.write_table(table, f, compression="zstd"))
         except OSError as exc:
             raise write_failure(self.directory, exc) from exc
-        return final
-
-    @staticmethod
-    def _publish_local(table, tmp: Path, final: Path) -> None:
-        try:
-            with open(tmp, "wb") as f:
-                pq.write_table(table, f, compression="zstd")
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, final)
-        except BaseException:
-            try:
-                tmp.unlink(missing_ok=True)
-            except OSError:
-                pass  # read-only now: the driver removes it on the next run; report the first error
-            raise
-
-    def _publish_fs(self, table, tmp: str, final: str) -> None:
-        # On an object store `move` is a copy then a delete: readers still only ever see a whole object
-        # under the final name, because an object appears at once when its upload completes.
-        try:
-            with self.filesystem.open_output_stream(tmp) as f:
-                pq.write_table(table, f, compression="zstd")
-            self.filesystem.move(tmp, final)
-        except BaseException:
-            try:
-                self.filesystem.delete_file(tmp)
-            except OSError:
-                pass
-            raise
+        return self.path_of(shard_id)
 
     def check_writable(self) -> None:
         """Create and delete a small file where shards go; raises OutputWriteError if that fails."""
-        probe = f".shard-probe.tmp-{uuid.uuid4().hex[:8]}"
+        probe = f"{SHARDS_DIR}/.shard-probe.tmp-{uuid.uuid4().hex[:8]}"
         try:
-            if self.filesystem is None:
-                (self.directory / probe).write_bytes(b"probe")
-                (self.directory / probe).unlink()
-            else:
-                with self.filesystem.open_output_stream(f"{self.directory}/{probe}") as f:
-                    f.write(b"probe")
-                self.filesystem.delete_file(f"{self.directory}/{probe}")
+            self.store.write_bytes(probe, b"probe")
+            self.store.delete(probe)
         except OSError as exc:
             raise write_failure(self.directory, exc) from exc
 
     def remove_temporaries(self) -> list[str]:
-        """Delete the temporaries of writers that were killed mid-shard. Only safe while no encoder writes
-        to this output: the driver calls it holding the output's lock, before it starts any encoder."""
-        if self.filesystem is None:
-            names = [p.name for p in self.directory.glob(TEMPORARY_GLOB)]
-            for name in names:
-                (self.directory / name).unlink(missing_ok=True)
-            return names
-        infos = self.filesystem.get_file_info(pafs.FileSelector(self.directory, allow_not_found=True))
-        names = [i.base_name for i in infos if Path(i.base_name).match(TEMPORARY_GLOB)]
-        for name in names:
-            self.filesystem.delete_file(f"{self.directory}/{name}")
-        return names
+        """Remove what writers killed mid-shard left (temporary files, unfinished uploads). Only safe while no
+        encoder writes to this output: the driver calls it holding the output's lock or lease, before it starts
+        any encoder and after they stop."""
+        return self.store.discard_unfinished(SHARDS_DIR)

@@ -10,6 +10,7 @@ Output directory layout (all names live here, nowhere else):
     OUTPUT/workers/<name>.json        live heartbeat of one encoder (status only; never needed for truth)
     OUTPUT/summary.json + _COMPLETE   written once every planned shard is published
     OUTPUT/errors.jsonl               one line per error row, written with the summary
+    OUTPUT/.lock or OUTPUT/lease.json the single driver's fcntl lock (a path) or lease (an object store)
 
 A shard holds every manifest line of its range exactly once: good rows carry codes, bad rows carry
 `error` and no codes. Readers must only open names matching SHARD_RE; temporaries never match.
@@ -29,6 +30,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from shared.storage import child_uri, is_uri
+from shared.store import Store
 
 SCHEMA_VERSION = 2  # 2 added speaker, language and extra
 READABLE_VERSIONS = (1, 2)
@@ -43,6 +45,7 @@ SUMMARY_FILE = "summary.json"
 COMPLETE_MARKER = "_COMPLETE"
 ERRORS_FILE = "errors.jsonl"
 LOCK_FILE = ".lock"
+LEASE_FILE = "lease.json"  # the driver's lease on an object store (services.lease)
 INDEX_FILE = "shard_index.json"
 
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")
@@ -243,9 +246,13 @@ def _listed_uri(output: str) -> dict[int, pafs.FileInfo]:
     return dict(sorted(found.items()))
 
 
-def published_shards(output: str | Path) -> dict[int, Path | str]:
-    """Shard id -> path of every published shard (a URI when `output` is one, see shared.storage).
-    Temporary files never match SHARD_RE."""
+def published_shards(output: "str | Path | Store") -> dict[int, Path | str]:
+    """Shard id -> path of every published shard (a URI when `output` is one, see shared.storage; the store's
+    locations for a shared.store.Store). Temporary files never match SHARD_RE."""
+    if isinstance(output, Store):
+        names = {shard_id_of(name): name for name in output.listing(SHARDS_DIR)}
+        names.pop(None, None)
+        return {sid: output.location(f"{SHARDS_DIR}/{names[sid]}") for sid in sorted(names)}
     if is_uri(output):
         return {sid: child_uri(output, SHARDS_DIR, info.base_name) for sid, info in _listed_uri(output).items()}
     shards_dir = Path(output) / SHARDS_DIR

@@ -231,7 +231,29 @@ def assert_rows_match(output: Path, entries: list[dict], expected: dict[str, np.
     for row in rows:
         assert row["error"] is None, row["error"]
         assert np.array_equal(row["audio_codes"], expected[row["audio"]]), f"codes of {row['id']} differ"
-    assert not [p.name for p in (output / schema.SHARDS_DIR).iterdir() if schema.shard_id_of(p.name) is None]
+    from shared.store import open_store
+
+    listed = open_store(output).listing(schema.SHARDS_DIR)  # a path or an s3:// URI alike
+    assert not [name for name in listed if schema.shard_id_of(name) is None]
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory):
+    """A real S3-protocol server (tests/s3server.py) for the session; its bucket `encode-out` exists."""
+    from tests.s3server import S3Server
+
+    server = S3Server(str(tmp_path_factory.mktemp("s3") / "moto.log")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_env(s3_server, monkeypatch) -> dict[str, str]:
+    """This process reads the test server's endpoint and writer credentials from the standard variables."""
+    env = s3_server.env()
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    return env
 
 
 # ---------------------------------------------------------------------------------------------

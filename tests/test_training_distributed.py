@@ -38,12 +38,13 @@ def losses_by_step(run: Path) -> dict[int, tuple]:
     return {r["step"]: (r["loss"], r["talker_loss"], r["sub_talker_loss"], r["grad_norm"]) for r in read_metrics(run)}
 
 
-def kill_after_step(command: list[str], run: Path, step: int) -> int:
-    """Start the training command, SIGKILL torchrun and its ranks once `step` is logged; the last logged step."""
-    proc = subprocess.Popen(command, cwd=REPO, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
+def kill_after_step(command: list[str], run: Path, step: int, env: dict = ENV, timeout: float = 180) -> int:
+    """Start the training command, SIGKILL torchrun and its ranks once `step` is logged (in `run`'s metrics);
+    the last logged step."""
+    proc = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        deadline = time.time() + 180
+        deadline = time.time() + timeout
         while time.time() < deadline and max(losses_by_step(run), default=0) < step:
             time.sleep(0.05)
     finally:

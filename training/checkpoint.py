@@ -27,6 +27,8 @@ from torch.distributed.checkpoint.state_dict import (
     StateDictOptions, get_model_state_dict, get_optimizer_state_dict, set_model_state_dict, set_optimizer_state_dict,
 )
 
+from training import remote_checkpoint as remote
+
 log = logging.getLogger(__name__)
 # DCP's filesystem writer calls the deprecated tensor.storage() on every tensor; nothing to act on.
 warnings.filterwarnings("ignore", message="TypedStorage is deprecated", category=UserWarning)
@@ -42,7 +44,9 @@ def step_dir_name(step: int) -> str:
     return f"step-{step:06d}"
 
 
-def complete_checkpoints(run_dir: Path) -> dict[int, Path]:
+def complete_checkpoints(run_dir: Path | str) -> dict[int, Path | str]:
+    if remote.is_remote(run_dir):
+        return remote.complete_checkpoints(run_dir, STEP_RE)
     found = {}
     if run_dir.is_dir():
         for entry in run_dir.iterdir():
@@ -74,39 +78,78 @@ def save(run_dir: Path, step: int, module: torch.nn.Module, optimizer: torch.opt
     """Collective: every rank calls it. `extra` (data position etc., JSON) is global and `files` (name -> text,
     the same on every rank) are written into the folder: both by rank 0."""
     rank = dist.get_rank()
+    if remote.is_remote(run_dir):  # no rename there: a commit marker instead (training.remote_checkpoint)
+        final = remote.join(run_dir, step_dir_name(step))
+        remote.save(final, _train_state(module, optimizer), {"rng": _rng_state()},
+                    _rank0_files(step, scheduler, extra, files) if rank == 0 else {})
+        if rank == 0:
+            _apply_retention(run_dir, keep, remote.remove)
+        dist.barrier()
+        return final
     final = run_dir / step_dir_name(step)
     temporary = run_dir / f".{final.name}.tmp"
     if rank == 0 and temporary.exists():
         shutil.rmtree(temporary)
     dist.barrier()
-    state = {MODEL_KEY: get_model_state_dict(module, options=model_options(module)),
-             "optim": get_optimizer_state_dict(module, optimizer)}
-    dcp.save(state, checkpoint_id=str(temporary))
+    dcp.save(_train_state(module, optimizer), checkpoint_id=str(temporary))
     torch.save({"rng": _rng_state()}, temporary / f"extra-rank{rank:05d}.pt")
     if rank == 0:
-        (temporary / STATE_FILE).write_text(json.dumps({"step": step, "scheduler": scheduler.state_dict(), **extra}))
-        for name, text in (files or {}).items():
+        for name, text in _rank0_files(step, scheduler, extra, files).items():
             (temporary / name).write_text(text)
     dist.barrier()
     if rank == 0:
         if final.exists():  # re-saving the same step (e.g. final save after an interval save)
             shutil.rmtree(final)
         temporary.rename(final)
-        best = read_best(run_dir)
-        for old_step, path in list(complete_checkpoints(run_dir).items())[:-keep]:
-            if not best or old_step != best["step"]:  # the best checkpoint outlives retention
-                shutil.rmtree(path, ignore_errors=True)
+        _apply_retention(run_dir, keep, lambda path: shutil.rmtree(path, ignore_errors=True))
     dist.barrier()
     return final
 
 
-def read_best(run_dir: Path) -> dict | None:
+def _train_state(module: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {MODEL_KEY: get_model_state_dict(module, options=model_options(module)),
+            "optim": get_optimizer_state_dict(module, optimizer)}
+
+
+def _rank0_files(step: int, scheduler, extra: dict, files: dict[str, str] | None) -> dict[str, str]:
+    """What rank 0 writes into a step folder: the global training state and the run's `files`."""
+    return {STATE_FILE: json.dumps({"step": step, "scheduler": scheduler.state_dict(), **extra}), **(files or {})}
+
+
+def _local_extra(path: Path) -> tuple[dict, dict | None]:
+    """(global state, this rank's RNG state or None) of a step folder on a path."""
+    rank_path = path / f"extra-rank{dist.get_rank():05d}.pt"
+    state_path = path / STATE_FILE
+    if state_path.exists():
+        rng = torch.load(rank_path, weights_only=False)["rng"] if rank_path.exists() else None
+        return json.loads(state_path.read_text()), rng
+    # the older format: everything per rank, so only the world size that wrote it can resume
+    written = len(list(path.glob("extra-rank*.pt")))
+    if written != dist.get_world_size():
+        raise RuntimeError(legacy_world_problem(path, written, dist.get_world_size()))
+    extra = torch.load(rank_path, weights_only=False)
+    return extra, extra.pop("rng")
+
+
+def _apply_retention(run_dir, keep: int, delete) -> None:
+    best = read_best(run_dir)
+    for old_step, path in list(complete_checkpoints(run_dir).items())[:-keep]:
+        if not best or old_step != best["step"]:  # the best checkpoint outlives retention
+            delete(path)
+
+
+def read_best(run_dir: Path | str) -> dict | None:
+    if remote.is_remote(run_dir):
+        return remote.read_json(remote.join(run_dir, BEST_FILE))
     path = Path(run_dir) / BEST_FILE
     return json.loads(path.read_text()) if path.exists() else None
 
 
 def record_best(run_dir: Path, step: int, eval_loss: float) -> None:
-    """Rank 0, once step-NNNNNN/ is complete: best.json and the RUN/best link, each replaced atomically."""
+    """Rank 0, once step-NNNNNN/ is complete: best.json and the RUN/best link, each replaced atomically (on an
+    object store best.json alone, written whole)."""
+    if remote.is_remote(run_dir):
+        return remote.write_json(remote.join(run_dir, BEST_FILE), {"step": step, "eval_loss": eval_loss})
     temporary = run_dir / f".{BEST_FILE}.tmp"
     temporary.write_text(json.dumps({"step": step, "eval_loss": eval_loss}))
     temporary.rename(run_dir / BEST_FILE)
@@ -119,6 +162,8 @@ def record_best(run_dir: Path, step: int, eval_loss: float) -> None:
 
 def resolve_checkpoint(path: Path) -> Path:
     """A step-NNNNNN/ folder as given, or RUN/best -> the step folder best.json names."""
+    if remote.is_remote(str(path)):
+        return _resolve_remote(str(path).rstrip("/"))
     path = Path(path)
     if path.name == BEST_NAME:
         best = read_best(path.parent)
@@ -132,7 +177,21 @@ def resolve_checkpoint(path: Path) -> Path:
     return path
 
 
-def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict | None:
+def _resolve_remote(uri: str) -> str:
+    parent, _, name = uri.rpartition("/")
+    if name == BEST_NAME:
+        best = read_best(parent)
+        if best is None:
+            raise FileNotFoundError(f"{parent}/{BEST_FILE} not found: this run has no eval loss yet; pass a "
+                                    "step-NNNNNN folder")
+        uri = remote.join(parent, step_dir_name(best["step"]))
+    if not remote.is_complete(uri):
+        raise FileNotFoundError(f"{uri} is not a complete checkpoint (no {remote.COMMIT_MARKER}); pass a "
+                                "step-NNNNNN folder of a run, or RUN/best")
+    return uri
+
+
+def load_latest(run_dir: Path | str, module: torch.nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> dict | None:
     """Restore the newest complete checkpoint into module/optimizer/scheduler/RNG; returns its extra state."""
     found = complete_checkpoints(run_dir)
     # Every rank must resume the same step: rank 0's listing decides.
@@ -140,24 +199,22 @@ def load_latest(run_dir: Path, module: torch.nn.Module, optimizer: torch.optim.O
     dist.broadcast_object_list(choice, src=0)
     if choice[0] is None:
         return None
-    path = run_dir / step_dir_name(choice[0])
     options = model_options(module)
-    state = {MODEL_KEY: get_model_state_dict(module, options=options),
-             "optim": get_optimizer_state_dict(module, optimizer)}
-    dcp.load(state, checkpoint_id=str(path))
+    state = _train_state(module, optimizer)
+    if remote.is_remote(run_dir):
+        path = remote.join(run_dir, step_dir_name(choice[0]))
+        remote.load(path, state)
+    else:
+        path = run_dir / step_dir_name(choice[0])
+        dcp.load(state, checkpoint_id=str(path))
     set_model_state_dict(module, state[MODEL_KEY], options=options)
     set_optimizer_state_dict(module, optimizer, state["optim"])
-    rank_path = path / f"extra-rank{dist.get_rank():05d}.pt"
-    state_path = path / STATE_FILE
-    if state_path.exists():
-        extra = json.loads(state_path.read_text())
-        rng = torch.load(rank_path, weights_only=False)["rng"] if rank_path.exists() else None
-    else:  # the older format: everything per rank, so only the world size that wrote it can resume
-        written = len(list(path.glob("extra-rank*.pt")))
-        if written != dist.get_world_size():
-            raise RuntimeError(legacy_world_problem(path, written, dist.get_world_size()))
-        extra = torch.load(rank_path, weights_only=False)
-        rng = extra.pop("rng")
+    if remote.is_remote(run_dir):  # always the current format (train_state.json + per-rank RNG)
+        extra = json.loads(remote.read_text(remote.join(path, STATE_FILE)) or "{}")
+        rank_state = remote.load_extra(path, dist.get_rank())
+        rng = rank_state["rng"] if rank_state else None
+    else:
+        extra, rng = _local_extra(path)
     scheduler.load_state_dict(extra.pop("scheduler"))
     if rng is not None:
         _set_rng_state(rng)
@@ -178,5 +235,8 @@ def load_model_weights(path: Path, module: torch.nn.Module) -> None:
     state = {MODEL_KEY: module.state_dict()}
     with warnings.catch_warnings():  # a single-process load is the intent here, not a missing process group
         warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+        if remote.is_remote(str(path)):
+            remote.load(str(path), state, no_dist=True)
+        else:
+            dcp.load(state, checkpoint_id=str(path), no_dist=True)
     module.load_state_dict(state[MODEL_KEY])

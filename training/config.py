@@ -77,6 +77,18 @@ class CheckpointConfig:
     dir: str = "runs/qwen3tts"  # the run directory: step-NNNNNN/ folders, metrics.jsonl, config.yaml
     interval: int = 500  # steps between checkpoints (a final one is always written)
     keep: int = 3  # most recent complete checkpoints kept
+    log_dir: str = ""  # metrics.jsonl, TensorBoard, config.yaml, samples: "" = dir (a path) or runs/<bucket>/<prefix>
+
+    def location(self):
+        """Where checkpoints go: a Path, or the s3:// URI as given."""
+        return self.dir if "://" in self.dir and not self.dir.startswith("file://") else Path(self.dir)
+
+    def logs(self) -> Path:
+        """The local directory of the run's logs (checkpoint.dir itself unless that is an object store)."""
+        location = self.location()
+        if self.log_dir:
+            return Path(self.log_dir)
+        return location if isinstance(location, Path) else Path("runs", *location.split("://", 1)[1].split("/"))
 
 
 @dataclass

@@ -36,6 +36,7 @@ import torch.distributed as dist
 
 from shared import schema
 from shared.shard_index import read_entry
+from shared.store import is_s3_uri, open_store
 from training.config import DataConfig
 from training.packing import BatchShape, batch_shape, plan_packed, plan_unpacked
 from training.samples import PlannedRow, SampleBuilder
@@ -100,16 +101,23 @@ class Step:
         return sum(s.utterances for s, again in zip(self.shapes, self.repeated) if again)
 
 
-def resolve_output_dir(shards: str | Path) -> Path:
-    """Accept the encode output directory or its shards/ subdirectory."""
+def resolve_output_dir(shards: str | Path) -> Path | str:
+    """Accept the encode output directory or its shards/ subdirectory: a path, or an s3:// URI (returned as
+    one; shards are then listed and read through pyarrow.fs with column projection and ranged reads)."""
+    if is_s3_uri(str(shards)):
+        uri = str(shards).rstrip("/")
+        parent, _, name = uri.rpartition("/")
+        if name == schema.SHARDS_DIR and not open_store(uri).listing(schema.SHARDS_DIR):
+            return parent
+        return uri
     path = Path(shards)
     if path.name == schema.SHARDS_DIR and not (path / schema.SHARDS_DIR).is_dir():
         return path.parent
     return path
 
 
-def is_complete(output: Path) -> bool:
-    return (output / schema.COMPLETE_MARKER).exists()
+def is_complete(output: Path | str) -> bool:
+    return open_store(output).exists(schema.COMPLETE_MARKER)
 
 
 def read_planned(path, shard: int, builder: SampleBuilder, row_filter: RowFilter | None = None) -> list[PlannedRow]:
@@ -234,7 +242,7 @@ class ShardStream:
                 return fresh[: self.config.shards_per_round]
             if not self.config.follow or complete:
                 if not shards:
-                    raise FileNotFoundError(f"no published shards under {self.output / schema.SHARDS_DIR}")
+                    raise FileNotFoundError(f"no published shards under {self.output}/{schema.SHARDS_DIR}")
                 return None
             time.sleep(self.config.poll_seconds)  # follow: wait for the encode service
 
@@ -331,7 +339,7 @@ class ShardStream:
         (a resumed run plans the same schedule)."""
         shards, _ = self._published()
         if not shards:
-            raise FileNotFoundError(f"no published shards under {self.output / schema.SHARDS_DIR}")
+            raise FileNotFoundError(f"no published shards under {self.output}/{schema.SHARDS_DIR}")
         order, size = self._epoch_order(shards, 0), self.config.shards_per_round
         rounds = [order[start:start + size] for start in range(0, len(order), size)]
         totals = [[sum(figures) for figures in zip(*(self._training_figures(s) for s in r))] for r in rounds]

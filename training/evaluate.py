@@ -144,7 +144,7 @@ class Evaluator:
         self.speakers: dict[str, SpeakerSet] = {}
         self.batches: list[tuple[int, TalkerBatch]] = []
         self.shards_read: list[int] = []
-        best = checkpoint.read_best(run_dir)
+        best = checkpoint.read_best(config.checkpoint.location())
         self.best_loss = best["eval_loss"] if best else float("inf")
         self.last_step = -1
 
@@ -208,7 +208,7 @@ class Evaluator:
     def mark_best(self, result: EvalResult) -> None:
         """After the checkpoint of result.step is saved: point RUN/best at it."""
         if self.rank == 0 and result.new_best:
-            checkpoint.record_best(self.run_dir, result.step, result.loss)
+            checkpoint.record_best(self.config.checkpoint.location(), result.step, result.loss)
 
 
 def _sample_summary(result: EvalResult) -> str:

@@ -26,6 +26,7 @@ import yaml
 
 from shared import schema
 from shared.qwen import load_tts_model, save_model_dir
+from training import remote_checkpoint as remote
 from training.checkpoint import load_model_weights, resolve_checkpoint
 from training.custom_voice import FIRST_SPEAKER_ROW, is_custom_voice, model_config
 from training.custom_voice_export import export_custom_voice
@@ -46,7 +47,14 @@ class ExportError(ValueError):
     """A flag combination or run that cannot be exported; the message says what to pass instead."""
 
 
-def run_config(checkpoint: Path) -> dict:
+def checkpoint_argument(text: str) -> Path | str:
+    return text if remote.is_remote(text) else Path(text)
+
+
+def run_config(checkpoint: Path | str) -> dict:
+    if remote.is_remote(str(checkpoint)):  # the run's config.yaml is copied next to its checkpoints
+        text = remote.read_text(remote.join(str(checkpoint).rstrip("/").rpartition("/")[0], "config.yaml"))
+        return yaml.safe_load(text) if text is not None else {}
     path = checkpoint.parent / "config.yaml"
     return yaml.safe_load(path.read_text()) if path.exists() else {}
 
@@ -221,7 +229,7 @@ def _target_dtype(base: Path, dtype: str) -> torch.dtype:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", required=True, type=Path,
+    parser.add_argument("--checkpoint", required=True, type=checkpoint_argument,
                         help="a step-NNNNNN/ folder of a run, or RUN/best (the lowest eval loss)")
     parser.add_argument("--output", required=True, type=Path)
     parser.add_argument("--all-speakers", action="store_true",

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from shared.quiet import quiet_fds
-from training import checkpoint, custom_voice, lora
+from training import checkpoint, custom_voice, lora, remote_checkpoint
 from training.board import Board
 from training.config import Config, dump_config
 from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
@@ -94,7 +94,8 @@ def train(config: Config) -> None:
     device, store = init_distributed(config.train.device, config.train.timeout_minutes)
     rank, world = dist.get_rank(), dist.get_world_size()
     _setup_logging(rank)
-    run_dir = Path(config.checkpoint.dir)
+    run_dir = config.checkpoint.logs()  # logs; checkpoints go to checkpoint_dir (a path, or an s3:// URI)
+    checkpoint_dir = config.checkpoint.location()
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         check_same_rule(run_dir, HeldOut.from_config(config.eval))  # before config.yaml is replaced
@@ -128,12 +129,15 @@ def train(config: Config) -> None:
     schedule = SampleSchedule(optimizer, t, per_step)
 
     step = 0
-    resumed = checkpoint.load_latest(run_dir, module, optimizer, schedule)
+    resumed = checkpoint.load_latest(checkpoint_dir, module, optimizer, schedule)
     if resumed:  # an older checkpoint's per-rank position counted steps of this layout (the same world size)
         step, stream.position = resumed["step"], DataPosition.from_dict(resumed["data"], legacy_per_step=per_step)
     stream.check_round()  # a resume into a round that now plans differently is refused here
     if rank == 0:
         dump_config(config, run_dir / "config.yaml")
+        if not isinstance(checkpoint_dir, Path):  # export reads the run's config next to its checkpoints
+            remote_checkpoint.write_bytes(remote_checkpoint.join(checkpoint_dir, "config.yaml"),
+                                          (run_dir / "config.yaml").read_bytes())
     position = stream.position
     schedule.total = _planned_micro_batches(config, stream, schedule, step, per_step)
     trace = RowTrace(run_dir, rank, config.data.trace_rows)
@@ -169,7 +173,7 @@ def train(config: Config) -> None:
                 board.train(record)
             evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None
             if step % config.checkpoint.interval == 0 or (evaluation and evaluation.new_best):
-                _save(run_dir, step, module, optimizer, schedule, position, config, files)
+                _save(checkpoint_dir, step, module, optimizer, schedule, position, config, files)
                 last_saved = step
             if evaluation:
                 evaluator.mark_best(evaluation)  # a new lowest eval loss was just checkpointed
@@ -182,7 +186,7 @@ def train(config: Config) -> None:
     evaluation = evaluator.run(step, module) if evaluator and evaluator.last_step != step else None
     # A position saved at the last step of an epoch resumes correctly: replanning that round finds it done.
     if last_saved != step:
-        _save(run_dir, step, module, optimizer, schedule, position, config, files)
+        _save(checkpoint_dir, step, module, optimizer, schedule, position, config, files)
     if evaluation:
         evaluator.mark_best(evaluation)
     board.close()
@@ -237,8 +241,8 @@ def _planned_micro_batches(config: Config, stream: ShardStream, schedule: Sample
 
 def _save(run_dir, step, module, optimizer, schedule, position: DataPosition, config: Config, files: dict) -> None:
     extra = {"data": position.to_dict(), "plan_settings": plan_settings(config)}
-    checkpoint.save(run_dir, step, module, optimizer, schedule, extra, config.checkpoint.keep, files)
-    log.info("saved %s", run_dir / checkpoint.step_dir_name(step))
+    log.info("saved %s", checkpoint.save(run_dir, step, module, optimizer, schedule, extra, config.checkpoint.keep,
+                                         files))
 
 
 def _train_step(module, optimizer, batches: list[TalkerBatch], step: Step, config: Config, world: int):

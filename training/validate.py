@@ -16,6 +16,7 @@ from pathlib import Path
 import yaml
 
 from shared import schema
+from shared.store import is_s3_uri, open_store
 from training.config import Config, load_config, parse_override
 
 EXIT_CODE = 2
@@ -96,8 +97,10 @@ def check_model(path_text: str) -> None:
 def check_shards(shards_text: str, follow: bool) -> None:
     from training.data import resolve_output_dir
 
-    output = resolve_output_dir(shards_text)
     encode = ("run the encode service first (python -m services.encode ... --output DIR) and pass data.shards=DIR")
+    if is_s3_uri(shards_text):
+        return check_object_store_shards(shards_text, follow, encode)
+    output = resolve_output_dir(shards_text)
     if not output.is_dir():
         what = "is a file" if output.exists() else "no such directory"
         raise TrainingInputProblem(f"data.shards={shards_text}: {what}; {encode}")
@@ -109,7 +112,27 @@ def check_shards(shards_text: str, follow: bool) -> None:
                                    "data.follow=true to train while it encodes")
 
 
+def check_object_store_shards(shards_text: str, follow: bool, encode: str) -> None:
+    from training.data import resolve_output_dir
+
+    try:
+        store = open_store(resolve_output_dir(shards_text))
+        is_output = bool(store.listing(schema.SHARDS_DIR)) or store.exists(schema.PLAN_FILE)
+    except OSError as exc:
+        raise TrainingInputProblem(f"data.shards={shards_text}: cannot read the object store ({exc.strerror or exc}); "
+                                   "check AWS_ENDPOINT_URL, the credentials (AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY "
+                                   "or AWS_PROFILE) and the bucket") from None
+    if not is_output:
+        raise TrainingInputProblem(f"data.shards={shards_text}: not an encode output (no {schema.SHARDS_DIR}/ and no "
+                                   f"{schema.PLAN_FILE}); {encode}")
+    if not follow and not schema.published_shards(store):
+        raise TrainingInputProblem(f"data.shards={shards_text}: no published shards yet; {encode}, or set "
+                                   "data.follow=true to train while it encodes")
+
+
 def check_run_dir(path_text: str) -> None:
+    if is_s3_uri(path_text):
+        return  # checked when the run starts writing there
     path = Path(path_text)
     if path.exists() and not path.is_dir():
         raise TrainingInputProblem(f"checkpoint.dir={path}: is a file; pass a directory (created if missing)")
