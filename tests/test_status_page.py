@@ -181,7 +181,11 @@ def test_prometheus_scrapes_metrics_that_match_status(job):
         now = time.time()
         for name, e in by_encoder.items():
             assert now - e["updated"] - 5 <= ages[name] <= now - e["updated"] + 1, name
-        # the scrape without the token was refused, and Prometheus says so
+        # the scrape without the token was refused, and Prometheus says so (its last scrape may predate this
+        # server, when the port refused connections: wait for one that reached it)
+        deadline = time.time() + 30
+        while "401" not in prometheus.target_error("no-token") and time.time() < deadline:
+            time.sleep(0.5)
         assert prometheus.value('up{job="no-token"}') == 0
         assert "401" in prometheus.target_error("no-token")
 
