@@ -54,7 +54,6 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=fals
 work="${GPU_ALL_WORK_DIR:-$out/work}"
 
 if [ "$dry" = 1 ]; then
-  device=cpu
   attention_args=(--dry --device cpu)
   codec_args=(--dry --variants fp32,bf16)  # compiling the codec on a CPU takes minutes: left to the device run
   encode_args=(--device cpu --quick --codec-size tiny --clips 4 --flows b,c --timeout 600)
@@ -62,8 +61,8 @@ if [ "$dry" = 1 ]; then
                 --shards 1 --rows-per-shard 8)
   implementations=(sdpa)  # flex trains on CUDA only (torch compiles no flex backward for the CPU)
   t_attention=900; t_codec=900; t_encode=900; t_train=900; t_lora=900
+  lora_default="--device cpu --no-batch-growth"  # the 1.7B widths on a CPU: the fewest runs that check the script
 else
-  device=cuda
   attention_args=(--device cuda)
   codec_args=(--device cuda --codec-size full)
   encode_args=(--device cuda --codec-size full --clips 120 --flows a,b,c --timeout 110)
@@ -72,6 +71,7 @@ else
   "$python_bin" -c "import flash_attn" 2> /dev/null && implementations+=(flash_attention_2)
   t_attention="${T_ATTENTION:-90}"; t_codec="${T_CODEC:-90}"; t_encode="${T_ENCODE:-120}"
   t_train="${T_TRAIN:-75}"; t_lora="${T_LORA:-60}"
+  lora_default="--device cuda"
 fi
 
 steps_file="$out/steps.tsv"; : > "$steps_file"
@@ -99,7 +99,7 @@ for impl in "${implementations[@]}"; do
 done
 # LoRA memory (benchmarks/lora_memory.py comes with the LoRA work): run when present, recorded as skipped if not.
 if [ -f "$repo/benchmarks/lora_memory.py" ]; then
-  read -r -a lora_args <<< "${LORA_MEMORY_ARGS:---device $device}"
+  read -r -a lora_args <<< "${LORA_MEMORY_ARGS:-$lora_default}"
   run_step lora_memory "$t_lora" "$python_bin" "$repo/benchmarks/lora_memory.py" "${lora_args[@]}" \
     --json "$out/lora_memory.json"
 else

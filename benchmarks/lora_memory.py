@@ -45,6 +45,9 @@ def parse_args(argv=None):
                         "not in it are left out; figures that need them are not computed)")
     p.add_argument("--steps", type=int, default=2, help="optimizer steps; the first is left out of the step time")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-batch-growth", action="store_true",
+                   help="skip the two larger-batch runs: no estimate at the shipped micro-batch (the device script's "
+                        "CPU dry mode, which only checks that the benchmark runs)")
     p.add_argument("--child", nargs=3, metavar=("VARIANT", "TALKER_LAYERS", "CP_LAYERS"), help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -190,7 +193,7 @@ def main(argv=None) -> None:
         return
     p1, p2 = args.positions, 2 * args.positions
     runs = {}
-    plan = [(*shape, p1) for shape in SHAPES] + [(1, 1, p2), (2, 1, p2)]
+    plan = [(*shape, p1) for shape in SHAPES] + ([] if args.no_batch_growth else [(1, 1, p2), (2, 1, p2)])
     if args.results:
         for line in args.results.read_text().splitlines():
             if r := parse_result(line):
