@@ -72,3 +72,10 @@ def test_under_torchrun_one_line_once_exit_2_and_nothing_written(good, tmp_path)
                             f"checkpoint.dir={run}"], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=240)
     assert plain.returncode == 2 and plain.stderr.strip().splitlines()[-1].startswith("error: model.path=/nowhere: ")
     assert not run.exists()
+
+
+def test_flex_attention_off_cuda_is_one_line(good):
+    """torch compiles no flex backward for a CPU: refused before the run folder exists, with the fix."""
+    line = problem([*good, "model.attn_implementation=flex_attention", "train.device=cpu"])
+    assert "flex_attention trains on CUDA only" in line and "model.attn_implementation=auto" in line
+    assert "\n" not in line

@@ -24,8 +24,9 @@ class ModelConfig:
     # gives new speakers their x-vectors; empty = each new speaker's codec-embedding row trains instead
     speaker_encoder: str = ""
     retrain_speakers: list[str] = field(default_factory=list)  # built-in speakers the shards may retrain
-    # auto | eager | sdpa | flash_attention_2; auto: flash_attention_2 (npu_fusion_attention) on an NPU with
-    # bf16/fp16 compute, sdpa elsewhere (shared.device.attention_for)
+    # auto | eager | sdpa | flex_attention | flash_attention_2; auto: on an NPU with bf16/fp16 compute
+    # flash_attention_2 (npu_fusion_attention), on CUDA flash_attention_2 when flash-attn is installed (half
+    # precision) else flex_attention, sdpa elsewhere (shared.device.attention_for)
     attn_implementation: str = "sdpa"
 
 

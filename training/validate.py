@@ -148,10 +148,27 @@ def validate(config_path: str | None, overrides: list[str]) -> Config:
     check_model(config.model.path)
     check_shards(config.data.shards, config.data.follow)
     check_run_dir(config.checkpoint.dir)
+    check_attention(config)
     check_resume(config)
     check_lora(config)
     check_voices(config)
     return config
+
+
+def check_attention(config: Config) -> None:
+    """An attention implementation the device this command trains on cannot train with (flex_attention off CUDA)."""
+    if config.model.attn_implementation != "flex_attention":
+        return
+    from shared.device import attention_for, resolve_kind
+
+    try:
+        kind = resolve_kind(config.train.device)
+    except (ValueError, RuntimeError):  # a device that is missing: start-up reports it, naming the device
+        return
+    try:
+        attention_for(config.model.attn_implementation, kind, config.fsdp.param_dtype)
+    except ValueError as exc:
+        raise TrainingInputProblem(str(exc)) from None
 
 
 def check_resume(config: Config) -> None:
