@@ -20,10 +20,11 @@ from tests.test_training_distributed import REPO
 
 NOVA = {"nova": ("English", "hello world", 31)}
 CONFIG = str(REPO / "training/configs/tiny.yaml")
-# Hard enough that the built-in speakers drift all the way without rehearsal (measured: codebook-0 agreement 0.0
-# at 100 steps, seeds 0-2, against 1.0 with rehearsal 0.5); eval only at the end, keep generation bounded.
-HARD = ["train.steps=100", "train.lr=5e-3", "train.lr_schedule=constant", "train.warmup_steps=0",
-        "checkpoint.interval=1000", "eval.fraction=0.3", "eval.interval=100", "eval.max_new_tokens=12",
+# Hard enough that the built-in speakers drift all the way without rehearsal. Measured codebook-0 agreement, off vs
+# rehearsal 0.5: here (50 steps, 6 frames) 0.0 vs 0.5, 1.0, 0.5 for train.seed 0, 1, 2; at 100 steps and 12 frames
+# 0.0 vs 1.0 for all three. Eval only at the end, keep generation bounded.
+HARD = ["train.steps=50", "train.lr=5e-3", "train.lr_schedule=constant", "train.warmup_steps=0",
+        "checkpoint.interval=1000", "eval.fraction=0.3", "eval.interval=50", "eval.max_new_tokens=6",
         "eval.sentences=[hello world]"]
 
 
@@ -65,16 +66,16 @@ def test_rehearsal_keeps_the_built_in_speakers_closer_to_the_base(tiny_dir, tiny
     voices = json.loads((out / "voices.json").read_text())
     assert set(voices["rows"]) == {"nova"}
 
-    # A later start reuses it (nothing rewritten); another seed rebuilds it and says why.
+    # A later start reuses it (nothing rewritten); another frame bound rebuilds it and says why.
     prepare = ["-m", "training.rehearsal", "--config", CONFIG, f"model.path={tiny_custom_voice_dir}",
                f"data.shards={data}", f"checkpoint.dir={out}", *HARD, "data.rehearsal_fraction=0.5"]
     before = {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()}
     result = run(*prepare)
     assert result.returncode == 0 and "reusing" in result.stderr, result.stderr[-2000:]
     assert {p: p.stat().st_mtime_ns for p in cache.rglob("*") if p.is_file()} == before
-    result = run(*prepare, "train.seed=1")
-    assert result.returncode == 0 and "rebuilding" in result.stderr and "changed: seed" in result.stderr, \
-        result.stderr[-2000:]
+    result = run(*prepare, "eval.max_new_tokens=5")
+    assert result.returncode == 0 and "changed: max_new_tokens" in result.stderr, result.stderr[-2000:]
+    assert max(r.num_frames for r in schema.read_rows(schema.published_shards(cache)[0])) <= 5
 
 
 def test_encoded_targets_go_through_the_encode_service_and_load(tiny_dir, tiny_custom_voice_dir, tmp_path):

@@ -359,8 +359,8 @@ class ShardStream:
         rounds = [order[start:start + size] for start in range(0, len(order), size)]
         totals = [[sum(figures) for figures in zip(*(self._training_figures(s) for s in r))] for r in rounds]
         if self.rehearsal is not None:  # the rows each round's rehearsal adds, by the same count rule
-            totals = [[rows + self.rehearsal.count(rows), frames + self.rehearsal.count(rows) * self.rehearsal.mean_frames]
-                      for rows, frames in totals]
+            added = [self.rehearsal.count(rows) for rows, _ in totals]
+            totals = [[rows + n, frames + n * self.rehearsal.mean_frames] for (rows, frames), n in zip(totals, added)]
         for sample, (sample_rows, _) in zip(rounds, totals):  # usually the first round (read again to train)
             rows = self._mixed_rows(sample, 0) if sample_rows > 0 else []
             if rows:

@@ -53,6 +53,7 @@ from training.custom_voice import Voices
 from training.keep_check import greedy_codes, kept_speakers
 from training.reference import speaker_key
 from training.samples import PlannedRow, SampleBuilder
+from training.validate import WEIGHTS
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +66,6 @@ SENTENCES = {
                 "The train leaves the station at nine."],
     "chinese": ["春天来了，花园里的花都开了。", "他每天早上七点起床去跑步。", "这家饭店的菜又便宜又好吃。"],
 }
-_WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
 def rehearsal_dir(config) -> Path:
@@ -76,7 +76,7 @@ def rehearsal_dir(config) -> Path:
 def model_fingerprint(path: str | Path) -> str:
     """Cheap identity of a model directory: its config.json and its weight files' sizes and times."""
     h = hashlib.sha256((Path(path) / "config.json").read_bytes())
-    for name in _WEIGHT_FILES:
+    for name in WEIGHTS:
         weights = Path(path) / name
         if weights.is_file():
             h.update(f"{name}:{weights.stat().st_size}:{weights.stat().st_mtime_ns}".encode())
@@ -87,9 +87,10 @@ def prompts(dialect: str | bool, languages: set[str]) -> list[tuple[str, str, st
     """(text, language generation is asked for, the row's language) of one built-in speaker."""
     if dialect:
         return [(text, "chinese", dialect) for text in SENTENCES["chinese"]]
-    families = [family for family in SENTENCES if family in languages] or ["auto"]
-    return [(text, family, family) for family in families
-            for text in (SENTENCES[family] if family in SENTENCES else SENTENCES["english"])]
+    families = [family for family in SENTENCES if family in languages]
+    if not families:  # a model without these language ids: the English sentences, without a language id
+        return [(text, "auto", "auto") for text in SENTENCES["english"]]
+    return [(text, family, family) for family in families for text in SENTENCES[family]]
 
 
 def speakers_of(config, voices: Voices) -> dict[str, str | bool]:
@@ -98,10 +99,11 @@ def speakers_of(config, voices: Voices) -> dict[str, str | bool]:
 
 
 def wanted_inputs(config, speakers: dict[str, str | bool], languages: set[str]) -> dict:
-    return {"model": str(Path(config.model.path).resolve()), "fingerprint": model_fingerprint(config.model.path),
+    """What the set is made from, as inputs.json holds it (JSON types: tuples become lists)."""
+    return json.loads(json.dumps({"model": str(Path(config.model.path).resolve()), "fingerprint": model_fingerprint(config.model.path),
             "speakers": speakers, "prompts": {name: prompts(d, languages) for name, d in speakers.items()},
             "seed": config.train.seed, "targets": config.data.rehearsal_targets,
-            "max_new_tokens": config.eval.max_new_tokens or "sentence bound"}
+            "max_new_tokens": config.eval.max_new_tokens or "sentence bound"}))
 
 
 def read_inputs(directory: Path) -> dict | None:
