@@ -83,11 +83,11 @@ def test_encoded_targets_go_through_the_encode_service_and_load(tiny_dir, tiny_c
     rows the training stream plans and reads, each speaking from its built-in row."""
     from shared.qwen import load_tts_model
     from training.custom_voice import check_run
-    from training.data import RoundCodes
+    from training.data import RoundCodes, ShardStream
     from training.rehearsal import load, rehearsal_dir
     from training.samples import SampleBuilder
 
-    data = write_speakers(tmp_path, tiny_dir / "codec", NOVA)
+    data = write_speakers(tmp_path, tiny_dir / "codec", NOVA, takes=6)
     overrides = [f"model.path={tiny_custom_voice_dir}", f"data.shards={data}", f"checkpoint.dir={tmp_path / 'run'}",
                  "data.rehearsal_fraction=0.25", "data.rehearsal_targets=encoded", "eval.max_new_tokens=6"]
     result = run("-m", "training.rehearsal", "--config", CONFIG, *overrides)
@@ -111,6 +111,17 @@ def test_encoded_targets_go_through_the_encode_service_and_load(tiny_dir, tiny_c
     assert batch.codec_ids[row, position, 0] == 3000 and bool(batch.speaker_learned[ryan])
     first = torch.as_tensor(chosen[0].row.codes)
     assert batch.frames.shape[0] == sum(p.frames for p in chosen) and torch.equal(batch.frames[:len(first)], first)
+
+    # In the stream: the round plans its 6 rows with round(6 x 0.25 / 0.75) = 2 rehearsal rows, the same plan on
+    # any world size (a resume on another layout replans it exactly), every row trained once.
+    digests = []
+    for world in (1, 2):
+        stream = ShardStream(config.data, builder, config.train.seed, 0, world, 1)
+        stream.rehearsal = found
+        steps = list(stream.epoch_steps())
+        assert sum(step.rehearsal_rows for step in steps) == 2
+        digests.append(stream._last_plan[1].digest())
+    assert digests[0] == digests[1]
 
 
 @pytest.mark.parametrize("model, overrides, words", [

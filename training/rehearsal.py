@@ -100,10 +100,11 @@ def speakers_of(config, voices: Voices) -> dict[str, str | bool]:
 
 def wanted_inputs(config, speakers: dict[str, str | bool], languages: set[str]) -> dict:
     """What the set is made from, as inputs.json holds it (JSON types: tuples become lists)."""
-    return json.loads(json.dumps({"model": str(Path(config.model.path).resolve()), "fingerprint": model_fingerprint(config.model.path),
-            "speakers": speakers, "prompts": {name: prompts(d, languages) for name, d in speakers.items()},
-            "seed": config.train.seed, "targets": config.data.rehearsal_targets,
-            "max_new_tokens": config.eval.max_new_tokens or "sentence bound"}))
+    inputs = {"model": str(Path(config.model.path).resolve()), "fingerprint": model_fingerprint(config.model.path),
+              "speakers": speakers, "prompts": {name: prompts(d, languages) for name, d in speakers.items()},
+              "seed": config.train.seed, "targets": config.data.rehearsal_targets,
+              "max_new_tokens": config.eval.max_new_tokens or "sentence bound"}
+    return json.loads(json.dumps(inputs))
 
 
 def read_inputs(directory: Path) -> dict | None:
@@ -114,6 +115,7 @@ def read_inputs(directory: Path) -> dict | None:
 def prepare(config, voices: Voices, device: torch.device) -> Path:
     """RUN/rehearsal/, reused when its recorded inputs are this run's, else (re)built."""
     from shared.qwen import load_inference_model
+    from training.inference_copy import release_device_cache
 
     directory = rehearsal_dir(config)
     speakers = speakers_of(config, voices)
@@ -135,6 +137,7 @@ def prepare(config, voices: Voices, device: torch.device) -> Path:
     tts = load_inference_model(config.model.path, device, dtype, attention)
     entries, codes = synthesise(tts, config, speakers, languages, directory)
     del tts
+    release_device_cache(device)  # the training model moves to the device next
     (directory / schema.MANIFEST_FILE).write_text("".join(json.dumps(e, ensure_ascii=False) + "\n" for e in entries))
     if config.data.rehearsal_targets == "generated":
         write_generated(directory, entries, codes)
