@@ -119,3 +119,46 @@ def test_lora_on_a_custom_voice_model_path_validates(tiny_dir, tiny_custom_voice
     tiny = str(REPO / "training/configs/tiny.yaml")
     assert validate(tiny, common).lora.enabled
     assert validate(tiny, [*common, f"model.speaker_encoder={tiny_dir / 'model'}"]).lora.enabled
+
+
+@torch.no_grad()
+def test_speaker_rows_train_on_the_learned_path_only_and_merge_as_peft_applies_them(tiny_custom_voice_dir):
+    """The x-vector path (model.speaker_encoder) trains adapters only; on the learned path the rows are peft
+    trainable tokens, and merge_adapters (rank 0's inference copy: eval samples, keep/<speaker>) writes them as
+    peft's forward does."""
+    from training import lora
+    from training.config import load_config
+    from training.custom_voice import Voices
+    from training.model import TalkerForTraining
+
+    config = load_config(REPO / "training/configs/tiny.yaml", [f"model.path={tiny_custom_voice_dir}",
+                                                              "data.shards=unused", "lora.rank=4"])
+    voices = Voices({"ryan": 3000}, {"ryan": False}, {"nova": 3001, "ryan": 3000}, {"nova": False, "ryan": False},
+                    learned=True)
+    assert lora.speaker_rows(config, voices) == [3000, 3001]  # a retrained built-in row trains too
+    voices.learned = False  # model.speaker_encoder: x-vectors fill the rows at export
+    assert lora.speaker_rows(config, voices) == []
+    config.lora.train_heads = True  # the whole embedding trains: no trainable tokens
+    assert lora.speaker_rows(config, Voices({}, {}, {"nova": 3001}, {"nova": False}, learned=True)) == []
+    config.lora.train_heads = False
+
+    module = TalkerForTraining(load_tts_model(tiny_custom_voice_dir).talker)
+    assert "+ 1 speaker rows" in lora.apply(module, config, [3001])
+    trainable = [n for n, p in module.named_parameters() if p.requires_grad]
+    assert f"talker.{SPEAKER_EMBEDDING}{ROWS_DELTA}" in trainable and all(lora.is_adapter(n) for n in trainable)
+    parameters = dict(module.named_parameters())
+    parameters[f"talker.{SPEAKER_EMBEDDING}{ROWS_DELTA}"].normal_()
+    for name, param in parameters.items():
+        if ".lora_B." in name:
+            param.normal_()
+    plain = load_tts_model(tiny_custom_voice_dir)
+    targets = dict(plain.named_parameters())
+    adapters = {n: p for n, p in parameters.items() if lora.is_adapter(n)}
+    for name, param in parameters.items():
+        if not lora.is_adapter(name):
+            assert torch.equal(targets[lora.inference_name(name)], param)
+    lora.merge_adapters(targets, adapters, module)
+    ids = torch.tensor([[3000, 3001, 3002, 5]])
+    assert torch.equal(plain.talker.get_input_embeddings()(ids), module.talker.get_input_embeddings()(ids))
+    hidden = torch.randn(3, plain.talker.config.hidden_size)
+    torch.testing.assert_close(plain.talker.codec_head(hidden), module.talker.codec_head(hidden), rtol=0, atol=1e-5)

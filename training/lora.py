@@ -111,8 +111,10 @@ def inject_speaker_rows(talker: nn.Module, rows: list[int]) -> None:
     """Wrap the talker's codec embedding so that only `rows` train (see the module docstring)."""
     peft = import_peft()
     pattern = SPEAKER_EMBEDDING.replace(".", r"\.")  # a full match: not code_predictor's codec embeddings
-    peft.inject_adapter_in_model(peft.TrainableTokensConfig(target_modules=pattern, token_indices=list(rows)),
-                                 talker, adapter_name=ADAPTER)
+    with warnings.catch_warnings():  # the LoRA adapters are there already, on other modules: intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+        peft.inject_adapter_in_model(peft.TrainableTokensConfig(target_modules=pattern, token_indices=list(rows)),
+                                     talker, adapter_name=ADAPTER)
 
 
 def apply(module: nn.Module, config: Config, rows: list[int] = ()) -> str | None:
