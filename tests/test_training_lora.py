@@ -205,7 +205,7 @@ def test_shipped_lora_configs_target_every_layer_projection_of_the_1p7b_shape():
     modules = dict(talker.named_modules())
     adapters = sum(16 * (modules[t].in_features + modules[t].out_features) for t in targets)
     share = adapters / (adapters + sum(p.numel() for p in talker.parameters()))
-    assert 0.005 < share < 0.015, share  # README: 19.2 M, 0.99 % of the talker
+    assert 0.005 < share < 0.015, share  # docs/lora.md: 19.2 M, 0.99 % of the talker
     print(f"1.7B LoRA adapters: {adapters:,} parameters, {100 * share:.2f} %")
 
 

@@ -222,8 +222,9 @@ def _target_dtype(base: Path, dtype: str) -> torch.dtype:
     return DTYPES.get(stored.get("dtype") or stored.get("torch_dtype") or "float32", torch.float32)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=checkpoint_argument,
                         help="a step-NNNNNN/ folder of a run, or RUN/best (the lowest eval loss)")
     parser.add_argument("--output", required=True, type=Path)
@@ -240,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
                              "model")
     parser.add_argument("--lora-scale", type=float, default=1.0,
                         help="LoRA run: scale the adapter by this factor (default 1.0) before merging or writing it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.ref_audio and not args.speaker_name:
         parser.error("--ref-audio needs --speaker-name")

@@ -279,11 +279,16 @@ def _record(sums: torch.Tensor, grad_norm: torch.Tensor, step: Step, config: Con
                 sub_talker_loss=sub_loss, grad_norm=norm)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see training/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     config = validate_or_exit(args.config, args.overrides)  # one line and exit 2 on a bad input, nothing written
     try:
         train(config)
