@@ -1,5 +1,5 @@
 # Sourced (not run) on a cluster node before `ray start` or a training launch, by deploy/ray-cluster.yaml,
-# deploy/train.sh and the steps of README.md ("Scaling out"):
+# deploy/train.sh and the steps of docs/scaling-out.md:
 #   source deploy/node_env.sh
 # It sets: on an Ascend node, CANN's environment and the runtime settings of deploy/ascend.env; everywhere,
 # Ray token authentication and the project's virtual environment on PATH. Processes started afterwards
@@ -49,7 +49,7 @@ if [ -n "$qwen3tts_cann_env" ]; then
 elif [ "$qwen3tts_status" = 0 ] && [ "$qwen3tts_devices" -gt 0 ]; then
   echo "node_env: this node has $qwen3tts_devices Ascend devices ($qwen3tts_root/dev/davinci*) but no CANN: neither" \
        "$qwen3tts_root/usr/local/Ascend/ascend-toolkit/set_env.sh nor $qwen3tts_root/usr/local/Ascend/cann/set_env.sh" \
-       "exists. Install the CANN toolkit (README.md, \"Ascend versions and variables\") or set ASCEND_SET_ENV to its set_env.sh." >&2
+       "exists. Install the CANN toolkit (docs/ascend.md) or set ASCEND_SET_ENV to its set_env.sh." >&2
   qwen3tts_status=1
 fi
 

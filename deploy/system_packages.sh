@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# Debian packages the tests start for real: headless Chromium (the status page's screenshots) and a Prometheus
-# server that scrapes /metrics (tests/test_status_page.py). Sourced by tests/run.sh so that it alone sets up a
-# fresh machine; installs with apt-get only what is missing, and does nothing when both are on PATH.
+# Debian packages the tests start for real: headless Chromium (the status page's screenshots), a Prometheus
+# server that scrapes /metrics (tests/test_status_page.py), and curl, which the docs' commands use
+# (tests/test_docs_commands.py). Sourced by tests/run.sh so that it alone sets up a fresh machine; installs with
+# apt-get only what is missing, and does nothing when all are on PATH.
 # Without root or apt-get it prints the command to run and fails: the tests need these and do not skip.
 system_packages=()
 command -v chromium >/dev/null || command -v chromium-browser >/dev/null || system_packages+=(chromium)
 command -v prometheus >/dev/null && command -v promtool >/dev/null || system_packages+=(prometheus)
+command -v curl >/dev/null || system_packages+=(curl)
 if ((${#system_packages[@]})); then
   install_cmd="apt-get update && apt-get install -y --no-install-recommends ${system_packages[*]}"
   if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then

@@ -14,7 +14,7 @@
 #                  TRAIN_DEVICE set, torch is not asked at all: nothing runs)
 # It sources deploy/node_env.sh first (CANN, deploy/ascend.env, the venv); that fails on a node that has Ascend
 # devices but no CANN. On an NPU the Ascend runtime variables are set (values already in the environment win):
-# the shared ones from deploy/ascend.env plus the training-only ones below; README.md explains each.
+# the shared ones from deploy/ascend.env plus the training-only ones below; docs/ascend.md explains each.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [ $# -ge 1 ] || { echo "usage: bash deploy/train.sh CONFIG [key=value ...]" >&2; exit 2; }

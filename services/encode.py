@@ -45,7 +45,7 @@ def export_destination(text: str) -> str | Path:
     return text if is_s3_uri(text) else Path(text)
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m services.encode", description=__doc__)
     p.add_argument("--manifest", required=True, type=Path, help="raw JSONL (audio, text, ref_audio) or a directory "
                    "of audio files with same-stem .txt transcripts")
@@ -64,7 +64,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="encode on Ascend chips before 910B1 (910A, 310P), whose fp32 reads fp16 inputs "
                         "(recorded in plan.json); refused without it")
     p.add_argument("--exact-tail", action="store_true", help="reproduce upstream's one-at-a-time codes for the "
-                   "last partial frame too (slower; see README)")
+                   "last partial frame too (slower; see docs/preparing-data.md)")
     p.add_argument("--min-seconds", type=float, default=0.1)
     p.add_argument("--max-seconds", type=float, default=60.0)
     p.add_argument("--ref-audio", default=None, help="reference wav for entries that have none")
@@ -83,7 +83,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "before it is reported failed")
     p.add_argument("--ray-dashboard", action="store_true", help="start Ray's dashboard with the private local "
                    "Ray (off by default: it costs seconds of start-up)")
-    return p.parse_args(argv)
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def connect_ray(address: str | None, dashboard: bool = False) -> subprocess.Popen | None:

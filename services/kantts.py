@@ -175,8 +175,8 @@ def parse_ref_audio(values: list[str]) -> Path | dict[str, Path] | None:
     return {name: Path(path) for name, path in (v.split("=", 1) for v in values)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.kantts", description=__doc__.split("\n\n")[0])
     parser.add_argument("--root", required=True, type=Path,
                         help="KAN-TTS dataset root (wav/ and prosody/, or one such tree per speaker directory)")
     parser.add_argument("--output", required=True, type=Path, help="raw manifest to write (JSONL)")
@@ -184,7 +184,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="reference wav: PATH for a single-speaker tree, NAME=PATH per speaker (repeat); "
                              "default: one of the speaker's own wavs")
     parser.add_argument("--seed", type=int, default=0, help="seed of the reference pick when --ref-audio is not given")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         report = convert(args.root, parse_ref_audio(args.ref_audio), args.seed)
     except (FileNotFoundError, OSError, ValueError) as e:

@@ -207,13 +207,17 @@ def is_loopback(host: str) -> bool:
         return host == "localhost"
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m services.status", description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", required=True, help="encode output to report on: a path or an s3:// URI")
     parser.add_argument("--port", type=int, default=8787, help="0 picks a free port")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--token-file", type=Path, help=f"file holding the bearer token (else ${TOKEN_ENV})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         token = token_from(args.token_file)
     except (OSError, ValueError) as e:

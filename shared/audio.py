@@ -124,7 +124,7 @@ def load_audio(path: str, limits: AudioLimits = AudioLimits(), data: bytes | Non
 
 
 def pad_to_frame(samples: np.ndarray) -> np.ndarray:
-    """Zero-pad to a whole number of codec frames (see README: batch-invariant codes)."""
+    """Zero-pad to a whole number of codec frames (see docs/preparing-data.md: batch-invariant codes)."""
     remainder = len(samples) % SAMPLES_PER_FRAME
     if remainder == 0:
         return samples

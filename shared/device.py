@@ -256,7 +256,7 @@ def apply_codec_numerics(dev: DeviceInfo, allow_reduced: bool = False) -> CodecN
         now = CodecNumerics("cpu")
     if now != codec_numerics(now.device_kind):
         raise RuntimeError(f"could not switch the codec's reduced-precision fp32 modes off on {dev.describe()}: "
-                           f"{now}; check the torch/torch_npu versions against README.md (Ascend)")
+                           f"{now}; check the torch/torch_npu versions against docs/ascend.md")
     return now
 
 

@@ -74,7 +74,7 @@ def encode_clips(codec: Qwen3TTSTokenizer, clips: list[np.ndarray], exact_tail: 
     `Qwen3TTSTokenizer.encode` of the frame-padded clip exactly, and of the unpadded clip on every
     frame but a partial last one. `exact_tail=True` encodes each clip whose length is not a whole
     number of frames on its own, unpadded, reproducing one-at-a-time upstream codes bit for bit at
-    the cost of batching (see README, "Last partial frame").
+    the cost of batching (see docs/preparing-data.md, "Last partial frame").
     """
     results: list[np.ndarray | None] = [None] * len(clips)
     batched = []

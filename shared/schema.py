@@ -155,7 +155,12 @@ class ShardRow:
     @property
     def trainable(self) -> bool:
         """A good row with a reference and frames: the rows training uses (and the shard index counts)."""
-        return self.ok and bool(self.ref_audio) and bool(self.num_frames)
+        return self.trains(needs_reference=True)
+
+    def trains(self, needs_reference: bool) -> bool:
+        """A good row with frames, and with a reference unless the run needs none (a run whose speaker slot holds
+        a trained codec-embedding row instead of an x-vector)."""
+        return self.ok and bool(self.num_frames) and (bool(self.ref_audio) or not needs_reference)
 
     @property
     def reason(self) -> str | None:

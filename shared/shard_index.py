@@ -18,18 +18,21 @@ from shared import schema
 from shared.schema import ShardFile, ShardRow
 from shared.storage import child, read_bytes, write_atomic
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: rows without a reference counted apart (unreferenced_rows/frames)
 # The columns an entry is made from: all light (no codes).
 LIGHT_COLUMNS = ["speaker", "language", "ref_audio", "num_frames", "error"]
 
 
 @dataclass
 class SpeakerFigures:
-    """One `speaker` value's trainable rows in one shard."""
+    """One `speaker` value's trainable rows in one shard; its good rows with frames but no ref_audio apart (only a
+    run that needs no reference trains them)."""
     speaker: str | None  # as stored in the shard (null: the unnamed speaker)
     references: list[str]  # its distinct ref_audio values, sorted
     rows: int
     frames: int
+    unreferenced_rows: int = 0
+    unreferenced_frames: int = 0
 
 
 @dataclass
@@ -38,8 +41,8 @@ class IndexEntry:
     size: int
     mtime_ns: int
     rows: int  # every row, error rows included
-    speakers: list[SpeakerFigures] = field(default_factory=list)  # of trainable rows, by speaker value
-    languages: list[str] = field(default_factory=list)  # of trainable rows, sorted
+    speakers: list[SpeakerFigures] = field(default_factory=list)  # of good rows with frames, by speaker value
+    languages: list[str] = field(default_factory=list)  # of good rows with frames, sorted
 
     @property
     def rows_trainable(self) -> int:
@@ -48,6 +51,13 @@ class IndexEntry:
     @property
     def frames_trainable(self) -> int:
         return sum(s.frames for s in self.speakers)
+
+    def figures(self, needs_reference: bool = True) -> tuple[int, int]:
+        """(rows, frames) a run trains on: with a reference, or with and without one when it needs none."""
+        if needs_reference:
+            return self.rows_trainable, self.frames_trainable
+        return (self.rows_trainable + sum(s.unreferenced_rows for s in self.speakers),
+                self.frames_trainable + sum(s.unreferenced_frames for s in self.speakers))
 
     def describes(self, file: ShardFile) -> bool:
         """True when this entry was read from this very publication of the file."""
@@ -59,7 +69,8 @@ class IndexEntry:
     @classmethod
     def from_json(cls, d: dict) -> "IndexEntry":
         return cls(d["name"], int(d["size"]), int(d["mtime_ns"]), int(d["rows"]),
-                   [SpeakerFigures(s["speaker"], list(s["references"]), int(s["rows"]), int(s["frames"]))
+                   [SpeakerFigures(s["speaker"], list(s["references"]), int(s["rows"]), int(s["frames"]),
+                                   int(s["unreferenced_rows"]), int(s["unreferenced_frames"]))
                     for s in d["speakers"]], list(d["languages"]))
 
 
@@ -68,12 +79,16 @@ def entry_of(file: ShardFile, rows: list[ShardRow]) -> IndexEntry:
     speakers: dict[str | None, SpeakerFigures] = {}
     languages = set()
     for row in rows:
-        if not row.trainable:
+        if not row.trains(needs_reference=False):
             continue
         figures = speakers.setdefault(row.speaker, SpeakerFigures(row.speaker, [], 0, 0))
-        figures.references.append(row.ref_audio)
-        figures.rows += 1
-        figures.frames += row.num_frames
+        if row.ref_audio:
+            figures.references.append(row.ref_audio)
+            figures.rows += 1
+            figures.frames += row.num_frames
+        else:
+            figures.unreferenced_rows += 1
+            figures.unreferenced_frames += row.num_frames
         if row.language:
             languages.add(row.language)
     for figures in speakers.values():

@@ -83,10 +83,11 @@ def write_kantts_speakers(root: str | Path, speakers: int, count: int, seconds: 
                               seed=seed + k, pitch=SPEAKER_PITCH[k % len(SPEAKER_PITCH)]) for k in range(speakers)]
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser():
     import argparse
 
-    parser = argparse.ArgumentParser(description="write a generated KAN-TTS-layout speech corpus")
+    parser = argparse.ArgumentParser(prog="python -m shared.synth", description="write a generated KAN-TTS-layout "
+                                     "speech corpus")
     parser.add_argument("--kantts", required=True, help="root directory to write wav/ and prosody/ into")
     parser.add_argument("--count", type=int, default=48)
     parser.add_argument("--min-seconds", type=float, default=1.0)
@@ -94,7 +95,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--speakers", type=int, default=1,
                         help="more than 1: one tree per speaker (speaker1/, speaker2/, ...) under --kantts")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     seconds = (args.min_seconds, args.max_seconds)
     if args.speakers > 1:
         write_kantts_speakers(args.kantts, args.speakers, args.count, seconds, args.seed)

@@ -29,15 +29,19 @@ def write_custom_voice(tiny: str | Path, seed: int = 0, shape: str = "1.7b") -> 
     return write_model(tiny / "custom_voice", tiny / "codec", seed, shape, model_type="custom_voice")
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m shared.tiny", description=__doc__)
     parser.add_argument("--output", required=True, help="directory to write codec/ and model/ into")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--shape", default="1.7b", choices=["1.7b", "0.6b"],
                         help="0.6b: text width larger than the talker's, as in Qwen3-TTS-12Hz-0.6B-Base")
     parser.add_argument("--distinct-speakers", action="store_true",
                         help="a speaker encoder whose x-vectors tell voices apart (several speakers)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     out = write_tiny(args.output, args.seed, args.shape, args.distinct_speakers, custom_voice=True)
     print(f"wrote tiny codec to {out / 'codec'}, tiny Base model to {out / 'model'} and tiny CustomVoice model "
           f"to {out / 'custom_voice'}")

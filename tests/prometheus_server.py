@@ -96,6 +96,6 @@ class PrometheusServer:
 
 def scrape_job(name: str, target: str, token_file: Path | None) -> dict:
     job = {"job_name": name, "static_configs": [{"targets": [target]}]}
-    if token_file is not None:  # what the README's scrape config shows
+    if token_file is not None:  # what the scrape config in docs/watching.md shows
         job["authorization"] = {"type": "Bearer", "credentials_file": str(token_file)}
     return job

@@ -1,5 +1,5 @@
 """deploy/: every YAML parses and holds what an Ascend cluster needs (NPU resources, token auth, the encode CLI's
-real flags), the launcher config passes Ray's own schema, and the environment files match the README.
+real flags), the launcher config passes Ray's own schema, and the environment files match docs/ascend.md.
 The scripts are tested in test_deploy_scripts.py."""
 import os
 import re
@@ -309,9 +309,9 @@ def test_podmonitor_scrapes_the_drivers_metrics_with_the_status_token():
 
 
 def test_training_doc_states_the_ascend_values_deploy_sets():
-    """README.md ("Training") documents the Ascend variables; those that deploy/ascend.env sets must match it."""
+    """docs/ascend.md documents the Ascend variables; those that deploy/ascend.env sets must match it."""
     documented = {}
-    for line in (REPO / "README.md").read_text().splitlines():
+    for line in (REPO / "docs" / "ascend.md").read_text().splitlines():
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
         if len(cells) >= 2 and cells[0].startswith("`"):
             names = re.findall(r"`([A-Z][A-Z0-9_]+)`", cells[0])
@@ -319,5 +319,5 @@ def test_training_doc_states_the_ascend_values_deploy_sets():
             documented.update(zip(names, values))
     env = ascend_env()
     shared = set(env) & set(documented)
-    assert shared == set(env), f"not documented in README.md: {sorted(set(env) - shared)}"
+    assert shared == set(env), f"not documented in docs/ascend.md: {sorted(set(env) - shared)}"
     assert {k: documented[k] for k in shared} == env

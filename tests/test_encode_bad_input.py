@@ -123,9 +123,9 @@ def test_every_kind_of_bad_input_is_reported_and_good_rows_survive(tiny_codec_di
     assert f"{expected_errors} errors" in result.stdout
 
 
-def test_every_reason_is_listed_in_the_readme(tmp_path):
-    """Each reason code the cases above produce (and `decode_failed`, a decoder's own bug) is in the README."""
+def test_every_reason_is_listed_in_the_data_guide(tmp_path):
+    """Each reason code the cases above produce (and `decode_failed`, a decoder's own bug) is in the data guide."""
     reasons = {reason for _, reason, _ in make_inputs(tmp_path) if reason} | {"decode_failed"}
-    readme = (REPO / "README.md").read_text()
-    listed = readme[readme.index("Error reasons:"):].split("\n\n")[0]
+    guide = (REPO / "docs" / "preparing-data.md").read_text()
+    listed = guide[guide.index("Error reasons:"):].split("\n\n")[0]
     assert not sorted(r for r in reasons if f"`{r}`" not in listed), listed

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from shared import schema
-from shared.shard_index import ShardIndex, current_index, index_location, read_entry
+from shared.shard_index import INDEX_VERSION, ShardIndex, current_index, index_location, read_entry
 from training.corpus_index import load_corpus_index, shard_figures
 from training.reference import SpeakerTable, scan_speakers
 from training.synthetic import write_shard
@@ -89,7 +89,7 @@ def test_an_old_output_gets_its_index_once(output, tmp_path):
     assert index == built(output)
     assert ShardIndex.load(output / schema.INDEX_FILE) == index  # complete output: cached there
     document = json.loads((output / schema.INDEX_FILE).read_text())
-    assert document["version"] == 1 and [e["name"] for e in document["shards"]] == ["shard-00000.parquet",
+    assert document["version"] == INDEX_VERSION and [e["name"] for e in document["shards"]] == ["shard-00000.parquet",
                                                                                     "shard-00001.parquet"]
     # The next start reads no shard: a damaged entry in the cached file would show if it were read again.
     cached = ShardIndex.load(output / schema.INDEX_FILE)

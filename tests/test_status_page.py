@@ -191,8 +191,10 @@ def test_prometheus_scrapes_metrics_that_match_status(job):
 
 
 def readme_prometheus_configs() -> list[dict]:
-    """The README's Prometheus YAML: the scrape config, and the annotation-driven job (a list item there)."""
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    """The docs' Prometheus YAML: the scrape config (docs/watching.md), and the annotation-driven job of the KubeRay
+    steps (docs/scaling-out.md, a list item there)."""
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    text = "\n".join((docs / name).read_text() for name in ("watching.md", "scaling-out.md"))
     configs = []
     for block in re.findall(r"```yaml\n(.*?)```", text, re.S):
         value = yaml.safe_load(block)
@@ -203,10 +205,10 @@ def readme_prometheus_configs() -> list[dict]:
     return configs
 
 
-def test_readme_scrape_configs_pass_promtool(tmp_path):
+def test_documented_scrape_configs_pass_promtool(tmp_path):
     promtool = system_tool("prometheus", "promtool")  # Debian's prometheus package ships promtool
     configs = readme_prometheus_configs()
-    assert len(configs) == 2, "the README shows a static scrape config and a KubeRay annotation-driven job"
+    assert len(configs) == 2, "the docs show a static scrape config and a KubeRay annotation-driven job"
     token_file = tmp_path / "token"
     token_file.write_text(TOKEN)
     for i, config in enumerate(configs):

@@ -23,13 +23,13 @@ def run_sourced(bin_dir: Path, programs: list[str]) -> subprocess.CompletedProce
 
 def test_does_nothing_when_the_programs_are_on_path(tmp_path):
     started = time.monotonic()
-    done = run_sourced(tmp_path / "bin", ["chromium", "prometheus", "promtool"])
+    done = run_sourced(tmp_path / "bin", ["chromium", "prometheus", "promtool", "curl"])
     assert done.returncode == 0 and done.stdout == "after\n" and done.stderr == "", done
     assert time.monotonic() - started < 5
 
 
 def test_without_apt_get_it_fails_with_the_install_command(tmp_path):
-    done = run_sourced(tmp_path / "bin", ["chromium", "prometheus"])  # promtool missing: the prometheus package
+    done = run_sourced(tmp_path / "bin", ["chromium", "prometheus", "curl"])  # promtool missing: the prometheus package
     assert done.returncode == 1 and "after" not in done.stdout, done  # tests/run.sh stops here
     assert done.stderr.count("\n") == 1, done.stderr  # one line
     assert "missing prometheus (no apt-get here)" in done.stderr

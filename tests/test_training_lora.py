@@ -189,21 +189,23 @@ def test_overfit_lora_only_merged_export_generates_the_codes_and_the_adapter_mat
 
 
 def test_shipped_lora_configs_target_every_layer_projection_of_the_1p7b_shape():
+    """The LoRA configs, Base and CustomVoice (LoRA is the CustomVoice default)."""
     from benchmarks.model_1p7b import config_1p7b
     from shared.qwen import Qwen3TTSForConditionalGeneration
     from training.config import load_config
 
     with torch.device("meta"):
         talker = Qwen3TTSForConditionalGeneration(config_1p7b()).talker
-    for size in ("1.7b", "0.6b"):
-        config = load_config(REPO / f"training/configs/qwen3tts_{size}_lora.yaml")
+    for size, kind in [(size, kind) for size in ("1.7b", "0.6b") for kind in ("lora", "customvoice")]:
+        config = load_config(REPO / f"training/configs/qwen3tts_{size}_{kind}.yaml")
         assert config.lora.rank == 16 and config.train.lr == 1e-4 and config.fsdp.activation_checkpointing
+        assert config.model.path.endswith({"lora": "-Base", "customvoice": "-CustomVoice"}[kind])
         targets, unmatched = resolve_targets(config.lora.targets, linear_names(talker))
         assert not unmatched and len(targets) == 7 * (28 + 5)
     modules = dict(talker.named_modules())
     adapters = sum(16 * (modules[t].in_features + modules[t].out_features) for t in targets)
     share = adapters / (adapters + sum(p.numel() for p in talker.parameters()))
-    assert 0.005 < share < 0.015, share  # README: 19.2 M, 0.99 % of the talker
+    assert 0.005 < share < 0.015, share  # docs/lora.md: 19.2 M, 0.99 % of the talker
     print(f"1.7B LoRA adapters: {adapters:,} parameters, {100 * share:.2f} %")
 
 

@@ -44,6 +44,7 @@ def _save(index: ShardIndex, output: Path, cache: Path) -> None:
     index.save(cache)
 
 
-def shard_figures(index: ShardIndex) -> ShardFigures:
-    """What the step estimate needs per shard: its trainable rows and their frames (held-out rows included)."""
-    return {schema.shard_id_of(e.name): (e.rows_trainable, e.frames_trainable) for e in index.entries.values()}
+def shard_figures(index: ShardIndex, needs_reference: bool = True) -> ShardFigures:
+    """What the step estimate needs per shard: its trainable rows and their frames (held-out rows included;
+    `needs_reference` False: rows without ref_audio too)."""
+    return {schema.shard_id_of(e.name): e.figures(needs_reference) for e in index.entries.values()}

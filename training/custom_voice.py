@@ -144,6 +144,12 @@ def free_rows(talker: dict, count: int) -> list[int]:
     return rows
 
 
+def needs_reference(config) -> bool:
+    """Whether a row trains only with a ref_audio: its x-vector fills the speaker slot, except on a CustomVoice
+    model.path without model.speaker_encoder, where the slot holds the speaker's own trained row."""
+    return not is_custom_voice(model_config(config.model.path)) or bool(config.model.speaker_encoder)
+
+
 def plan_voices(base: dict, languages: SpeakerLanguages, retrain: list[str], learned: bool) -> Voices:
     """Rows and dialect flags for every speaker of the shards on CustomVoice `base` (its config.json)."""
     talker = base["talker_config"]

@@ -4,7 +4,8 @@ base model had them) plus the run's speakers in the rows they trained with (RUN/
 A new speaker's row holds its mean reference x-vector (model.speaker_encoder's encoder) or, for a run without
 one, the row as trained. Built-in rows are copied back from the base model, so a built-in voice leaves the
 export exactly as it came (weight decay touches every row of the embedding, even unused ones), unless the run
-retrained that speaker (model.retrain_speakers). The export is always a CustomVoice model: every flag
+retrained that speaker (model.retrain_speakers). A LoRA run's adapters (and trained speaker rows) are merged into
+the base weights first (training.lora_export). The export is always a CustomVoice model: every flag
 combination of training.export works, and no flag exports every speaker of the run.
 """
 from __future__ import annotations
@@ -14,15 +15,15 @@ from pathlib import Path
 import torch
 
 from shared.qwen import load_speaker_encoder, load_tts_model, save_model_dir
-from training.checkpoint import load_model_weights
 from training.custom_voice import VOICES_FILE, Voices
 from training.data import resolve_output_dir
-from training.model import TalkerForTraining
+from training.lora_export import load_trained_weights
 from training.reference import ReferenceCache, scan_speakers
 
 
 def export_custom_voice(checkpoint: Path, output: Path, base: Path, config: dict, speaker_name: str | None,
-                        ref_audio: str | None, dtype: str, all_speakers: bool) -> dict[str, int]:
+                        ref_audio: str | None, dtype: str, all_speakers: bool, lora_scale: float = 1.0
+                        ) -> dict[str, int]:
     """Write the model directory; returns the run's exported speakers (name -> codec-embedding row)."""
     from training.export import (ExportError, _target_dtype, choose_speakers, copy_base_files, run_held_out,
                                  trained_speakers)
@@ -35,14 +36,14 @@ def export_custom_voice(checkpoint: Path, output: Path, base: Path, config: dict
     embedding = model.talker.get_input_embeddings().weight
     kept = {name: embedding[row].detach().clone() for name, row in voices.builtin.items()
             if name not in voices.retrained}
-    load_model_weights(checkpoint, TalkerForTraining(model.talker))
+    load_trained_weights(checkpoint, model, base, lora_scale)  # a LoRA run's adapters merged
 
     shards = resolve_output_dir(config.get("data", {}).get("shards", ""))
-    table = scan_speakers(shards)
+    table = scan_speakers(shards, needs_reference=not voices.learned)  # a trained row needs no reference
     if ref_audio and (all_speakers or not speaker_name):
         raise ExportError("--ref-audio names one reference: pass it with --speaker-name alone")
     held_out = run_held_out(config)  # a speaker whose rows were all held out never trained: left out
-    trained = trained_speakers(shards, held_out) if held_out.enabled else None
+    trained = trained_speakers(shards, held_out, not voices.learned) if held_out.enabled else None
     chosen = choose_speakers(table, speaker_name, all_speakers or not speaker_name, trained)
     clash = [name for name, key in chosen.items() if name in voices.builtin and key != name]
     if clash:

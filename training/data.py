@@ -122,10 +122,11 @@ def is_complete(output: Path | str) -> bool:
 
 
 def read_planned(path, shard: int, builder: SampleBuilder, row_filter: RowFilter | None = None) -> list[PlannedRow]:
-    """Good rows of one published shard (error rows and rows without a reference or frames skipped), metadata
-    only, with text tokens and lengths; with `row_filter`, only the rows it keeps (one side of the eval split)."""
+    """Good rows of one published shard (error rows, rows without frames and, unless the builder's run needs
+    none, rows without a reference skipped), metadata only, with text tokens and lengths; with `row_filter`,
+    only the rows it keeps (one side of the eval split)."""
     rows = schema.read_rows(path, METADATA)
-    good = [(i, r) for i, r in enumerate(rows) if r.trainable
+    good = [(i, r) for i, r in enumerate(rows) if r.trains(builder.needs_reference)
             and (row_filter is None or row_filter.keeps(shard, r.id, r.speaker))]
     if not good:  # e.g. a shard of error rows, or one held out whole (eval.shards): nothing to tokenize
         return []
@@ -334,7 +335,7 @@ class ShardStream:
         holds per-shard figures only), so the schedule is exact without eval.fraction and close with it."""
         if shard not in self.figures:
             entry = read_entry(schema.published_shard_file(self.output, shard))
-            self.figures[shard] = (entry.rows_trainable, entry.frames_trainable)
+            self.figures[shard] = entry.figures(self.builder.needs_reference)
         rows, frames = self.figures[shard]
         held_out = self.row_filter.held_out if self.row_filter is not None else None
         if held_out is None:

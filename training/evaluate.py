@@ -68,7 +68,7 @@ class SpeakerSet:
     def reference(self) -> str:
         """The reference this speaker's rows use most (ties: the first in name order)."""
         counts = Counter(r.ref_audio for r in self.rows)
-        return min(counts, key=lambda ref: (-counts[ref], ref))
+        return min(counts, key=lambda ref: (-counts[ref], ref or ""))  # None: rows without one (trained rows)
 
 
 def collect_eval_rows(shards: str, held_out: HeldOut, builder: SampleBuilder, max_rows: int,

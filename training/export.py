@@ -27,13 +27,12 @@ import yaml
 from shared import schema
 from shared.qwen import load_tts_model, save_model_dir
 from training import remote_checkpoint as remote
-from training.checkpoint import load_model_weights, resolve_checkpoint
+from training.checkpoint import resolve_checkpoint
 from training.custom_voice import FIRST_SPEAKER_ROW, is_custom_voice, model_config
 from training.custom_voice_export import export_custom_voice
 from training.data import resolve_output_dir
 from training.lora import read_meta
-from training.lora_export import LoraExportError, load_adapters, merge, write_adapter
-from training.model import TalkerForTraining
+from training.lora_export import LoraExportError, load_trained_weights, write_adapter
 from training.reference import ReferenceCache, SpeakerTable, scan_speakers, speaker_key
 from training.split import HeldOut
 
@@ -66,12 +65,13 @@ def run_held_out(config: dict) -> HeldOut:
                    int(split.get("seed") or 0))
 
 
-def trained_speakers(output: Path, held_out: HeldOut) -> set[str | None]:
-    """Speaker keys with at least one row the run trained on: good, with a reference and frames, not held out."""
+def trained_speakers(output: Path, held_out: HeldOut, needs_reference: bool = True) -> set[str | None]:
+    """Speaker keys with at least one row the run trained on: good, with frames (and a reference if the run
+    needed one), not held out."""
     trained = set()
     for shard, path in schema.published_shards(output).items():
         for row in schema.read_rows(path, ["id", "speaker", "ref_audio", "num_frames", "error"]):
-            if row.ok and row.ref_audio and row.num_frames and not held_out.contains(shard, row.id, row.speaker):
+            if row.trains(needs_reference) and not held_out.contains(shard, row.id, row.speaker):
                 trained.add(speaker_key(row.speaker))
     return trained
 
@@ -175,20 +175,15 @@ def export(checkpoint: Path, output: Path, model_path: str | None = None, speake
     config = run_config(checkpoint)
     base = Path(model_path or config.get("model", {}).get("path", ""))
     if is_custom_voice(model_config(base)):  # built-in speakers kept, new ones in the rows they trained with
-        if read_meta(checkpoint):
-            raise ExportError(f"{checkpoint} is a LoRA checkpoint and {base} a CustomVoice model: LoRA trains on "
-                              "Base models only; pass the Base model it trained on with --model")
-        return export_custom_voice(checkpoint, output, base, config, speaker_name, ref_audio, dtype, all_speakers)
+        if adapter:
+            raise ExportError(f"--adapter: {base} is a CustomVoice model, whose export carries its built-in "
+                              "speakers next to the run's (rows, spk_id, spk_is_dialect), which a peft adapter "
+                              "directory cannot; drop --adapter to write the CustomVoice model, adapters merged")
+        return export_custom_voice(checkpoint, output, base, config, speaker_name, ref_audio, dtype, all_speakers,
+                                   lora_scale)
     model = load_tts_model(base, "cpu", torch.float32)
     # The whole checkpoint (sharded over any number of ranks) is read into one unsharded model here.
-    adapters = load_adapters(checkpoint, model, base, lora_scale)  # a LoRA run's: None for full fine-tuning
-    if adapters is None:
-        if adapter or lora_scale != 1.0:
-            raise ExportError(f"{checkpoint} is a full fine-tuning checkpoint: --adapter and --lora-scale apply "
-                              "to LoRA runs (lora.rank > 0) only")
-        load_model_weights(checkpoint, TalkerForTraining(model.talker))
-    elif not adapter:
-        merge(adapters)  # plain names from here on: the export is a full fine-tune's
+    adapters = load_trained_weights(checkpoint, model, base, lora_scale, keep_adapters=adapter)
 
     state, rows = None, {}
     if speaker_name or all_speakers:
@@ -227,8 +222,9 @@ def _target_dtype(base: Path, dtype: str) -> torch.dtype:
     return DTYPES.get(stored.get("dtype") or stored.get("torch_dtype") or "float32", torch.float32)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.export", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, type=checkpoint_argument,
                         help="a step-NNNNNN/ folder of a run, or RUN/best (the lowest eval loss)")
     parser.add_argument("--output", required=True, type=Path)
@@ -245,6 +241,11 @@ def main(argv: list[str] | None = None) -> None:
                              "model")
     parser.add_argument("--lora-scale", type=float, default=1.0,
                         help="LoRA run: scale the adapter by this factor (default 1.0) before merging or writing it")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     if args.ref_audio and not args.speaker_name:
         parser.error("--ref-audio needs --speaker-name")

@@ -13,6 +13,17 @@ Parameter names change under peft (`q_proj.weight` becomes `q_proj.base_layer.we
 `q_proj.lora_A.default.weight`); `inference_name` and `merge_adapters` map them back for anything that loads
 the plain model (eval samples; export goes through peft's own merge).
 A LoRA checkpoint holds the trainable tensors only and names the base weights it needs (`checkpoint_meta`).
+
+On a CustomVoice model without model.speaker_encoder the new speakers' codec-embedding rows must train while every
+other row (built-in speakers, control and language ids) stays frozen: peft's trainable tokens (TrainableTokensLayer)
+wrap the talker's codec embedding, keeping the frozen matrix as `model.codec_embedding.base_layer.weight` and the
+trained rows as `model.codec_embedding.trainable_tokens_delta.default` (len(rows) x hidden), which the forward
+writes over the frozen rows. They are injected through peft's TrainableTokensConfig with a full-match regex on the
+module name, not LoraConfig(trainable_token_indices=...): that option matches names by suffix, and
+"model.codec_embedding" is also the tail of code_predictor.model.codec_embedding (a ModuleList, which peft then
+fails to wrap). Like the adapters they go in before fully_shard: the delta is then one more full-size parameter
+of the root unit, gathered with the frozen matrix before the forward (after sharding, peft would index a DTensor
+with a plain tensor).
 """
 from __future__ import annotations
 
@@ -35,6 +46,8 @@ HEAD_PARAMETERS = ["codec_head.*", "code_predictor.lm_head.*", "model.codec_embe
                    "code_predictor.model.codec_embedding.*"]
 _SAMPLE_BYTES = 4096  # bytes read at the start and at the end of every tensor for the base fingerprint
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SPEAKER_EMBEDDING = "model.codec_embedding"  # the talker's codec input embedding, holding the speaker rows
+ROWS_DELTA = f".trainable_tokens_delta.{ADAPTER}"  # suffix of the trained rows' parameter (peft's name)
 
 
 def import_peft():
@@ -85,15 +98,37 @@ def peft_config(lora: LoraConfig, targets: list[str]):
 
 
 # ------------------------------------------------------------------------------------------------ training
-def apply(module: nn.Module, config: Config) -> str | None:
-    """Inject the adapters into `module.talker` (unsharded, before parallelize), freeze the rest, and hold the
-    frozen weights in the compute dtype. Returns the log line of trainable parameters (None: full fine-tuning)."""
+def speaker_rows(config: Config, voices) -> list[int]:
+    """The codec-embedding rows a LoRA run trains as peft trainable tokens: the run's speaker rows on a CustomVoice
+    model.path without model.speaker_encoder (`voices.learned`); none otherwise, and none with lora.train_heads
+    (the whole embedding trains then, and the export puts the built-in rows back as after a full fine-tune)."""
+    if not config.lora.enabled or config.lora.train_heads or voices is None or not voices.learned:
+        return []
+    return sorted(voices.rows.values())
+
+
+def inject_speaker_rows(talker: nn.Module, rows: list[int]) -> None:
+    """Wrap the talker's codec embedding so that only `rows` train (see the module docstring)."""
+    peft = import_peft()
+    pattern = SPEAKER_EMBEDDING.replace(".", r"\.")  # a full match: not code_predictor's codec embeddings
+    with warnings.catch_warnings():  # the LoRA adapters are there already, on other modules: intended
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`", category=UserWarning)
+        peft.inject_adapter_in_model(peft.TrainableTokensConfig(target_modules=pattern, token_indices=list(rows)),
+                                     talker, adapter_name=ADAPTER)
+
+
+def apply(module: nn.Module, config: Config, rows: list[int] = ()) -> str | None:
+    """Inject the adapters into `module.talker` (unsharded, before parallelize), and `rows` of the codec
+    embedding as trainable tokens (`speaker_rows`), freeze the rest, and hold the frozen weights in the compute
+    dtype. Returns the log line of trainable parameters (None: full fine-tuning)."""
     lora = config.lora
     if not lora.enabled:
         return None
     talker = module.talker
     targets, _ = resolve_targets(lora.targets, linear_names(talker))
     import_peft().inject_adapter_in_model(peft_config(lora, targets), talker, adapter_name=ADAPTER)
+    if rows:
+        inject_speaker_rows(talker, rows)
     compute = _DTYPES[config.fsdp.param_dtype]
     for name, param in talker.named_parameters():
         trainable = is_adapter(name) or (lora.train_heads and matches_any(name, HEAD_PARAMETERS))
@@ -105,12 +140,13 @@ def apply(module: nn.Module, config: Config) -> str | None:
     total = sum(p.numel() for p in module.parameters())
     trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
     return (f"LoRA rank {lora.rank}, alpha {lora.alpha:g} on {len(targets)} modules"
-            f"{' + heads' if lora.train_heads else ''}: trainable parameters {trained:,} of {total:,} "
+            f"{' + heads' if lora.train_heads else ''}{f' + {len(rows)} speaker rows' if rows else ''}: trainable parameters {trained:,} of {total:,} "
             f"({100 * trained / total:.2f} %), frozen weights held in {config.fsdp.param_dtype}")
 
 
 def is_adapter(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
+    """A parameter training adds beside the base weights: lora_A/lora_B, or trained speaker rows."""
+    return ".lora_A." in name or ".lora_B." in name or name.endswith(ROWS_DELTA)
 
 
 def matches_any(name: str, patterns: list[str]) -> bool:
@@ -149,8 +185,14 @@ def inference_name(name: str) -> str | None:
 @torch.no_grad()
 def merge_adapters(targets: dict[str, torch.Tensor], adapters: dict[str, torch.Tensor], module: nn.Module) -> None:
     """targets[X.weight] += scaling x B @ A for every adapted layer X of `module` (full adapter tensors by their
-    training names; the scaling is the one peft's layer applies: alpha / rank), computed in fp32."""
+    training names; the scaling is the one peft's layer applies: alpha / rank), computed in fp32; trained speaker
+    rows replace their rows of the embedding's weight, as peft's trainable tokens do in the forward."""
     for name, a in adapters.items():
+        if name.endswith(ROWS_DELTA):
+            prefix = name.removesuffix(ROWS_DELTA)
+            weight = targets[f"{prefix}.weight"]
+            weight[module.get_submodule(prefix).token_indices[ADAPTER]] = a.to(weight.dtype)
+            continue
         if ".lora_A." not in name:
             continue
         prefix = name.split(".lora_A.")[0]
@@ -189,18 +231,19 @@ def base_fingerprint(model_path: str | Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def checkpoint_meta(config: Config) -> dict:
-    """What a LoRA checkpoint needs beside its tensors: the base it adapts and the adapter's shape."""
+def checkpoint_meta(config: Config, rows: list[int] = ()) -> dict:
+    """What a LoRA checkpoint needs beside its tensors: the base it adapts, the adapter's shape and the
+    codec-embedding rows it trains (`speaker_rows`)."""
     lora = config.lora
     targets, _ = resolve_targets(lora.targets, talker_linear_names(config.model.path))
     return {"base_model": str(Path(config.model.path).resolve()), "base_fingerprint": base_fingerprint(config.model.path),
             "rank": lora.rank, "alpha": lora.alpha, "dropout": lora.dropout, "train_heads": lora.train_heads,
-            "targets": targets}
+            "targets": targets, "speaker_rows": list(rows)}
 
 
-def checkpoint_files(config: Config) -> dict[str, str]:
+def checkpoint_files(config: Config, rows: list[int] = ()) -> dict[str, str]:
     """Files every step folder of the run gets (training.checkpoint.save writes them into the folder)."""
-    return {META_FILE: json.dumps(checkpoint_meta(config), indent=1)} if config.lora.enabled else {}
+    return {META_FILE: json.dumps(checkpoint_meta(config, rows), indent=1)} if config.lora.enabled else {}
 
 
 def read_meta(step_dir: Path) -> dict | None:

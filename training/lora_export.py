@@ -20,7 +20,8 @@ import torch.distributed.checkpoint as dcp
 
 from training.checkpoint import MODEL_KEY
 from training.config import LoraConfig
-from training.lora import ADAPTER, HEAD_PARAMETERS, matches_any, import_peft, base_fingerprint, is_adapter, peft_config, read_meta
+from training.lora import (ADAPTER, HEAD_PARAMETERS, ROWS_DELTA, SPEAKER_EMBEDDING, base_fingerprint, import_peft,
+                           is_adapter, matches_any, peft_config, read_meta)
 
 CUSTOM_VOICE_FILE = "custom_voice.json"
 TALKER_UPDATES_FILE = "talker_updates.safetensors"
@@ -32,8 +33,9 @@ class LoraExportError(ValueError):
 
 
 def load_adapters(checkpoint: Path, model, base: Path, scale: float = 1.0):
-    """For a LoRA checkpoint: inject its adapters into `model.talker`, load them (and trained heads) and scale
-    them by `scale` (lora_B is multiplied: the same as scaling alpha); returns the PeftModel around the talker
+    """For a LoRA checkpoint: inject its adapters into `model.talker`, load them (and trained heads, and trained
+    speaker rows straight into the codec embedding) and scale them by `scale` (lora_B is multiplied: the same as
+    scaling alpha); returns the PeftModel around the talker
     (None for a full fine-tuning checkpoint). Refuses other base weights."""
     meta = read_meta(checkpoint)
     if meta is None:
@@ -48,12 +50,38 @@ def load_adapters(checkpoint: Path, model, base: Path, scale: float = 1.0):
     # The checkpoint's names are the training module's: "talker." + the talker's own (peft-named) parameters.
     wanted = {f"talker.{name}": param.detach() for name, param in model.talker.named_parameters()
               if is_adapter(name) or (lora.train_heads and matches_any(name, HEAD_PARAMETERS))}
+    rows = meta.get("speaker_rows") or []  # trained as peft trainable tokens: written into their rows below
+    embedding = model.talker.get_input_embeddings().weight
+    trained_rows = embedding.new_empty(len(rows), embedding.shape[1])
+    if rows:
+        wanted[f"talker.{SPEAKER_EMBEDDING}{ROWS_DELTA}"] = trained_rows
     dcp.load({MODEL_KEY: wanted}, checkpoint_id=str(checkpoint))
     with torch.no_grad():
         for name, param in model.talker.named_parameters():
             if ".lora_B." in name:
                 param.mul_(scale)
+        embedding[rows] = trained_rows  # the rows themselves, not a delta: --lora-scale leaves them as trained
     return peft_model
+
+
+def load_trained_weights(checkpoint: Path, model, base: Path, scale: float = 1.0, keep_adapters: bool = False):
+    """Any run's checkpoint into the unsharded `model`: a full fine-tune's weights, or a LoRA run's adapters
+    merged into the base weights (`keep_adapters`: left unmerged, for the adapter directory). Returns the
+    PeftModel of a LoRA run kept unmerged, else None."""
+    from training.checkpoint import load_model_weights
+    from training.model import TalkerForTraining
+
+    adapters = load_adapters(checkpoint, model, base, scale)
+    if adapters is None:
+        if keep_adapters or scale != 1.0:
+            raise LoraExportError(f"{checkpoint} is a full fine-tuning checkpoint: --adapter and --lora-scale apply "
+                                  "to LoRA runs (lora.rank > 0) only")
+        load_model_weights(checkpoint, TalkerForTraining(model.talker))
+        return None
+    if keep_adapters:
+        return adapters
+    merge(adapters)  # plain names from here on: the export is a full fine-tune's
+    return None
 
 
 def merge(peft_model) -> None:

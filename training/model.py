@@ -5,7 +5,7 @@ so it runs outside FSDP in the data path and its x-vectors arrive in the batch. 
 `talker.*`, the same names as in the full Qwen3TTSForConditionalGeneration state dict, so a checkpoint
 loads straight into a full model for export.
 
-Correctness points (each an upstream bug; README, "What the loss is"):
+Correctness points (each an upstream bug; docs/training.md, "What the loss is"):
 - text embeddings go through `text_projection`, as in inference;
 - talker labels are shifted once, in `training.layout`; the cross-entropy here does not shift;
 - the sub-talker gets the hidden state of the position that *predicted* the frame (p-1), not of the frame;

@@ -53,20 +53,23 @@ class SpeakerTable:
         return sorted(k for k in self.references if k is not None)
 
     @classmethod
-    def from_index(cls, index: ShardIndex) -> "SpeakerTable":
-        """Speakers, references and languages of the trainable rows of the shards the index describes."""
+    def from_index(cls, index: ShardIndex, needs_reference: bool = True) -> "SpeakerTable":
+        """Speakers, references and languages of the trainable rows of the shards the index describes
+        (`needs_reference` False: rows without ref_audio train too, so their speakers count, maybe reference-less)."""
         references: dict[str | None, set[str]] = {}
         languages: set[str] = set()
         for entry in index.entries.values():
             for figures in entry.speakers:
+                if needs_reference and not figures.rows:
+                    continue
                 references.setdefault(speaker_key(figures.speaker), set()).update(figures.references)
             languages.update(entry.languages)
         return cls({key: sorted(refs) for key, refs in references.items()}, languages)
 
 
-def scan_speakers(output: str | Path) -> SpeakerTable:
+def scan_speakers(output: str | Path, needs_reference: bool = True) -> SpeakerTable:
     """The speaker table of every published shard, from the output's shard index (shards it lacks are read)."""
-    return SpeakerTable.from_index(current_index(output))
+    return SpeakerTable.from_index(current_index(output), needs_reference)
 
 
 class ReferenceCache:

@@ -257,15 +257,20 @@ def start(config, voices: Voices | None, builder: SampleBuilder, rank: int, devi
     return found
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.rehearsal", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="the training run's YAML config (see training/configs/)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for training.train")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
     from shared.device import select_device
     from training.custom_voice import check_run
     from training.validate import EXIT_CODE, validate_or_exit
 
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="the training run's YAML config (see training/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for training.train")
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     config = validate_or_exit(args.config, args.overrides)
     if not config.data.rehearsal_fraction:
         print("error: data.rehearsal_fraction is 0, so the run rehearses nothing; set it (e.g. "

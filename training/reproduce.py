@@ -68,7 +68,7 @@ def check(voice: Path, shards: Path, speaker: str) -> float:
     return equal / total
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m training.reproduce", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -80,7 +80,11 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--shards", type=Path, required=True)
     c.add_argument("--speaker", default="demo_voice", help="the voice's name for a row without `speaker`")
     c.add_argument("--min-share", type=float, default=0.0, help="exit 1 below this share of equal codes")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     if args.command == "pick":
         row = pick(args.shards, args.output)
         print(f"picked {row.id!r} ({len(row.text)} characters of text, {row.num_frames} frames) into {args.output}")

@@ -67,6 +67,11 @@ class SampleBuilder:
         """The speaker slot carries the speaker's own codec-embedding row (it trains) instead of an x-vector."""
         return self.voices is not None and self.voices.learned
 
+    @property
+    def needs_reference(self) -> bool:
+        """Rows train only with a ref_audio (their x-vector fills the speaker slot), unless the slot is a row."""
+        return not self.learned_rows
+
     def text_ids(self, texts: list[str]) -> list[tuple[list[int], list[int]]]:
         """(role ids, text ids) per text, in one batched tokenizer call, sliced exactly as inference slices
         its tokenized prompt."""

@@ -84,7 +84,8 @@ def prepared_steps(stream: ShardStream, builder: SampleBuilder, config: Config, 
             taken += 1
         if taken == 0 and not stream.position.consumed and stream.position.epoch == 0:
             raise ValueError(f"no trainable rows under {stream.output}: every row is an error row or lacks "
-                             "ref_audio; check the encode output (errors.jsonl)")
+                             f"frames{' or ref_audio' if builder.needs_reference else ''}; check the encode output "
+                             "(errors.jsonl)")
         stream.next_epoch()
         if config.data.follow or (not config.train.steps and stream.position.epoch >= config.train.epochs):
             return
@@ -111,7 +112,8 @@ def train(config: Config) -> None:
     rehearsed = rehearsal.start(config, voices, builder, rank, device.torch_device)
     module = TalkerForTraining(model.talker)
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
-    adapters = lora.apply(module, config)  # before sharding and before the move: frozen weights shrink first
+    rows = lora.speaker_rows(config, voices)  # LoRA on a CustomVoice model: the new speakers' rows train too
+    adapters = lora.apply(module, config, rows)  # before sharding and before the move: frozen weights shrink first
     module = module.to(device.torch_device).train()
     del model
     parallelize(module, config.fsdp, build_mesh(device))
@@ -121,7 +123,7 @@ def train(config: Config) -> None:
     t = config.train
     trainable = [p for p in module.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=t.lr, betas=t.betas, weight_decay=t.weight_decay)
-    files = lora.checkpoint_files(config)  # a LoRA run's step folders name their base weights
+    files = lora.checkpoint_files(config, rows)  # a LoRA run's step folders name their base weights
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
     stream.figures = figures
@@ -206,7 +208,8 @@ def _corpus(config: Config, ids: SpecialIds, rank: int, store: dist.Store,
     shard listings are), with every manifest language checked against the model before any step runs."""
     if rank == 0:
         index = load_corpus_index(resolve_output_dir(config.data.shards), run_dir)
-        table, figures = SpeakerTable.from_index(index), shard_figures(index)
+        needs_reference = custom_voice.needs_reference(config)
+        table, figures = SpeakerTable.from_index(index, needs_reference), shard_figures(index, needs_reference)
         store.set("corpus", pickle.dumps((table, figures)))
     else:
         table, figures = pickle.loads(store.get("corpus"))
@@ -281,11 +284,16 @@ def _record(sums: torch.Tensor, grad_norm: torch.Tensor, step: Step, config: Con
                 sub_talker_loss=sub_loss, grad_norm=norm)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m training.train", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config (see training/configs/)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. train.lr=1e-5")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     config = validate_or_exit(args.config, args.overrides)  # one line and exit 2 on a bad input, nothing written
     try:
         train(config)

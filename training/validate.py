@@ -184,12 +184,7 @@ def check_resume(config: Config) -> None:
 def check_lora(config: Config) -> None:
     """Target patterns against the model's module names, and a resumed run against its base weights."""
     from training import lora
-    from training.custom_voice import is_custom_voice, model_config
 
-    if config.lora.enabled and is_custom_voice(model_config(config.model.path)):
-        raise TrainingInputProblem(f"lora.rank={config.lora.rank} with a CustomVoice model.path ({config.model.path}) "
-                                   "is not supported (its speaker rows train with the model); use lora.rank=0 or a "
-                                   "Base model.path")
     problem = (config.lora.enabled and lora.target_problem(config)) or lora.resume_problem(config)
     if problem:
         raise TrainingInputProblem(problem)
