@@ -258,10 +258,11 @@ def start(config, voices: Voices | None, builder: SampleBuilder, rank: int, devi
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m training.rehearsal", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="the training run's YAML config (see training/configs/)")
-    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, as for training.train")
+    """training.train's arguments: the same config and overrides prepare the run's set."""
+    from training.train import build_parser as training_parser
+
+    parser = training_parser()
+    parser.prog, parser.description = "python -m training.rehearsal", __doc__
     return parser
 
 
