@@ -26,7 +26,7 @@ MARKERS = {"run", "long", "cluster", "accelerator"}
 CHECKED_ONLY = MARKERS - {"run"}
 # Our `python -m` entry points; each module exposes build_parser().
 ENTRY_POINTS = ("services.encode", "services.kantts", "services.status", "training.train", "training.export",
-                "training.reproduce", "shared.tiny", "shared.tiny_asr", "shared.synth")
+                "training.reproduce", "training.rehearsal", "shared.tiny", "shared.tiny_asr", "shared.synth")
 OUR_PACKAGES = ("services.", "training.", "shared.", "benchmarks.")
 # deploy/ scripts whose arguments go to an entry point: submit_encode.sh passes them to services.encode; train.sh
 # and train_on_shards.sh take a config (or shards directory) and then training key=value overrides.

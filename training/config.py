@@ -15,6 +15,8 @@ import yaml
 
 DTYPES = ("float32", "bfloat16", "float16")
 SCHEDULES = ("cosine", "constant")
+# generated: the base model's own codes; encoded: its speech decoded to wav and encoded again by the encode service
+REHEARSAL_TARGETS = ("generated", "encoded")
 
 
 @dataclass
@@ -43,6 +45,10 @@ class DataConfig:
     poll_seconds: float = 10.0  # follow mode: wait between looks for new shards
     prefetch_steps: int = 2  # steps of input prepared in the background (0: prepared inline)
     trace_rows: bool = False  # record the row ids each step trained, per rank (RUN/trained_rows/)
+    # CustomVoice model.path only (training.rehearsal): share of each round's training rows that are the base
+    # model's own speech for its built-in speakers, and where their targets come from (generated | encoded)
+    rehearsal_fraction: float = 0.0
+    rehearsal_targets: str = "generated"
 
 
 @dataclass
@@ -182,6 +188,12 @@ class Config:
             problems.append("data.pack_length and data.prefetch_steps must be >= 0, train.log_interval >= 1")
         if self.data.pack_length > self.data.frame_budget:
             problems.append("data.pack_length must not exceed data.frame_budget (a micro-batch holds whole sequences)")
+        if not 0.0 <= self.data.rehearsal_fraction < 1.0:
+            problems.append(f"data.rehearsal_fraction={self.data.rehearsal_fraction:g} must be in [0, 1): the share of "
+                            "training rows that rehearse the built-in speakers (e.g. 0.1; 0 = off)")
+        if self.data.rehearsal_targets not in REHEARSAL_TARGETS:
+            problems.append(f"data.rehearsal_targets={self.data.rehearsal_targets} must be one of "
+                            f"{', '.join(REHEARSAL_TARGETS)}")
         if not 0.0 <= self.eval.fraction < 1.0:
             problems.append("eval.fraction must be in [0, 1): the share of each speaker's rows held out")
         if self.eval.interval < 0 or self.eval.max_rows < 1 or self.eval.max_new_tokens < 0:

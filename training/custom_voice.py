@@ -203,7 +203,8 @@ def check_run(config) -> Voices | None:
     if not is_custom_voice(base):
         for name, value in (("model.speaker_encoder", config.model.speaker_encoder),
                             ("model.retrain_speakers", config.model.retrain_speakers),
-                            ("eval.keep_speakers", config.eval.keep_speakers)):
+                            ("eval.keep_speakers", config.eval.keep_speakers),
+                            ("data.rehearsal_fraction", config.data.rehearsal_fraction)):
             if value:
                 raise VoiceProblem(f"{name} applies to a CustomVoice model.path only; {config.model.path} is "
                                    f"a {base.get('tts_model_type')} model: remove {name}")
@@ -221,7 +222,14 @@ def check_run(config) -> Voices | None:
     if unknown:
         raise VoiceProblem(f"eval.keep_speakers names {', '.join(unknown)}, not a built-in speaker of model.path "
                            f"(those are {', '.join(sorted(builtin))})")
-    return plan_voices(base, languages, config.model.retrain_speakers, learned=not config.model.speaker_encoder)
+    voices = plan_voices(base, languages, config.model.retrain_speakers, learned=not config.model.speaker_encoder)
+    if config.data.rehearsal_fraction:
+        from training.keep_check import kept_speakers
+
+        if not kept_speakers(config.eval.keep_speakers, voices):
+            raise VoiceProblem("data.rehearsal_fraction: every built-in speaker of eval.keep_speakers is retrained "
+                               "(model.retrain_speakers), so none is left to rehearse; set data.rehearsal_fraction=0")
+    return voices
 
 
 def init_learned_rows(embedding: torch.Tensor, voices: Voices) -> None:

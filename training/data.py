@@ -87,6 +87,7 @@ class Step:
     repeated: list[bool]  # per entry of `shapes`: a padding repeat
     own_repeated: list[bool]  # per entry of `micro_batches`
     position: DataPosition
+    rehearsal_rows: int = 0  # rows of the built-in speakers' rehearsal set in the step (all ranks, repeats not counted)
 
     def total(self, key: str) -> int:
         return sum(getattr(s, key) for s in self.shapes)
@@ -201,6 +202,7 @@ class ShardStream:
         # shard id -> (trainable rows, their frames), from the shard index (training.corpus_index.shard_figures);
         # a shard it lacks is read when the estimate needs it
         self.figures: dict[int, tuple[int, int]] = {}
+        self.rehearsal = None  # training.rehearsal.RehearsalSet: rows mixed into every round's plan
         self._agreements = 0
         self._last_round: tuple[list[int] | None, list] = (None, [])
         self._last_plan: tuple[tuple | None, RoundPlan | None] = (None, None)
@@ -257,10 +259,22 @@ class ShardStream:
                                                                   self.row_filter)])
         return [dataclasses.replace(r, row=dataclasses.replace(r.row)) for r in self._last_round[1]]
 
+    def _mixed_rows(self, shard_ids: list[int], epoch: int) -> list[PlannedRow]:
+        """A round's rows, with the rehearsal rows that join them (when the run rehearses)."""
+        rows = self._round_rows(shard_ids)
+        if self.rehearsal is None:
+            return rows
+        return rows + self.rehearsal.rows_for(len(rows), self.seed, epoch, shard_ids)
+
+    def _shard_paths(self) -> dict[int, object]:
+        """Where each shard id of a plan is read from: the published shards, and the rehearsal set's."""
+        published = schema.published_shards(self.output)
+        return published | self.rehearsal.paths if self.rehearsal is not None else published
+
     def _round_plan(self, shard_ids: list[int], epoch: int) -> RoundPlan:
         """The round's plan (the last one is kept: a resume checks it before training starts with it)."""
         if self._last_plan[0] != (epoch, shard_ids):
-            rows = self._round_rows(shard_ids)
+            rows = self._mixed_rows(shard_ids, epoch)
             self._last_plan = ((epoch, shard_ids), plan_round(rows, self.config, self.seed, epoch, shard_ids))
             if self.verbose and self.rank == 0:
                 log.info("epoch %d round: shards %s, %d rows, %d micro-batches", epoch, shard_ids, len(rows),
@@ -299,15 +313,16 @@ class ShardStream:
                 pos.round_shards, pos.round_micro_batches, pos.round_digest = nxt, 0, ""
             plan = self.check_round()
             steps = plan.steps(pos.round_micro_batches, per_step)
-            codes = RoundCodes(schema.published_shards(self.output),
+            codes = RoundCodes(self._shard_paths(),
                                [r for step in steps for i, _ in step[mine] for seq in plan.batches[i] for r in seq])
             for step in steps:
                 own = [plan.batches[i] for i, _ in step[mine]]
                 codes.load([r for mb in own for seq in mb for r in seq])
                 # counted before yielding: a checkpoint after this step resumes past it
                 pos.round_micro_batches += sum(1 for _, again in step if not again)
+                rehearsed = sum(r.rehearsal for i, again in step if not again for seq in plan.batches[i] for r in seq)
                 yield Step(own, [shape_of(plan.batches[i]) for i, _ in step], [again for _, again in step],
-                           [again for _, again in step[mine]], DataPosition.from_dict(pos.to_dict()))
+                           [again for _, again in step[mine]], DataPosition.from_dict(pos.to_dict()), rehearsed)
             pos.consumed.extend(pos.round_shards)
             pos.round_shards, pos.round_micro_batches, pos.round_digest = [], 0, ""
 
@@ -344,8 +359,11 @@ class ShardStream:
         order, size = self._epoch_order(shards, 0), self.config.shards_per_round
         rounds = [order[start:start + size] for start in range(0, len(order), size)]
         totals = [[sum(figures) for figures in zip(*(self._training_figures(s) for s in r))] for r in rounds]
+        if self.rehearsal is not None:  # the rows each round's rehearsal adds, by the same count rule
+            added = [self.rehearsal.count(rows) for rows, _ in totals]
+            totals = [[rows + n, frames + n * self.rehearsal.mean_frames] for (rows, frames), n in zip(totals, added)]
         for sample, (sample_rows, _) in zip(rounds, totals):  # usually the first round (read again to train)
-            rows = self._round_rows(sample) if sample_rows > 0 else []
+            rows = self._mixed_rows(sample, 0) if sample_rows > 0 else []
             if rows:
                 break
         else:

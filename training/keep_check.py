@@ -65,12 +65,8 @@ class KeepCheck:
         out = {}
         for name, dialect in self.speakers.items():
             texts = self.prompts(dialect)
-            input_ids = tts._tokenize_texts([tts._build_assistant_text(t) for t in texts])
-            language = "chinese" if dialect else "auto"
-            codes, _ = tts.model.generate(input_ids=input_ids, languages=[language] * len(texts),
-                                          speakers=[name] * len(texts), non_streaming_mode=True,
-                                          max_new_tokens=max(self.frame_bound(t) for t in texts), **_GREEDY)
-            out[name] = [c.cpu() for c in codes]
+            out[name] = greedy_codes(tts, name, texts, ["chinese" if dialect else "auto"] * len(texts),
+                                     max(self.frame_bound(t) for t in texts))
         return out
 
     def remember_base(self, tts) -> None:
@@ -105,12 +101,28 @@ class KeepCheck:
         return float(torch.nn.functional.cosine_similarity(a, b, dim=0))
 
 
+def greedy_codes(tts, speaker: str, texts: list[str], languages: list[str], max_new_tokens: int
+                 ) -> list[torch.Tensor]:
+    """(frames, 16) codes per text, generated greedily by `tts` (a Qwen3TTSModel) for its built-in `speaker` through
+    upstream generation (as generate_custom_voice calls it), on the host."""
+    input_ids = tts._tokenize_texts([tts._build_assistant_text(t) for t in texts])
+    codes, _ = tts.model.generate(input_ids=input_ids, languages=languages, speakers=[speaker] * len(texts),
+                                  non_streaming_mode=True, max_new_tokens=max_new_tokens, **_GREEDY)
+    return [c.cpu() for c in codes]
+
+
+def kept_speakers(keep_speakers: list[str], voices) -> dict[str, str | bool]:
+    """The built-in speakers a run keeps (eval.keep_speakers, else all; a retrained one is not kept): name ->
+    its dialect key or False."""
+    chosen = [name.lower() for name in keep_speakers] or sorted(voices.builtin)
+    return {name: voices.builtin_dialect.get(name, False) for name in chosen
+            if name in voices.builtin and name not in voices.retrained}
+
+
 def keep_check_for(config, voices, speaker_encoder, frame_bound: Callable[[str], int]) -> KeepCheck | None:
     """The run's check: the built-in speakers not being retrained (eval.keep_speakers narrows them)."""
     if voices is None or not voices.builtin:
         return None
-    chosen = [name.lower() for name in config.eval.keep_speakers] or sorted(voices.builtin)
-    speakers = {name: voices.builtin_dialect.get(name, False) for name in chosen
-                if name in voices.builtin and name not in voices.retrained}
+    speakers = kept_speakers(config.eval.keep_speakers, voices)
     kept = [row for name, row in voices.builtin.items() if name not in voices.retrained]
     return KeepCheck(speakers, [], frame_bound, speaker_encoder, kept) if speakers else None

@@ -17,7 +17,7 @@ from training.config import Config
 
 # data.follow is not one: the round in progress is recorded by its shard ids, whichever way it was formed.
 PLAN_KEYS = ("data.packing", "data.frame_budget", "data.pack_length", "data.max_batch_size", "data.bucket_size",
-             "data.shards_per_round", "train.seed")
+             "data.shards_per_round", "data.rehearsal_fraction", "data.rehearsal_targets", "train.seed")
 
 
 def plan_settings(config: Config) -> dict:

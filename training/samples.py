@@ -19,7 +19,7 @@ from training.custom_voice import Voices
 from training.layout import (Sample, SpecialIds, TalkerBatch, batch_text_token_ids, build_sample, collate,
                              load_text_tokenizer, sequence_length)
 from training.packing import plan_packed
-from training.reference import ReferenceCache, SpeakerTable
+from training.reference import ReferenceCache, SpeakerTable, speaker_key
 
 
 @dataclass
@@ -32,6 +32,7 @@ class PlannedRow:
     text_ids: list[int]
     length: int  # positions of its sample
     role_ids: tuple[int, ...]  # its own prompt's first tokens: a leading newline merges into the role's "\n"
+    rehearsal: bool = False  # the base model's own speech for a built-in speaker (training.rehearsal)
 
     @property
     def frames(self) -> int:
@@ -97,7 +98,9 @@ class SampleBuilder:
         if row.codes is None:
             raise ValueError(f"row {row.id}: codes not read")
         sample = build_sample(list(planned.role_ids), planned.text_ids, row.codes, self.ids, row.language)
-        if self.learned_rows:
+        if planned.rehearsal:  # a built-in speaker speaks from its own row, as upstream generation embeds it
+            sample.codec_ids[sample.speaker_pos, 0] = self.voices.builtin[speaker_key(row.speaker)]
+        elif self.learned_rows:
             sample.codec_ids[sample.speaker_pos, 0] = self.voices.row_of(row.speaker)
         return sample
 
@@ -113,8 +116,12 @@ class SampleBuilder:
     def collate(self, sequences: list[list[PlannedRow]]) -> TalkerBatch:
         """One micro-batch (sequences of planned rows with codes) -> a host batch."""
         planned = [p for seq in sequences for p in seq]
-        speakers = torch.stack([self.speaker(p.row) for p in planned])
-        learned = torch.ones(len(planned), dtype=torch.bool) if self.learned_rows else None
+        # a rehearsal row's slot keeps its built-in speaker's codec-embedding row: no x-vector
+        speakers = torch.stack([torch.zeros(self.speaker_width) if p.rehearsal else self.speaker(p.row)
+                                for p in planned])
+        learned = None
+        if self.learned_rows or any(p.rehearsal for p in planned):
+            learned = torch.tensor([self.learned_rows or p.rehearsal for p in planned], dtype=torch.bool)
         return collate([[self.sample(p) for p in seq] for seq in sequences], speakers, self.ids.tts_pad, learned)
 
     def batches(self, rows: list[ShardRow], frame_budget: int, device: torch.device | str = "cpu",

@@ -28,7 +28,7 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from shared.quiet import quiet_fds
-from training import checkpoint, custom_voice, lora, remote_checkpoint
+from training import checkpoint, custom_voice, lora, rehearsal, remote_checkpoint
 from training.board import Board
 from training.config import Config, dump_config
 from training.corpus_index import ShardFigures, load_corpus_index, shard_figures
@@ -108,6 +108,8 @@ def train(config: Config) -> None:
     voices, speaker_encoder = custom_voice.start(config, model, run_dir, rank, store)  # CustomVoice model.path
     builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers, voices,
                                       speaker_encoder)
+    # built before the model moves to the device: rank 0 may load a copy of the base model to synthesise it
+    rehearsed = rehearsal.start(config, voices, builder, rank, device.torch_device)
     module = TalkerForTraining(model.talker)
     flops = FlopModel.of(module.talker)  # counted before sharding: FSDP leaves each rank a slice
     rows = lora.speaker_rows(config, voices)  # LoRA on a CustomVoice model: the new speakers' rows train too
@@ -125,6 +127,7 @@ def train(config: Config) -> None:
 
     stream = ShardStream(config.data, builder, t.seed, rank, world, t.grad_accum, store)
     stream.figures = figures
+    stream.rehearsal = rehearsed
     if config.eval.enabled:  # held-out rows are never trained on
         stream.row_filter = training_rows(HeldOut.from_config(config.eval))
     per_step = world * t.grad_accum
@@ -171,6 +174,8 @@ def train(config: Config) -> None:
                 record = (_record(sums, grad_norm, prepared.step, config) | counts | meter.rates()
                           | dict(step=step, epoch=position.epoch, lr=lr, consumed_micro_batches=schedule.consumed,
                                  peak_memory_bytes=peak_memory_bytes(device)))
+                if rehearsed is not None:  # rows of the step that rehearsed a built-in speaker (all ranks)
+                    record["rehearsal"] = prepared.step.rehearsal_rows
                 metrics.write(record)
                 board.train(record)
             evaluation = evaluator.run(step, module) if evaluator and evaluator.due(step) else None

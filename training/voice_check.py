@@ -99,6 +99,15 @@ def sentence_frame_bound(sentence: str) -> int:
     return math.ceil(seconds * CODEC_FRAMES_PER_SECOND)
 
 
+def generation_bound(config: Config, tts, sentence: str) -> int:
+    """eval.max_new_tokens, else the sentence's frame bound (never above the model's own generation limit)."""
+    if config.eval.max_new_tokens:
+        return config.eval.max_new_tokens
+    bound = sentence_frame_bound(sentence)
+    limit = (tts.generate_defaults or {}).get("max_new_tokens") or bound
+    return min(bound, limit)
+
+
 def file_name(speaker: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", speaker) or "speaker"
 
@@ -143,12 +152,7 @@ class VoiceCheck:
         return done
 
     def max_new_tokens(self, tts, sentence: str) -> int:
-        """eval.max_new_tokens, else the sentence's frame bound (never above the model's own generation limit)."""
-        if self.config.eval.max_new_tokens:
-            return self.config.eval.max_new_tokens
-        bound = sentence_frame_bound(sentence)
-        limit = ((tts or self.copy.tts).generate_defaults or {}).get("max_new_tokens") or bound
-        return min(bound, limit)
+        return generation_bound(self.config, tts or self.copy.tts, sentence)
 
     def _synthesise(self, step: int, tts, speakers: dict) -> tuple[list[SampleScore], list[str]]:
         if self.config.eval.asr_model and self.transcriber is None:
