@@ -143,3 +143,40 @@ def test_bad_rehearsal_settings_are_one_line_before_anything_is_written(tiny_dir
         lines = result.stderr.strip().splitlines()
         assert result.returncode == 2 and len(lines) == 1 and words in lines[0], result.stderr[-2000:]
         assert not (tmp_path / "run").exists()
+
+
+def _start_with_a_failing_build(rank: int, port: int, out: str) -> None:
+    import torch.distributed as dist
+
+    from training import rehearsal
+    from training.config import Config
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+
+    def broken(*_):
+        raise OSError("disk full")
+
+    rehearsal.prepare = broken
+    config = Config()
+    config.data.rehearsal_fraction, config.checkpoint.dir = 0.5, out
+    try:
+        rehearsal.start(config, voices=object(), builder=None, rank=rank, device=torch.device("cpu"))
+    except Exception as error:  # what each rank saw, for the parent to read
+        with open(f"{out}/rank{rank}.txt", "w") as f:
+            f.write(f"{type(error).__name__}: {error}")
+    dist.destroy_process_group()
+
+
+def test_a_failed_build_on_rank_0_stops_the_other_ranks_at_once(tmp_path):
+    """Without the broadcast, rank 1 waited at the barrier until train.timeout_minutes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_start_with_a_failing_build, args=(port, str(tmp_path)), nprocs=2, start_method="spawn")
+    assert (tmp_path / "rank0.txt").read_text() == "OSError: disk full"
+    seen = (tmp_path / "rank1.txt").read_text()
+    assert seen.startswith("RuntimeError: rank 0 could not build") and "OSError: disk full" in seen, seen

@@ -248,9 +248,18 @@ def start(config, voices: Voices | None, builder: SampleBuilder, rank: int, devi
 
     if not config.data.rehearsal_fraction or voices is None:
         return None
+    failure = [None]
     if rank == 0:
-        prepare(config, voices, device)
-    dist.barrier()
+        try:
+            prepare(config, voices, device)
+        except Exception as error:  # the other ranks must not sit at a barrier until the timeout
+            failure = [f"{type(error).__name__}: {error}"]
+            dist.broadcast_object_list(failure, src=0)
+            raise
+    dist.broadcast_object_list(failure, src=0)
+    if failure[0] is not None:
+        raise RuntimeError(f"rank 0 could not build {rehearsal_dir(config)} ({failure[0]}); "
+                           "its log has the traceback")
     found = load(rehearsal_dir(config), builder, voices, config.data.rehearsal_fraction)
     log.info("rehearsal: %d rows of %s, %.0f%% of each round's rows", len(found.rows),
              ", ".join(sorted({speaker_key(r.row.speaker) for r in found.rows})), 100 * found.fraction)
