@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parents[1]
 TOP = ("services", "training", "shared")
 COMMANDS = {  # `python -m NAME`, as the README, docs, deploy/ and tests type them
     "services.encode", "services.status", "services.kantts",
-    "training.train", "training.export", "training.reproduce",
+    "training.train", "training.export", "training.reproduce", "training.rehearsal",
 }
 PROCESS_MAINS = {"services.encode.reaper"}  # started by the encode driver (`-m services.encode.reaper PID`), not typed
 TRAINING_WIDE = {"training.config"}  # the typed config every training part reads, beside training/configs/
