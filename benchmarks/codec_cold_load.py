@@ -1,5 +1,5 @@
 """An encoder's start on a cold page cache: its imports then the codec load, with and without reading the weight
-files on a thread beside the imports (services.encoder.warm_page_cache), each in a fresh process, in turns.
+files on a thread beside the imports (services.encode.encoder.warm_page_cache), each in a fresh process, in turns.
 
     python benchmarks/codec_cold_load.py                  # released-size codec, 3 rounds
     python benchmarks/codec_cold_load.py --rounds 5 --json out/cold.json
@@ -23,7 +23,7 @@ from benchmarks.common import (base_parser, child_env, evict_from_page_cache, ma
 START = """
 import sys, time
 started = time.perf_counter()
-from services.encoder import skip_scikit_learn_in_transformers, use_huge_pages_for_host_tensors, warm_page_cache
+from services.encode.encoder import skip_scikit_learn_in_transformers, use_huge_pages_for_host_tensors, warm_page_cache
 use_huge_pages_for_host_tensors()
 if sys.argv[2] == "warm":
     warm_page_cache(sys.argv[1])

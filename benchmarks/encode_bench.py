@@ -61,8 +61,8 @@ def job_defaults(args, device: dict) -> None:
     """Unset sizes take the encode job's own defaults; (c) gets the budget the encoder actually uses on this
     device, so that (c) batches like (b). Shards are the job's default size unless (d) needs more of them to
     keep every encoder busy (whole shards are the unit of work)."""
-    from services.encode import parse_args as job_args
-    from services.encoder import EncoderOptions, batch_seconds_for
+    from services.encode.driver import parse_args as job_args
+    from services.encode.encoder import EncoderOptions, batch_seconds_for
 
     defaults = job_args(["--manifest", "m", "--codec", "c", "--output", "o"])
     args.max_batch_seconds = args.max_batch_seconds or defaults.max_batch_seconds

@@ -76,7 +76,7 @@ def _progress(rows: int, audio_seconds: float, started: float) -> None:
 def reference(args) -> None:
     """Upstream's data preparation: sequential batches of paths (librosa load + resample inside encode, each
     batch padded to its longest clip), codes collected as lists, one JSONL written at the end."""
-    from services.batching import probe_duration
+    from services.encode.batching import probe_duration
     from shared.qwen import reference_encode
 
     entries = _entries(args.manifest)
@@ -103,10 +103,10 @@ def ceiling(args) -> None:
     """What the codec alone sustains on this device: every clip decoded and resampled before the clock
     starts, then encode_clips over the encode job's batches (pass the budget the encoder uses on this device)
     sorted by length over the whole corpus, with the encoder's allocator setting."""
-    from services.encoder import use_huge_pages_for_host_tensors
+    from services.encode.encoder import use_huge_pages_for_host_tensors
 
     use_huge_pages_for_host_tensors()  # as the encoder does (this flow is our codec path minus the I/O), first
-    from services.batching import form_batches
+    from services.encode.batching import form_batches
     from shared.audio import SAMPLES_PER_FRAME, AudioLimits, load_audio
     from shared.device import synchronize
     from shared.qwen import encode_clips

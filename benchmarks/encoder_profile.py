@@ -1,4 +1,4 @@
-"""Where an encoder's time goes: services.encoder.ShardEncoder driven in-process (no Ray) over a planned corpus,
+"""Where an encoder's time goes: services.encode.encoder.ShardEncoder driven in-process (no Ray) over a planned corpus,
 with each phase of encode_shard timed in place.
 
     python benchmarks/encoder_profile.py --quick
@@ -56,7 +56,7 @@ class _TimedFuture:
 
 def instrument(encoder, phases: dict) -> None:
     """Wrap the encoder's collaborators in place; encode_shard itself runs unchanged."""
-    import services.encoder as encoder_module
+    import services.encode.encoder as encoder_module
     import shared.qwen
 
     encoder_module.read_range = timed_calls(phases, "manifest read", encoder_module.read_range)
@@ -75,7 +75,7 @@ def padding_factors(manifest: Path, shard_size: int, budget: float, items: int) 
     """Padded seconds / audio seconds of the batches per shard (the encoder) and over the whole corpus."""
     import json
 
-    from services.batching import form_batches, probe_duration
+    from services.encode.batching import form_batches, probe_duration
 
     durations = [probe_duration(json.loads(line)["audio"]) for line in manifest.read_text().splitlines()]
     padded = lambda ds: sum(max(ds[i] for i in b) * len(b) for b in form_batches(ds, budget, items))
@@ -84,8 +84,8 @@ def padding_factors(manifest: Path, shard_size: int, budget: float, items: int) 
 
 
 def main(argv=None) -> None:
-    from services.encoder import EncoderOptions, ShardEncoder, batch_seconds_for
-    from services.plan import prepare_plan
+    from services.encode.encoder import EncoderOptions, ShardEncoder, batch_seconds_for
+    from services.encode.plan import prepare_plan
 
     args = parse_args(argv)
     device = resolve_device(args.device)

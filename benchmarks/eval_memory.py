@@ -1,6 +1,6 @@
 """Memory of an eval's samples at the 1.7B shape, rank 0 beside rank 1: the old weight path ("before": the full
 model state gathered in fp32 to rank 0's host, loaded into an inference model kept on rank 0's device) beside
-this checkout's ("after": training.inference_copy, parameter by parameter into a host copy in the compute
+this checkout's ("after": training.eval.inference_copy, parameter by parameter into a host copy in the compute
 dtype, on the device only while it generates), in one run.
 
     python benchmarks/eval_memory.py --layers 1,3 --json eval_memory.json
@@ -92,9 +92,9 @@ def worker(flow: str, model_dir: str, frames: int) -> None:
 
     from shared.qwen import load_inference_model, load_tts_model
     from training.config import FsdpConfig
-    from training.inference_copy import InferenceCopy
-    from training.model import TalkerForTraining
-    from training.parallelize import parallelize
+    from training.eval.inference_copy import InferenceCopy
+    from training.model.talker import TalkerForTraining
+    from training.model.parallelize import parallelize
 
     dist.init_process_group("gloo")
     rank = dist.get_rank()

@@ -120,7 +120,7 @@ def train_shards(work_dir: Path, shards: int, rows_per_shard: int, lengths: Leng
     """A complete encode output directory of random codes (training cost does not depend on code values):
     utterances of `lengths`' durations and texts, one shared 24 kHz reference."""
     from shared import schema
-    from training.synthetic import write_shard, write_wav
+    from training.data.synthetic import write_shard, write_wav
 
     root = work_dir / f"train-shards-{shards}x{rows_per_shard}-{lengths.tag}-seed{seed}"
     if (root / schema.COMPLETE_MARKER).is_file():

@@ -88,7 +88,7 @@ def random_batch(model_config, positions: int, pack_length: int, seed: int = 0):
     import numpy as np
     import torch
 
-    from training.layout import SpecialIds, build_sample, collate
+    from training.model.layout import SpecialIds, build_sample, collate
 
     rng = np.random.default_rng(seed)
     ids = SpecialIds.from_config(model_config)
@@ -114,10 +114,10 @@ def child(variant: str, talker_layers: int, cp_layers: int, args) -> dict:
     from benchmarks.model_1p7b import config_1p7b
     from shared.device import select_device
     from shared.qwen import Qwen3TTSForConditionalGeneration
-    from training import lora
+    from training.model import lora
     from training.config import load_config
-    from training.model import TalkerForTraining
-    from training.parallelize import build_mesh, parallelize
+    from training.model.talker import TalkerForTraining
+    from training.model.parallelize import build_mesh, parallelize
 
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(29500 + os.getpid() % 2000))

@@ -7,7 +7,7 @@ Rows of pack_length positions filled with utterances of a realistic length mix (
 5-60 text tokens), the last one's tail padding. Per implementation:
   attention only: transformers' own attention functions on q/k/v of the 1.7B talker's shapes (16 heads, 8 KV
     heads, head_dim 128): "sdpa-dense" gets the (B, 1, L, L) block-diagonal mask transformers builds from packed
-    position ids; "flex" the tile-level block mask of training.document_mask; "flash" (CUDA, flash-attn
+    position ids; "flex" the tile-level block mask of training.model.document_mask; "flash" (CUDA, flash-attn
     installed) flash-attn's varlen kernel on the block boundaries;
   whole step: TalkerForTraining on a model of the 1.7B's widths with --layers talker layers (random weights),
     forward and backward of the talker + code-predictor loss; on the CPU (not --dry) the talker's layer stack
@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import base_parser, machine_info, markdown_table, ratio, resolve_device, write_json  # noqa: E402
 from shared.device import flash_attn_installed  # noqa: E402
-from training.document_mask import computed_fraction, document_ids, packed_causal_block_mask  # noqa: E402
+from training.model.document_mask import computed_fraction, document_ids, packed_causal_block_mask  # noqa: E402
 
 SHAPES = {"1.7b": dict(heads=16, kv_heads=8, head_dim=128), "dry": dict(heads=4, kv_heads=2, head_dim=64)}
 
@@ -61,7 +61,7 @@ def row_blocks(pack_length: int, rows: int, seed: int = 0) -> list[list[tuple[in
         while True:
             frames = int(np.clip(rng.lognormal(np.log(5.0), 0.6), 1.0, 20.0) * 12.5)
             text = int(rng.integers(5, 60))
-            positions = frames + text + 11  # role, prefix, speaker, bos/eos slots (training.layout)
+            positions = frames + text + 11  # role, prefix, speaker, bos/eos slots (training.model.layout)
             if used + positions > pack_length:
                 break
             row.append((text, frames))
@@ -148,8 +148,8 @@ def whole_step(args, device: str, dtype: torch.dtype, rows: list) -> dict:
     from benchmarks.model_1p7b import config_1p7b
     from shared.qwen import Qwen3TTSForConditionalGeneration, set_talker_attention
     from shared.tiny_model import tiny_config
-    from training.layout import SpecialIds, build_sample, collate
-    from training.model import TalkerForTraining
+    from training.model.layout import SpecialIds, build_sample, collate
+    from training.model.talker import TalkerForTraining
 
     config = tiny_config() if args.dry else config_1p7b(args.layers)
     config._attn_implementation = "sdpa"

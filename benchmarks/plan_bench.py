@@ -1,4 +1,4 @@
-"""Planning cost: services.plan.prepare_plan on generated manifests of 250k, 500k and 1M rows.
+"""Planning cost: services.encode.plan.prepare_plan on generated manifests of 250k, 500k and 1M rows.
 
     python benchmarks/plan_bench.py --quick
     python benchmarks/plan_bench.py --rows 250000,500000,1000000 --json out/plan.json
@@ -44,7 +44,7 @@ def write_fake_manifest(work_dir: Path, rows: int) -> Path:
 
 def worker(manifest: Path, codec: Path, output: Path, shard_size: int) -> None:
     """In the child: time prepare_plan and each of its parts (wrapped in place), count audio opens."""
-    import services.plan as plan
+    import services.encode.plan as plan
 
     opened = []
     sys.addaudithook(lambda event, a: opened.append(a[0]) if event == "open" and isinstance(a[0], str)

@@ -7,7 +7,7 @@ histogram), a plan and `--encoders` heartbeats, then starts `python -m services.
 loopback, a bearer token) and, from this process, times over HTTP:
 
 - the first request of each route: /status reads every shard footer, / and /metrics then read the `index`,
-  `id`, `duration` and `error` columns of every shard once (services.shard_details);
+  `id`, `duration` and `error` columns of every shard once (services.status.shard_details);
 - cached: `--requests` rounds of /status, /, /metrics back to back (interleaved, so that noise from other
   tenants falls on all three alike) over an unchanged directory: the server recomputes at most once a second;
 - changed: the same with a heartbeat rewritten before every round, as a busy job does: every round recomputes

@@ -6,9 +6,9 @@
     python benchmarks/train_bench.py --model-size full --device cuda  # 1.7B-shaped model, MFU (accelerators)
 
 The 1.7B-shaped model (random weights, benchmarks/model_1p7b.py) is skipped on CPU. MFU = achieved training
-FLOP/s / peak FLOP/s: "shapes" is what the training job logs (training/flops.py, from each batch's real shapes),
+FLOP/s / peak FLOP/s: "shapes" is what the training job logs (training/train/flops.py, from each batch's real shapes),
 the older two per-frame estimates (model_1p7b.training_flops_per_frame) are kept beside it; the peak comes from
---peak-tflops or training.flops's table of bf16 dense peaks by device name.
+--peak-tflops or training.train.flops's table of bf16 dense peaks by device name.
 """
 from __future__ import annotations
 
@@ -67,14 +67,14 @@ def variants(args, device: dict) -> list[dict]:
 
 
 def peak_tflops(args, device: dict) -> float | None:
-    """--peak-tflops, else training.flops's table by device name (the one the training job's mfu uses)."""
-    from training.flops import peak_tflops as table_peak
+    """--peak-tflops, else training.train.flops's table by device name (the one the training job's mfu uses)."""
+    from training.train.flops import peak_tflops as table_peak
 
     return table_peak("cpu" if device["kind"] == "cpu" else device["name"], args.peak_tflops)
 
 
 def run_variant(args, device: dict, model: Path, shards: Path, v: dict) -> dict:
-    from training.metrics import read_metrics
+    from training.train.metrics import read_metrics
 
     name = f"train-{args.model_size}-r{v['ranks']}-{v['dtype']}-ac{'on' if v['checkpointing'] else 'off'}"
     run_dir = args.work_dir / "runs" / name

@@ -45,7 +45,7 @@ def run_training(name: str, code_dir: Path, config: Path, overrides: list[str], 
                  threads: int, timeout: float, memory_limit_bytes: int | None = None) -> TrainingRun:
     """`python -m training.train` from `code_dir` (this checkout or an exported revision), one rank, stopped
     once `steps` metrics lines are written."""
-    from training.metrics import read_metrics
+    from training.train.metrics import read_metrics
 
     first: list[float] = []
 

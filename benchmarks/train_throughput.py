@@ -10,7 +10,7 @@ Flows: "before" = another revision's training code (default: main just before pa
 bucketed micro-batches, per-step syncs);
 "after, unpacked" = this checkout with data.packing=false (the same layout, the new loop);
 "after, packed" = this checkout as shipped. One rank, fp32, sdpa, no activation checkpointing.
-FLOP/s are training FLOPs of the useful work (training.flops: every packed position, code-predictor
+FLOP/s are training FLOPs of the useful work (training.train.flops: every packed position, code-predictor
 positions and heads; padding not counted); for "before" they are its frames/s times the useful FLOPs per
 frame the packed flow measured on the same shards.
 """
@@ -70,7 +70,7 @@ def plan_padding(rows: int = 20_000, seed: int = 0) -> list[dict]:
     import numpy as np
 
     from benchmarks.inputs import REALISTIC_LENGTHS
-    from training.packing import batch_shape, plan_packed, plan_unpacked
+    from training.data.packing import batch_shape, plan_packed, plan_unpacked
 
     rng = np.random.default_rng(seed)
     lengths = [-(-int(REALISTIC_LENGTHS.seconds(rng) * 24_000) // 1920) + int(rng.integers(4, 51)) + 11

@@ -25,7 +25,7 @@ python -m services.encode --manifest "$work/train_raw.jsonl" --codec "$work/tiny
   --shard-size 8 --status-port "$status_port" --export-jsonl "$work/train_with_codes.jsonl"
 python - "$work/shards" <<'PY'
 import json, sys
-from services.progress import collect_progress
+from services.status.progress import collect_progress
 p = collect_progress(sys.argv[1])
 print(json.dumps({k: p[k] for k in ("state", "shards", "rows", "audio_hours")}, indent=1))
 PY
@@ -38,7 +38,7 @@ torchrun --standalone --nproc_per_node "${DEMO_RANKS:-2}" -m training.train --co
 ls "$work"/run/samples/*/
 python - "$work/run" <<'PY'
 import sys
-from training.metrics import read_metrics
+from training.train.metrics import read_metrics
 for r in read_metrics(sys.argv[1], "eval"):
     scores = ", ".join(f"{k[7:]} {r[k]:.3f}" for k in ("sample_similarity", "sample_cer") if k in r)
     print(f"step {r['step']}: eval loss {r['eval_loss']:.4f} over {r['eval_rows']} rows; samples: {scores}")

@@ -2,7 +2,7 @@
 
 Output directory layout (all names live here, nowhere else):
 
-    OUTPUT/plan.json                  the shard plan, written once (see services.plan)
+    OUTPUT/plan.json                  the shard plan, written once (see services.encode.plan)
     OUTPUT/manifest.jsonl             the normalised manifest the plan indexes (byte ranges per shard)
     OUTPUT/shards/shard-00000.parquet a published shard: written under a temporary name, then renamed
     OUTPUT/shard_index.json           per published shard, what training needs before its first step (a cache:
@@ -45,7 +45,7 @@ SUMMARY_FILE = "summary.json"
 COMPLETE_MARKER = "_COMPLETE"
 ERRORS_FILE = "errors.jsonl"
 LOCK_FILE = ".lock"
-LEASE_FILE = "lease.json"  # the driver's lease on an object store (services.lease)
+LEASE_FILE = "lease.json"  # the driver's lease on an object store (services.encode.lease)
 INDEX_FILE = "shard_index.json"
 
 SHARD_RE = re.compile(r"^shard-(\d{5,})\.parquet$")

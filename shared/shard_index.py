@@ -6,7 +6,7 @@ name, size and modification time, and `reconcile` checks it against the publishe
 but missing from the index, or re-published since (another size or time), is read again, and entries of shards
 no longer published are dropped. The encode driver (the directory's one writer while it runs) adds each shard's
 entry as it is published and rewrites the file atomically; an output written before the index existed gets one
-from the first reader that can write it (see training.corpus_index).
+from the first reader that can write it (see training.data.corpus_index).
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 from tests.progress_plugin import pytest_configure  # noqa: F401
 
 # ---------------------------------------------------------------------------------------------
-# Encode output directories for the status/progress tests (services.progress, services.status).
+# Encode output directories for the status/progress tests (services.status.progress, services.status).
 # ---------------------------------------------------------------------------------------------
 import json
 import time
@@ -280,7 +280,7 @@ def tiny_custom_voice_dir(tiny_dir) -> Path:
 @pytest.fixture(scope="session")
 def synthetic_encoded(tiny_dir, tmp_path_factory) -> Path:
     """A complete encode output directory (shards + _COMPLETE) built from generated audio by the tiny codec."""
-    from training.synthetic import write_encoded
+    from training.data.synthetic import write_encoded
 
     return write_encoded(tmp_path_factory.mktemp("encoded"), tiny_dir / "codec", num_shards=2, rows_per_shard=6)
 # ---------------------------------------------------------------------------------------------

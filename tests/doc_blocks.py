@@ -27,6 +27,10 @@ CHECKED_ONLY = MARKERS - {"run"}
 # Our `python -m` entry points; each module exposes build_parser().
 ENTRY_POINTS = ("services.encode", "services.kantts", "services.status", "training.train", "training.export",
                 "training.reproduce", "training.rehearsal", "shared.tiny", "shared.tiny_asr", "shared.synth")
+# A command that is a thin `__main__.py` (or module) over a part: the part holds build_parser().
+PARSER_HOMES = {"services.encode": "services.encode.driver", "services.status": "services.status.server",
+                "training.train": "training.train.loop", "training.export": "training.export.model_dir",
+                "training.rehearsal": "training.data.rehearsal"}
 OUR_PACKAGES = ("services.", "training.", "shared.", "benchmarks.")
 # deploy/ scripts whose arguments go to an entry point: submit_encode.sh passes them to services.encode; train.sh
 # and train_on_shards.sh take a config (or shards directory) and then training key=value overrides.
@@ -129,15 +133,19 @@ def homes(path: str, text: str) -> list[Home]:
 def parser_flags(entry: str) -> frozenset[str]:
     """--flags of an entry point ("training.reproduce check": that subcommand's), --help left out."""
     module, _, sub = entry.partition(" ")
-    parser = importlib.import_module(module).build_parser()
+    parser = build_parser(module)
     if sub:
         (subparsers,) = [a for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)]
         parser = subparsers.choices[sub]
     return frozenset(o for a in parser._actions for o in a.option_strings if o.startswith("--") and o != "--help")
 
 
+def build_parser(command: str):
+    return importlib.import_module(PARSER_HOMES.get(command, command)).build_parser()
+
+
 def subcommands(entry: str) -> list[str]:
-    parser = importlib.import_module(entry).build_parser()
+    parser = build_parser(entry)
     return [name for a in parser._actions if hasattr(a, "choices") and isinstance(a.choices, dict)
             for name in a.choices]
 
@@ -169,7 +177,7 @@ def script_flags(module: str) -> frozenset[str]:
 
 @cache
 def known_keys() -> frozenset[str]:
-    from training.validate import known_keys as keys
+    from training.train.validate import known_keys as keys
 
     return frozenset(keys())
 

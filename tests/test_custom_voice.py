@@ -1,4 +1,4 @@
-"""New voices on a CustomVoice model (training.custom_voice): the tiny CustomVoice model (built-in speakers ryan,
+"""New voices on a CustomVoice model (training.speakers.custom_voice): the tiny CustomVoice model (built-in speakers ryan,
 row 3000, and the sichuan-dialect speaker eric, row 3003) is fine-tuned on a new speaker and a new beijing-dialect
 speaker (and retrains built-in ryan). The export keeps the built-in speakers (ids, dialect flags, rows) next to the
 new ones in free rows, upstream generate_custom_voice speaks with every one of them, and greedy generation gives
@@ -17,8 +17,8 @@ import torch
 from shared import schema
 from shared.qwen import load_inference_model, load_tts_model
 from shared.synth import synth_utterance
-from training.synthetic import tone, write_utterances
-from training.validate import TrainingInputProblem, validate
+from training.data.synthetic import tone, write_utterances
+from training.train.validate import TrainingInputProblem, validate
 
 from tests.test_training_distributed import ENV, REPO, train_command
 
@@ -115,8 +115,8 @@ def test_x_vectors_from_a_base_speaker_encoder_train_eval_and_export(tiny_dir, t
     forgetting is logged as keep/<speaker> to metrics.jsonl and TensorBoard."""
     from shared.audio import load_audio
     from shared.qwen import load_speaker_encoder, speaker_mel
-    from training.metrics import read_metrics
-    from training.model import speaker_embedding
+    from training.train.metrics import read_metrics
+    from training.model.talker import speaker_embedding
 
     data = write_speakers(tmp_path, tiny_dir / "codec", NEW, takes=4)
     out = tmp_path / "run"
@@ -193,7 +193,7 @@ def test_bad_speakers_and_models_are_one_line_before_anything_is_written(tiny_di
 def test_forgetting_is_measured_against_the_base_models_own_generation(tiny_custom_voice_dir, tiny_dir):
     """keep/<speaker>: unchanged weights agree on every frame; changed weights do not (so it can fail)."""
     from shared.qwen import load_speaker_encoder
-    from training.keep_check import KeepCheck, frame_agreement
+    from training.eval.keep_check import KeepCheck, frame_agreement
 
     codes = torch.arange(32).view(2, 16)
     assert frame_agreement(codes, codes) == (1.0, 1.0)
@@ -217,7 +217,7 @@ def test_forgetting_is_measured_against_the_base_models_own_generation(tiny_cust
 
 
 def test_new_rows_avoid_built_in_control_and_language_ids_and_retraining_is_explicit():
-    from training.custom_voice import SpeakerLanguages, VoiceProblem, plan_voices
+    from training.speakers.custom_voice import SpeakerLanguages, VoiceProblem, plan_voices
 
     talker = dict(vocab_size=3072, spk_id={"ryan": 3000, "eric": 3003}, spk_is_dialect={"ryan": False, "eric": "x"},
                   codec_language_id={"english": 2050, "odd": 3004}, codec_pad_id=3005, codec_bos_id=2149)
@@ -233,6 +233,6 @@ def test_new_rows_avoid_built_in_control_and_language_ids_and_retraining_is_expl
     assert list(voices.rows.values()) == sorted(voices.rows.values()) and voices.retrained == {"ryan"}
     with pytest.raises(VoiceProblem, match="not a built-in speaker"):
         plan_voices(base, languages, ["nobody"], learned=True)
-    from training.custom_voice import Voices
+    from training.speakers.custom_voice import Voices
 
     assert Voices.from_dict(json.loads(json.dumps(voices.to_dict()))) == voices  # RUN/voices.json round trip

@@ -1,4 +1,4 @@
-"""LoRA on a CustomVoice model (training.lora with peft trainable tokens): the tiny CustomVoice model (built-in ryan,
+"""LoRA on a CustomVoice model (training.model.lora with peft trainable tokens): the tiny CustomVoice model (built-in ryan,
 row 3000, and the sichuan-dialect eric, row 3003) learns a new speaker on the learned-row path from rows without
 ref_audio, under real torchrun with 2 ranks, killed-free resume included. The checkpoint holds the adapters and the
 new rows only; the merged export keeps every built-in row bit-identical with its spk_id/spk_is_dialect and
@@ -14,10 +14,10 @@ import torch.distributed.checkpoint as dcp
 
 from shared import schema
 from shared.qwen import load_inference_model, load_tts_model
-from training.lora import META_FILE, ROWS_DELTA, SPEAKER_EMBEDDING, is_adapter
-from training.metrics import read_metrics
-from training.synthetic import tone, write_shard, write_utterances
-from training.validate import validate
+from training.model.lora import META_FILE, ROWS_DELTA, SPEAKER_EMBEDDING, is_adapter
+from training.train.metrics import read_metrics
+from training.data.synthetic import tone, write_shard, write_utterances
+from training.train.validate import validate
 
 from tests.test_custom_voice import GREEDY, run, torchrun
 from tests.test_training_distributed import REPO
@@ -126,10 +126,10 @@ def test_speaker_rows_train_on_the_learned_path_only_and_merge_as_peft_applies_t
     """The x-vector path (model.speaker_encoder) trains adapters only; on the learned path the rows are peft
     trainable tokens, and merge_adapters (rank 0's inference copy: eval samples, keep/<speaker>) writes them as
     peft's forward does."""
-    from training import lora
+    from training.model import lora
     from training.config import load_config
-    from training.custom_voice import Voices
-    from training.model import TalkerForTraining
+    from training.speakers.custom_voice import Voices
+    from training.model.talker import TalkerForTraining
 
     config = load_config(REPO / "training/configs/tiny.yaml", [f"model.path={tiny_custom_voice_dir}",
                                                               "data.shards=unused", "lora.rank=4"])

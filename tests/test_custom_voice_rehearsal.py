@@ -12,8 +12,8 @@ import soundfile as sf
 import torch
 
 from shared import schema
-from training.metrics import read_metrics
-from training.validate import TrainingInputProblem, validate
+from training.train.metrics import read_metrics
+from training.train.validate import TrainingInputProblem, validate
 
 from tests.test_custom_voice import run, torchrun, write_speakers
 from tests.test_training_distributed import REPO
@@ -82,10 +82,10 @@ def test_encoded_targets_go_through_the_encode_service_and_load(tiny_dir, tiny_c
     """data.rehearsal_targets=encoded: the clips are encoded by `python -m services.encode`; its shards are the
     rows the training stream plans and reads, each speaking from its built-in row."""
     from shared.qwen import load_tts_model
-    from training.custom_voice import check_run
-    from training.data import RoundCodes, ShardStream
-    from training.rehearsal import load, rehearsal_dir
-    from training.samples import SampleBuilder
+    from training.speakers.custom_voice import check_run
+    from training.data.stream import RoundCodes, ShardStream
+    from training.data.rehearsal import load, rehearsal_dir
+    from training.data.samples import SampleBuilder
 
     data = write_speakers(tmp_path, tiny_dir / "codec", NOVA, takes=6)
     overrides = [f"model.path={tiny_custom_voice_dir}", f"data.shards={data}", f"checkpoint.dir={tmp_path / 'run'}",
@@ -148,7 +148,7 @@ def test_bad_rehearsal_settings_are_one_line_before_anything_is_written(tiny_dir
 def _start_with_a_failing_build(rank: int, port: int, out: str) -> None:
     import torch.distributed as dist
 
-    from training import rehearsal
+    from training.data import rehearsal
     from training.config import Config
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)

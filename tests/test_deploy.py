@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from services.encode import parse_args as parse_encode_args
+from services.encode.driver import parse_args as parse_encode_args
 
 REPO = Path(__file__).resolve().parents[1]
 DEPLOY = REPO / "deploy"

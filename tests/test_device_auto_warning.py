@@ -7,7 +7,7 @@ import sys
 
 CODE = """
 import pathlib, ray
-from services.dispatch import cluster_kind
+from services.encode.dispatch import cluster_kind
 ray.init(address="local", num_cpus=1, include_dashboard=False, logging_level="ERROR")
 for case in ("cards", "none"):
     lines = []

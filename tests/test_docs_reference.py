@@ -3,7 +3,7 @@
 Convention (the one way a flag or config key is documented): a row of a Markdown table in README.md or docs/*.md
 whose first cell starts with the backticked name, several names allowed (`--max-batch-seconds` /
 `--max-batch-items`). The table's header says whose names they are: first cell `config key` for training config
-keys (training.validate.known_keys()), or `` `python -m MODULE` flag `` (`` `python -m training.reproduce check`
+keys (training.train.validate.known_keys()), or `` `python -m MODULE` flag `` (`` `python -m training.reproduce check`
 flag `` for a subcommand) for that entry point's argparse flags. Each flag and key has exactly one such row across
 the docs, and every row names something the code has. Shell blocks carry a marker (tests/doc_blocks.py); the ones
 not executed are checked here: syntax, flags, overrides.

@@ -1,7 +1,7 @@
 """A corpus that grows, end to end through the encode CLI: a manifest with lines appended encodes only the new
 rows into new shards, the old shard files stay as they are, the result equals a clean encode of the final
 manifest, and a follow-mode training stream that is mid-epoch when the corpus grows trains on every row once
-per epoch. (The stream is training.data.ShardStream read in this process on the real shards, not a torchrun
+per epoch. (The stream is training.data.stream.ShardStream read in this process on the real shards, not a torchrun
 job: only there can the test hold the reader mid-epoch while the growth starts.)"""
 import json
 import threading

@@ -7,7 +7,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from services.lock import OutputLock
+from services.encode.lock import OutputLock
 from shared.audio import SAMPLES_PER_FRAME, pad_to_frame
 from shared.schema import CODEBOOK_SIZE, INDEX_FILE, codes_of, published_shard_files, published_shards
 from shared.shard_index import ShardIndex

@@ -10,7 +10,7 @@ import re
 import sys
 import urllib.request
 
-from services.plan import load_plan, prepare_plan
+from services.encode.plan import load_plan, prepare_plan
 from shared.schema import MANIFEST_FILE
 from tests.conftest import assert_rows_match, encode_args, repeated_corpus, write_manifest
 from tests.raycluster import Background, wait_for

@@ -8,7 +8,7 @@ import sys
 import pytest
 import soundfile as sf
 
-from services.encode import main
+from services.encode.driver import main
 from shared.synth import synth_utterance
 from tests.conftest import REPO, run_encode, write_manifest
 
@@ -60,7 +60,7 @@ def test_bad_codec_is_refused_before_anything_is_written(tiny_codec_dir, inputs,
 
 
 def test_a_bad_codec_on_a_resubmit_leaves_the_plan_as_it_was(tiny_codec_dir, inputs, capsys):
-    from services.plan import prepare_plan
+    from services.encode.plan import prepare_plan
 
     root, manifest = inputs
     out = root / "out"

@@ -54,7 +54,7 @@ def test_the_encoder_loads_and_runs_the_codec_without_scikit_learn(tiny_codec_di
     code = """
 import json, sys
 import numpy as np
-from services.encoder import skip_scikit_learn_in_transformers
+from services.encode.encoder import skip_scikit_learn_in_transformers
 skip_scikit_learn_in_transformers()
 from shared.qwen import encode_clips, load_codec
 codes = encode_clips(load_codec(sys.argv[1]), [np.random.default_rng(0).standard_normal(24000).astype(np.float32)])
@@ -95,7 +95,7 @@ ray.shutdown()
 def test_the_encoder_reads_the_codec_weights_while_it_imports(tiny_codec_dir, tmp_path, monkeypatch):
     """warm_page_cache reads every weight file once (this process's read counter grows by their size) and
     leaves an unreadable file to the codec load, which names it."""
-    from services.encoder import warm_page_cache
+    from services.encode.encoder import warm_page_cache
 
     weights = sum(p.stat().st_size for p in tiny_codec_dir.glob("*.safetensors"))
     assert weights > 0

@@ -10,8 +10,8 @@ import time
 import httpx
 import pytest
 
-from services.page import clock
-from services.progress import format_duration
+from services.status.page import clock
+from services.status.progress import format_duration
 from shared.schema import SHARDS_DIR, SUMMARY_FILE, WORKERS_DIR
 
 from tests.conftest import REPO, synth_corpus, write_manifest

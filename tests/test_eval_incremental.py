@@ -4,11 +4,11 @@ import numpy as np
 
 from shared import schema
 from shared.qwen import load_tts_model
-from training import evaluate
-from training.layout import SpecialIds, load_text_tokenizer
-from training.samples import SampleBuilder
-from training.split import HeldOut
-from training.synthetic import write_shard
+from training.eval import evaluator as evaluate
+from training.model.layout import SpecialIds, load_text_tokenizer
+from training.data.samples import SampleBuilder
+from training.data.split import HeldOut
+from training.data.synthetic import write_shard
 
 
 def write_speaker_shard(output, shard_id: int, rows: int = 6) -> None:

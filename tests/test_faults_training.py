@@ -7,8 +7,8 @@ import sys
 
 from tests.raycluster import Background, descendants, wait_for
 from tests.test_training_distributed import ENV, train_command
-from training.checkpoint import complete_checkpoints
-from training.metrics import read_metrics
+from training.checkpoint.step_folders import complete_checkpoints
+from training.train.metrics import read_metrics
 
 STEPS, INTERVAL = 8, 4
 

@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.fs as pafs
 import pytest
 
-from services.finalize import iter_rows
-from services.writer import ShardWriter
+from services.encode.finalize import iter_rows
+from shared.shard_writer import ShardWriter
 from shared.schema import SHARDS_DIR, ShardRow, ShardStats, published_shards, read_stats
 from tests.conftest import (assert_lost_shards_redone_elsewhere, assert_rows_match, busy_encoder, encode_args,
                             heartbeats, repeated_corpus, write_manifest)

@@ -1,4 +1,4 @@
-"""The storage layer (shared.store, shared.s3_store) and the driver's lease (services.lease) against a real
+"""The storage layer (shared.store, shared.s3_store) and the driver's lease (services.encode.lease) against a real
 S3-protocol server on loopback (tests/s3server.py), and the same contract on a local path."""
 import json
 import time
@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from services.lease import OutputLease
-from services.lock import OutputLocked
+from services.encode.lease import OutputLease
+from services.encode.lock import OutputLocked
 from shared.schema import LEASE_FILE
 from shared.store import LocalStore, open_store
 

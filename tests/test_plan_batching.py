@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from services.batching import form_batches
-from services.manifest import LINE_ERROR, read_range, write_normalised
-from services.plan import PlanMismatch, load_plan, plan_shards, prepare_plan
+from services.encode.batching import form_batches
+from services.encode.manifest import LINE_ERROR, read_range, write_normalised
+from services.encode.plan import PlanMismatch, load_plan, plan_shards, prepare_plan
 from shared.audio import AudioError, AudioLimits, load_audio
 from tests.conftest import write_manifest
 

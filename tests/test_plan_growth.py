@@ -1,11 +1,11 @@
-"""Growing a plan (services.grow) without Ray: appended manifest lines get new shards after the planned ones,
+"""Growing a plan (services.encode.grow) without Ray: appended manifest lines get new shards after the planned ones,
 any other change is refused with nothing written."""
 import json
 
 import pytest
 
-from services.manifest import read_range
-from services.plan import PlanMismatch, load_plan, prepare_plan
+from services.encode.manifest import read_range
+from services.encode.plan import PlanMismatch, load_plan, prepare_plan
 from shared.schema import COMPLETE_MARKER, MANIFEST_FILE, PLAN_FILE
 from tests.conftest import write_manifest
 

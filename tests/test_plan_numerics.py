@@ -2,7 +2,7 @@
 but warned about and visible in the plan; plans written before the record existed still load and are reused."""
 import json
 
-from services.plan import load_plan, prepare_plan, record_encode_run
+from services.encode.plan import load_plan, prepare_plan, record_encode_run
 from shared.device import CodecNumerics, DeviceInfo, apply_codec_numerics, codec_numerics
 from shared.schema import PLAN_FILE
 from tests.conftest import write_manifest
@@ -49,7 +49,7 @@ def test_chips_computing_fp32_from_fp16_are_refused_unless_accepted_and_then_rec
     matmuls: refused for encoding with the fix; with the flag, plan.json records what the encoder reported."""
     import pytest
 
-    from services.plan import amend_encode_run
+    from services.encode.plan import amend_encode_run
     from shared.device import ALLOW_REDUCED_FLAG, FP16_INPUTS, UnsupportedPrecision, npu_codec_numerics
 
     assert npu_codec_numerics("Ascend910B3", True, False) == codec_numerics("npu")

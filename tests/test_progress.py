@@ -3,8 +3,8 @@ import time
 
 import pytest
 
-from services import progress as progress_module
-from services.progress import collect_progress, format_progress_line
+from services.status import progress as progress_module
+from services.status.progress import collect_progress, format_progress_line
 
 
 def test_missing_directory_is_empty(tmp_path):

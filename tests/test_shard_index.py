@@ -1,4 +1,4 @@
-"""The shard index (shared.shard_index, training.corpus_index): built from the shards, updated as shards
+"""The shard index (shared.shard_index, training.data.corpus_index): built from the shards, updated as shards
 publish, checked against the listing (missing, stale and vanished entries), cached for an old output in the
 output or, when that is read-only, under the run directory."""
 import json
@@ -9,9 +9,9 @@ import pytest
 
 from shared import schema
 from shared.shard_index import INDEX_VERSION, ShardIndex, current_index, index_location, read_entry
-from training.corpus_index import load_corpus_index, shard_figures
-from training.reference import SpeakerTable, scan_speakers
-from training.synthetic import write_shard
+from training.data.corpus_index import load_corpus_index, shard_figures
+from training.speakers.reference import SpeakerTable, scan_speakers
+from training.data.synthetic import write_shard
 
 
 def shard_rows(shard_id: int, speakers: list[str | None], frames: int = 10) -> list[schema.ShardRow]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from services.status import create_app, start_status_server, token_from
+from services.status.server import create_app, start_status_server, token_from
 
 REPO = Path(__file__).resolve().parents[1]
 TOKEN = "s3cret-token-for-tests"

@@ -1,4 +1,4 @@
-"""The page's and /metrics' view of a job (services.dashboard, services.page, services.metrics) over output
+"""The page's and /metrics' view of a job (services.status.dashboard, services.status.page, services.status.metrics) over output
 directories written file by file (real Parquet shards, heartbeats, driver.json), served over real HTTP:
 stale encoders, failed shards, throughput over time, and error rows that must show only an id and a code."""
 import os
@@ -10,12 +10,12 @@ import pyarrow.parquet as pq
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from services.dashboard import collect_dashboard
-from services.metrics import job_metrics
-from services.page import render_page
-from services.progress import collect_progress
-from services.shard_details import ID_SHOWN_CHARS, ShardDetailsCache
-from services.status import start_status_server
+from services.status.dashboard import collect_dashboard
+from services.status.metrics import job_metrics
+from services.status.page import render_page
+from services.status.progress import collect_progress
+from services.status.shard_details import ID_SHOWN_CHARS, ShardDetailsCache
+from services.status.server import start_status_server
 from shared import schema
 from tests.test_status import running_job  # noqa: F401 (fixture)
 

@@ -15,7 +15,7 @@ import soundfile as sf
 import yaml
 from PIL import Image
 
-from services.status import start_status_server
+from services.status.server import start_status_server
 from shared.schema import SUMMARY_FILE
 from tests.conftest import run_encode, synth_corpus, write_manifest
 from tests.raycluster import free_port
@@ -26,7 +26,7 @@ from tests.test_status import TOKEN, auth
 # Clip lengths spread over several histogram bins, and bad rows of four reasons.
 GOOD_SECONDS = [0.6, 0.9, 1.3, 1.7, 2.2, 2.6, 3.1, 3.4, 4.2, 4.8, 5.5, 6.5, 7.2, 1.1, 2.9, 3.8]
 BAD_ROWS = {"missing_file": 2, "silent": 1, "empty_text": 1, "undecodable": 1}
-GREEN_OK = (0x2E, 0x9D, 0x5B)  # --ok in services.page: the done segment of the progress bar
+GREEN_OK = (0x2E, 0x9D, 0x5B)  # --ok in services.status.page: the done segment of the progress bar
 VIEWPORTS = {"desktop": (1280, 900), "phone": (390, 844)}
 
 

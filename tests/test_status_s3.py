@@ -4,9 +4,9 @@ import json
 import urllib.request
 import uuid
 
-from services.finalize import export_jsonl
-from services.progress import collect_progress
-from services.status import start_status_server
+from services.encode.finalize import export_jsonl
+from services.status.progress import collect_progress
+from services.status.server import start_status_server
 from shared.store import open_store
 from tests.s3server import upload_tree as upload
 

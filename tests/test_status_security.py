@@ -8,8 +8,8 @@ import sys
 import httpx
 import pytest
 
-from services.encode import parse_args as parse_encode_args
-from services.status import start_status_server
+from services.encode.driver import parse_args as parse_encode_args
+from services.status.server import start_status_server
 from tests.test_status import REPO, TOKEN, auth, free_port, running_job, wait_until_healthy  # noqa: F401 (fixture)
 
 SENTINEL = "sentinel-file-contents-4f1c"

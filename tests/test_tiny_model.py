@@ -6,7 +6,7 @@ import numpy as np
 
 from shared.qwen import load_inference_model, load_tts_model
 from shared.tiny_model import TEXT_SPECIALS
-from training.synthetic import tone
+from training.data.synthetic import tone
 
 
 def test_config_keeps_the_released_special_ids(tiny_dir):

@@ -10,7 +10,7 @@ import torch
 
 from shared import schema
 from shared.qwen import load_inference_model, load_tts_model
-from training.synthetic import tone, write_utterances
+from training.data.synthetic import tone, write_utterances
 
 from tests.test_training_distributed import ENV, REPO
 

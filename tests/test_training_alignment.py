@@ -13,10 +13,10 @@ import torch
 
 from shared.qwen import load_inference_model, speaker_mel
 from shared.schema import ShardRow
-from training.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
-from training.model import TalkerForTraining, speaker_embedding
-from training.samples import SampleBuilder
-from training.synthetic import tone
+from training.model.layout import IGNORE, SpecialIds, build_sample, collate, load_text_tokenizer, text_token_ids
+from training.model.talker import TalkerForTraining, speaker_embedding
+from training.data.samples import SampleBuilder
+from training.data.synthetic import tone
 
 TEXT = "hello world the quick brown fox"
 TEXTS = {"plain": TEXT, "newline": "\n" + TEXT}  # "\n" + text: the prompt's third token is a double newline

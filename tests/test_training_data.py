@@ -14,11 +14,11 @@ from shared import schema
 from shared.qwen import load_tts_model, speaker_mel
 from shared.audio import resample
 from training.config import DataConfig
-from training.data import DataPosition, RoundCodes, ShardStream, plan_round, read_planned
-from training.layout import SpecialIds, load_text_tokenizer
-from training.reference import ReferenceCache
-from training.samples import SampleBuilder
-from training.synthetic import tone, write_encoded
+from training.data.stream import DataPosition, RoundCodes, ShardStream, plan_round, read_planned
+from training.model.layout import SpecialIds, load_text_tokenizer
+from training.speakers.reference import ReferenceCache
+from training.data.samples import SampleBuilder
+from training.data.synthetic import tone, write_encoded
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +134,7 @@ def test_position_resumes_with_the_next_step(encoded, builder):
 
 def random_code_shards(output, shards, rows, seed=0):
     """Shards of random codes (no codec needed) with a speech-like length mix: 1-20 s, 2-30 words."""
-    from training.synthetic import write_shard
+    from training.data.synthetic import write_shard
 
     rng = np.random.default_rng(seed)
     for sid in range(shards):
@@ -207,8 +207,8 @@ def test_the_schedule_counts_only_rows_that_train(tmp_path, builder):
     """Held-out rows never train, so the lr schedule's step total leaves them out: whole shards (eval.shards)
     exactly, eval.fraction's per-row hash by its expected share; the last step trained runs at the lr floor."""
     from training.config import Config
-    from training.split import HeldOut, training_rows
-    from training.schedule import SampleSchedule
+    from training.data.split import HeldOut, training_rows
+    from training.train.schedule import SampleSchedule
 
     data = random_code_shards(tmp_path / "mix", shards=8, rows=40)
     config = dict(frame_budget=1024, pack_length=256, shards_per_round=2)

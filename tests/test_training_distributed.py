@@ -13,8 +13,8 @@ import pytest
 
 from shared.qwen import load_inference_model
 from tests.conftest import kill_tree
-from training.checkpoint import complete_checkpoints
-from training.metrics import read_metrics
+from training.checkpoint.step_folders import complete_checkpoints
+from training.train.metrics import read_metrics
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -17,13 +17,13 @@ import torch
 
 from shared.audio import load_audio
 from shared.qwen import load_tts_model, speaker_mel
-from training import checkpoint
-from training.asr import cer, wer
+from training.checkpoint import step_folders as checkpoint
+from training.eval.asr import cer, wer
 from training.config import DataConfig
-from training.data import ShardStream, read_planned
-from training.metrics import read_metrics
-from training.model import speaker_embedding
-from training.split import HeldOut, eval_rows, is_held_out, read_split, training_rows
+from training.data.stream import ShardStream, read_planned
+from training.train.metrics import read_metrics
+from training.model.talker import speaker_embedding
+from training.data.split import HeldOut, eval_rows, is_held_out, read_split, training_rows
 from tests.conftest import kill_tree
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,7 +50,7 @@ def speaker_encoded(synthetic_encoded, tmp_path_factory) -> Path:
     from dataclasses import replace
 
     from shared import schema
-    from training.synthetic import write_shard
+    from training.data.synthetic import write_shard
 
     out = tmp_path_factory.mktemp("speakers")
     for sid, path in schema.published_shards(synthetic_encoded).items():
@@ -115,8 +115,8 @@ def test_split_rule_is_a_pure_function_per_speaker():
 
 @pytest.fixture(scope="module")
 def builder(tiny_dir):
-    from training.layout import SpecialIds, load_text_tokenizer
-    from training.samples import SampleBuilder
+    from training.model.layout import SpecialIds, load_text_tokenizer
+    from training.data.samples import SampleBuilder
 
     model = load_tts_model(tiny_dir / "model")
     return SampleBuilder(load_text_tokenizer(tiny_dir / "model"), SpecialIds.from_config(model.config))
@@ -148,7 +148,7 @@ def test_a_shard_held_out_whole_is_never_trained_on(speaker_encoded, builder):
 
 
 def test_rows_without_a_speaker_form_one_speaker(synthetic_encoded, builder):
-    from training.evaluate import collect_eval_rows
+    from training.eval.evaluator import collect_eval_rows
 
     speakers = collect_eval_rows(str(synthetic_encoded), HeldOut(fraction=0.3), builder, 256, [0, 1])
     assert list(speakers) == ["default"]
@@ -158,7 +158,7 @@ def test_rows_without_a_speaker_form_one_speaker(synthetic_encoded, builder):
 
 def test_samples_speak_the_language_their_rows_train_with():
     from shared.schema import ShardRow
-    from training.voice_check import generation_language
+    from training.eval.voice_check import generation_language
 
     def rows(*languages):
         return [ShardRow(i, f"u{i}", None, "t", "r.wav", language=lang) for i, lang in enumerate(languages)]
@@ -237,7 +237,7 @@ def test_samples_are_the_weights_of_their_step_speaking(resumed, tmp_path):
     """Re-synthesising a last-step sample from the exported last checkpoint, same x-vector and seed,
     gives the saved file back: rank 0 synthesised with the gathered training weights of that step."""
     from shared.qwen import load_inference_model
-    from training.export import export
+    from training.export.model_dir import export
 
     run = resumed[0]
     export(run / f"step-{STEPS:06d}", tmp_path / "base")
@@ -325,8 +325,8 @@ def test_export_leaves_out_a_speaker_whose_rows_were_all_held_out(one_rank, spea
     import yaml
 
     from shared import schema
-    from training.export import main
-    from training.synthetic import write_shard
+    from training.export.model_dir import main
+    from training.data.synthetic import write_shard
 
     data, run = tmp_path / "data", tmp_path / "run"
     shutil.copytree(speaker_encoded, data)

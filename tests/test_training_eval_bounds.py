@@ -13,8 +13,8 @@ import soundfile as sf
 from safetensors.torch import load_file, save_file
 
 from training.config import load_config
-from training.metrics import read_metrics
-from training.voice_check import CODEC_FRAMES_PER_SECOND, sentence_frame_bound
+from training.train.metrics import read_metrics
+from training.eval.voice_check import CODEC_FRAMES_PER_SECOND, sentence_frame_bound
 
 REPO = Path(__file__).resolve().parents[1]
 SENTENCES = ["hello world", "one two three", "今天天气很好"]

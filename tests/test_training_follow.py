@@ -8,9 +8,9 @@ import sys
 import pyarrow.parquet as pq
 
 from shared import schema
-from training.checkpoint import complete_checkpoints
-from training.metrics import read_metrics
-from training.synthetic import write_wav
+from training.checkpoint.step_folders import complete_checkpoints
+from training.train.metrics import read_metrics
+from training.data.synthetic import write_wav
 
 from tests.test_training_distributed import ENV, REPO, train_command
 

@@ -7,8 +7,8 @@ import sys
 import torch
 from torch.distributed.checkpoint import FileSystemReader
 
-from training.checkpoint import complete_checkpoints
-from training.metrics import read_metrics
+from training.checkpoint.step_folders import complete_checkpoints
+from training.train.metrics import read_metrics
 
 from tests.test_training_distributed import ENV, REPO
 

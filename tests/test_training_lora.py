@@ -1,4 +1,4 @@
-"""LoRA fine-tuning (training.lora, training.lora_export) with real peft on the official classes, under real
+"""LoRA fine-tuning (training.model.lora, training.export.lora) with real peft on the official classes, under real
 torchrun on CPU (gloo): adapter-only checkpoints naming their base, 2 ranks = 1 rank, exact kill/resume, a resume
 against other base weights refused, and an overfit LoRA-only run whose merged export generates the trained codes
 and whose peft adapter export, applied with PeftModel.from_pretrained, gives the merged export's logits."""
@@ -16,11 +16,11 @@ from safetensors.torch import load_file, save_file
 from shared import schema
 from shared.qwen import load_inference_model, load_tts_model
 from tests.test_training_distributed import ENV, REPO, kill_after_step, losses_by_step, torchrun, train_command
-from training.checkpoint import complete_checkpoints
-from training.lora import META_FILE, base_fingerprint, is_adapter, linear_names, resolve_targets
-from training.metrics import read_metrics
-from training.synthetic import write_encoded
-from training.validate import TrainingInputProblem, validate
+from training.checkpoint.step_folders import complete_checkpoints
+from training.model.lora import META_FILE, base_fingerprint, is_adapter, linear_names, resolve_targets
+from training.train.metrics import read_metrics
+from training.data.synthetic import write_encoded
+from training.train.validate import TrainingInputProblem, validate
 
 STEPS = 8
 # Eval at the end only (the same held-out rows on every run, so the runs stay comparable); samples in lora_run.
@@ -177,7 +177,7 @@ def test_overfit_lora_only_merged_export_generates_the_codes_and_the_adapter_mat
     # The adapter directory, applied with peft's own loader to the base model's talker (in place).
     from peft import PeftModel
 
-    from training.lora_export import add_custom_voice
+    from training.export.lora import add_custom_voice
 
     base = load_tts_model(tiny_dir / "model")
     PeftModel.from_pretrained(base.talker, str(adapter_dir))
@@ -215,10 +215,10 @@ def test_adapters_injected_after_sharding_are_caught(tiny_dir, tmp_path):
     import torch.distributed as dist
 
     from shared.device import select_device
-    from training import lora
+    from training.model import lora
     from training.config import load_config
-    from training.model import TalkerForTraining
-    from training.parallelize import build_mesh, parallelize
+    from training.model.talker import TalkerForTraining
+    from training.model.parallelize import build_mesh, parallelize
 
     config = load_config(TINY, [f"model.path={tiny_dir / 'model'}", "data.shards=unused", "lora.rank=4"])
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)

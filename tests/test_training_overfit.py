@@ -8,7 +8,7 @@ import torch
 
 from shared import schema
 from shared.qwen import load_codec, load_inference_model
-from training.synthetic import write_encoded
+from training.data.synthetic import write_encoded
 
 from tests.test_training_distributed import ENV, train_command
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from shared.qwen import load_tts_model
-from training.layout import SpecialIds, build_sample, collate
-from training.model import TalkerForTraining
-from training.packing import batch_shape, plan_packed, plan_unpacked
+from training.model.layout import SpecialIds, build_sample, collate
+from training.model.talker import TalkerForTraining
+from training.data.packing import batch_shape, plan_packed, plan_unpacked
 
 ROLE = [151644, 358, 198]
 # (text tokens, frames) of five utterances of different lengths
@@ -120,7 +120,7 @@ def test_sample_builder_turns_shard_rows_into_packed_device_batches(tiny_dir, sy
     """The data path outside the training loop (e.g. an evaluation): shard rows with codes -> packed batches
     within the budget, every row once, x-vectors from each row's reference, loss sums per batch."""
     from shared import schema
-    from training.samples import SampleBuilder
+    from training.data.samples import SampleBuilder
 
     model = load_tts_model(tiny_dir / "model", attn_implementation="sdpa")
     builder = SampleBuilder.for_model(tiny_dir / "model", model)
@@ -143,7 +143,7 @@ def test_sample_builder_turns_shard_rows_into_packed_device_batches(tiny_dir, sy
 def test_a_batch_moved_to_an_npu_keeps_its_block_boundaries_on_the_host(monkeypatch):
     """torch_npu's varlen attention reads cu_seq_lens on the host in every layer; moved to the NPU it would cost
     a copy and a sync per layer. No NPU here: the same rule is checked on torch's `meta` device."""
-    from training import layout
+    from training.model import layout
 
     assert layout.HOST_FIELDS_ON["npu"] == {"cu_seq_lens"}
     ids = SpecialIds(tts_pad=1, tts_bos=2, tts_eos=3, codec_pad=4, codec_bos=5, codec_eos=6, codec_nothink=7,

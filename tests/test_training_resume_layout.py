@@ -16,9 +16,9 @@ import pytest
 
 from tests.conftest import kill_tree
 from tests.test_training_distributed import ENV, REPO, train_command
-from training.checkpoint import STATE_FILE, complete_checkpoints, step_dir_name
-from training.metrics import read_metrics
-from training.trace import read_trained_rows
+from training.checkpoint.step_folders import STATE_FILE, complete_checkpoints, step_dir_name
+from training.train.metrics import read_metrics
+from training.data.trace import read_trained_rows
 
 EPOCHS, ROWS_PER_EPOCH = 2, 10
 SETTINGS = ["train.steps=0", f"train.epochs={EPOCHS}", "train.warmup_steps=0", "data.shards_per_round=1",
@@ -119,7 +119,7 @@ def test_resume_on_another_layout_trains_every_row_once_per_epoch(change, tiny_d
 
 
 def write_other_data(tiny_dir, path):
-    from training.synthetic import write_encoded
+    from training.data.synthetic import write_encoded
 
     return write_encoded(path, tiny_dir / "codec", num_shards=2, rows_per_shard=4, seed=7)
 
@@ -158,7 +158,7 @@ def test_the_lr_is_a_function_of_micro_batches_consumed_across_layouts():
     import torch
 
     from training.config import TrainConfig
-    from training.schedule import SampleSchedule
+    from training.train.schedule import SampleSchedule
 
     def schedule(per_step):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -185,8 +185,8 @@ def test_an_older_per_rank_checkpoint_resumes_on_its_world_size_only(tmp_path, t
     import torch
 
     from training.config import load_config
-    from training.data import DataPosition
-    from training.resume import resume_problem
+    from training.data.stream import DataPosition
+    from training.checkpoint.resume import resume_problem
 
     config = load_config(REPO / "training/configs/tiny.yaml", [f"model.path={tiny_dir / 'model'}",
                                                                 f"data.shards={synthetic_encoded}",

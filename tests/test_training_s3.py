@@ -11,7 +11,7 @@ from shared.store import open_store
 from tests.s3server import upload_tree as upload
 from tests.test_training_distributed import (ENV, REPO, STEPS, kill_after_step, losses_by_step, torchrun,
                                              train_command)
-from training.checkpoint import complete_checkpoints
+from training.checkpoint.step_folders import complete_checkpoints
 
 
 def test_two_ranks_on_s3_killed_and_resumed_match_the_local_run_and_export(tiny_dir, synthetic_encoded, s3_env,

@@ -14,8 +14,8 @@ import torch
 from shared import schema
 from shared.qwen import load_codec, load_inference_model, load_tts_model, speaker_mel
 from shared.synth import synth_utterance
-from training.model import speaker_embedding
-from training.synthetic import tone, write_utterances
+from training.model.talker import speaker_embedding
+from training.data.synthetic import tone, write_utterances
 
 from tests.test_training_distributed import ENV, REPO
 
@@ -82,7 +82,7 @@ def test_references_give_distinct_x_vectors(tiny_speakers_dir, two_speakers):
     """The precondition of the test below: the two speakers' vectors differ by far more than rounding."""
     _, _, rows = two_speakers
     encoder = load_tts_model(tiny_speakers_dir / "model").speaker_encoder
-    from training.reference import ReferenceCache, SpeakerTable
+    from training.speakers.reference import ReferenceCache, SpeakerTable
 
     table = SpeakerTable()
     for row in rows:
@@ -145,8 +145,8 @@ def test_each_speaker_generates_its_own_trained_codes(two_speakers):
 
 
 def test_export_speaker_choice_and_its_errors():
-    from training.export import ExportError, choose_speakers
-    from training.reference import SpeakerTable
+    from training.export.model_dir import ExportError, choose_speakers
+    from training.speakers.reference import SpeakerTable
 
     named = SpeakerTable()
     for speaker, ref in (("Alice", "a.wav"), ("BOB", "b1.wav"), ("bob", "b2.wav")):
@@ -181,8 +181,8 @@ def test_export_speaker_choice_and_its_errors():
 def test_export_leaves_out_speakers_that_never_trained(caplog):
     """`trained`: the speakers with a row that was not held out for eval (tests/test_training_eval.py exports a
     trained run whose speaker's shard is held out whole)."""
-    from training.export import ExportError, choose_speakers
-    from training.reference import SpeakerTable
+    from training.export.model_dir import ExportError, choose_speakers
+    from training.speakers.reference import SpeakerTable
 
     table = SpeakerTable()
     for speaker, ref in (("alice", "a.wav"), ("bob", "b.wav"), (None, "u.wav")):
@@ -207,7 +207,7 @@ def test_export_leaves_out_speakers_that_never_trained(caplog):
 
 def test_an_unknown_language_is_refused_with_the_model_languages(tiny_dir):
     from shared.qwen import Qwen3TTSConfig
-    from training.layout import SpecialIds
+    from training.model.layout import SpecialIds
 
     ids = SpecialIds.from_config(Qwen3TTSConfig.from_pretrained(tiny_dir / "model"))
     assert ids.codec_prefix("ENGLISH") == (ids.codec_think, ids.codec_think_bos, 2050, ids.codec_think_eos)

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from training.validate import TrainingInputProblem, validate
+from training.train.validate import TrainingInputProblem, validate
 from tests.test_training_distributed import ENV, REPO
 
 TINY = str(REPO / "training/configs/tiny.yaml")
@@ -65,7 +65,7 @@ def test_under_torchrun_one_line_once_exit_2_and_nothing_written(good, tmp_path)
     line = "error: unknown config key train.lrr (override 'train.lrr=1'); did you mean train.lr?"
     assert result.returncode != 0 and output.count(line) == 1, output[-3000:]
     assert "exitcode  : 2" in output  # torchrun's summary carries our exit code
-    assert "training/train.py" not in output and "training/validate.py" not in output  # no rank's traceback
+    assert "training/train/loop.py" not in output and "training/train/validate.py" not in output  # no rank's traceback
     assert not run.exists()
 
     plain = subprocess.run([sys.executable, "-m", "training.train", "--config", TINY, "model.path=/nowhere", shards,

@@ -9,9 +9,9 @@ import torch
 from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
 from shared.qwen import load_tts_model
-from training.document_mask import computed_fraction, document_ids, packed_causal_block_mask
-from training.layout import SpecialIds, build_sample, collate
-from training.model import TalkerForTraining
+from training.model.document_mask import computed_fraction, document_ids, packed_causal_block_mask
+from training.model.layout import SpecialIds, build_sample, collate
+from training.model.talker import TalkerForTraining
 from tests.test_training_packing import ROLE, run
 
 

@@ -22,7 +22,7 @@ REHEARSAL_TARGETS = ("generated", "encoded")
 @dataclass
 class ModelConfig:
     path: str = ""  # a Base or CustomVoice model directory (config.json, model.safetensors, tokenizer, speech_tokenizer/)
-    # CustomVoice model.path only (training.custom_voice): a Base model of the same size whose speaker encoder
+    # CustomVoice model.path only (training.speakers.custom_voice): a Base model of the same size whose speaker encoder
     # gives new speakers their x-vectors; empty = each new speaker's codec-embedding row trains instead
     speaker_encoder: str = ""
     retrain_speakers: list[str] = field(default_factory=list)  # built-in speakers the shards may retrain
@@ -67,7 +67,7 @@ class TrainConfig:
     sub_talker_weight: float = 0.3  # loss = talker + weight x sub-talker
     device: str = "auto"  # auto | npu | cuda | cpu
     log_interval: int = 1  # steps between metrics lines (the only device->host sync of the loop)
-    peak_tflops: float = 0.0  # device peak for mfu (0: from training.flops's table by device name)
+    peak_tflops: float = 0.0  # device peak for mfu (0: from training.train.flops's table by device name)
     timeout_minutes: float = 30.0  # a collective waiting longer than this fails the run (process group timeout)
 
 
@@ -127,7 +127,7 @@ LORA_TARGETS = ["model.layers.*.self_attn.[qkvo]_proj", "model.layers.*.mlp.*_pr
 
 @dataclass
 class LoraConfig:
-    """Low-rank adapters (training.lora); rank 0 trains every weight (full fine-tuning)."""
+    """Low-rank adapters (training.model.lora); rank 0 trains every weight (full fine-tuning)."""
     rank: int = 0
     alpha: float = 32.0  # adapter output scaled by alpha / rank
     dropout: float = 0.0  # on the adapter's input

@@ -33,7 +33,7 @@ def pick(shards: Path, output: Path) -> schema.ShardRow:
     """Write the shortest good row of `shards` as a complete one-row encode output in `output`."""
     from dataclasses import replace
 
-    from training.synthetic import write_shard
+    from training.data.synthetic import write_shard
 
     row = replace(first_good_row(shards), index=0)
     write_shard(output, 0, [row])

@@ -1,0 +1,1 @@
+"""The data path: published shards -> planned rounds -> samples -> packed micro-batches."""

@@ -1,0 +1,1 @@
+"""Speakers: x-vectors from reference audio and CustomVoice speaker rows."""
