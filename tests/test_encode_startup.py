@@ -16,7 +16,7 @@ from tests.raycluster import Background, session_members, wait_for
 # Runs the real CLI's main() and then reports which heavy modules the driver process had imported.
 DRIVER = """
 import json, sys
-from services.encode import main
+from services.encode.driver import main
 code = main(sys.argv[1:])
 print("DRIVER_MODULES " + json.dumps({name: name in sys.modules for name in ("torch", "transformers", "qwen_tts")}))
 sys.exit(code)
@@ -76,7 +76,7 @@ def test_the_private_rays_autoscaler_monitor_is_stopped_before_shutdown():
     code = """
 import json, os
 import ray
-from services.encode import stop_autoscaler_monitor
+from services.encode.driver import stop_autoscaler_monitor
 from ray._private import ray_constants, worker
 ray.init(address="local", include_dashboard=False, logging_level="WARNING")
 monitors = [info.process for info in worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR]]
