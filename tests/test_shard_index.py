@@ -57,6 +57,9 @@ def test_entries_hold_what_training_needs_and_round_trip(output, tmp_path):
     assert [(s.speaker, s.references, s.rows) for s in entry.speakers] == [
         (None, ["/refs/anon.wav"], 1), ("Alice", ["/refs/Alice.wav"], 1), ("alice", ["/refs/alice.wav"], 1)]
     assert entry.languages == ["chinese", "english"]
+    # each speaker's languages, for the dialect checks; the error row (no language) is not one of them
+    assert [(s.speaker, s.languages) for s in entry.speakers] == [
+        (None, ["english"]), ("Alice", ["english"]), ("alice", ["chinese"])]
     index.save(tmp_path / "index.json")
     assert ShardIndex.load(tmp_path / "index.json") == index
     assert shard_figures(index) == {0: (3, 33), 1: (2, 21)}
@@ -132,3 +135,18 @@ def test_an_unusable_index_file_is_rebuilt(output):
     assert ShardIndex.load(output / schema.INDEX_FILE) == ShardIndex()
     assert current_index(output) == built(output)
     assert read_entry(schema.published_shard_file(output, 1)) == built(output).entry(1)
+
+
+def test_an_index_of_an_older_version_is_rebuilt_once(output, tmp_path):
+    """A version-2 file (no per-speaker languages) counts as no index: read once, then saved as the current version."""
+    document = {"version": 2, "shards": [e.to_json() for e in built(output).entries.values()]}
+    for entry in document["shards"]:
+        for speaker in entry["speakers"]:
+            del speaker["languages"]
+    (output / schema.INDEX_FILE).write_text(json.dumps(document))
+    assert ShardIndex.load(output / schema.INDEX_FILE) == ShardIndex()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert load_corpus_index(output, run_dir) == built(output)
+    assert json.loads((output / schema.INDEX_FILE).read_text())["version"] == INDEX_VERSION == 3
+    assert ShardIndex.load(output / schema.INDEX_FILE) == built(output)
