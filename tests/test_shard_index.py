@@ -150,3 +150,32 @@ def test_an_index_of_an_older_version_is_rebuilt_once(output, tmp_path):
     assert load_corpus_index(output, run_dir) == built(output)
     assert json.loads((output / schema.INDEX_FILE).read_text())["version"] == INDEX_VERSION == 3
     assert ShardIndex.load(output / schema.INDEX_FILE) == built(output)
+
+
+def test_trained_speakers_read_only_the_shards_the_index_cannot_answer(tmp_path, monkeypatch):
+    """The export's speakers that trained: eval.shards alone is answered from the index; with eval.fraction a
+    shard is read only while one of its speakers has no row known to have trained, and the answer is what
+    reading every row gives."""
+    from training.data.split import HeldOut
+    from training.export.model_dir import trained_speakers
+
+    out = tmp_path / "out"
+    for shard_id in range(3):
+        write_shard(out, shard_id, shard_rows(shard_id, ["bob"] * 6))
+    write_shard(out, 3, shard_rows(3, ["carol"]))
+    write_shard(out, 4, shard_rows(4, ["dave"]))
+    current_index(out).save(index_location(out))
+
+    def every_row(held_out: HeldOut) -> set:
+        return {row.speaker for shard, path in schema.published_shards(out).items()
+                for row in schema.read_rows(path) if row.trainable and not held_out.contains(shard, row.id, row.speaker)}
+
+    rules = [HeldOut(0.0, frozenset({4})), HeldOut(0.5, frozenset({4}), seed=3), HeldOut(0.99, frozenset(), seed=1)]
+    expected = [every_row(rule) for rule in rules]
+    reads, read_rows = [], schema.read_rows
+    monkeypatch.setattr(schema, "read_rows", lambda path, *a, **k: reads.append(path) or read_rows(path, *a, **k))
+    assert trained_speakers(out, rules[0]) == expected[0] == {"bob", "carol"} and reads == []
+    assert trained_speakers(out, rules[1]) == expected[1]
+    assert 0 < len(reads) < 4  # bob trained in his first shard: his other two are not read
+    reads.clear()
+    assert trained_speakers(out, rules[2]) == expected[2]
