@@ -18,7 +18,8 @@ from shared import schema
 from shared.schema import ShardFile, ShardRow
 from shared.storage import child, read_bytes, write_atomic
 
-INDEX_VERSION = 2  # 2: rows without a reference counted apart (unreferenced_rows/frames)
+# 2: rows without a reference counted apart (unreferenced_rows/frames); 3: each speaker's languages
+INDEX_VERSION = 3
 # The columns an entry is made from: all light (no codes).
 LIGHT_COLUMNS = ["speaker", "language", "ref_audio", "num_frames", "error"]
 
@@ -33,6 +34,9 @@ class SpeakerFigures:
     frames: int
     unreferenced_rows: int = 0
     unreferenced_frames: int = 0
+    # the `language` values of all those rows, as stored (null: a row without one), so the dialect checks
+    # (a dialect speaker's rows must all carry its dialect) need no shard read
+    languages: list[str | None] = field(default_factory=list)
 
 
 @dataclass
@@ -70,14 +74,15 @@ class IndexEntry:
     def from_json(cls, d: dict) -> "IndexEntry":
         return cls(d["name"], int(d["size"]), int(d["mtime_ns"]), int(d["rows"]),
                    [SpeakerFigures(s["speaker"], list(s["references"]), int(s["rows"]), int(s["frames"]),
-                                   int(s["unreferenced_rows"]), int(s["unreferenced_frames"]))
+                                   int(s["unreferenced_rows"]), int(s["unreferenced_frames"]),
+                                   list(s["languages"]))
                     for s in d["speakers"]], list(d["languages"]))
 
 
 def entry_of(file: ShardFile, rows: list[ShardRow]) -> IndexEntry:
     """The entry of a shard from its rows (the LIGHT_COLUMNS of them suffice)."""
     speakers: dict[str | None, SpeakerFigures] = {}
-    languages = set()
+    languages, speaker_languages = set(), {}
     for row in rows:
         if not row.trains(needs_reference=False):
             continue
@@ -89,10 +94,12 @@ def entry_of(file: ShardFile, rows: list[ShardRow]) -> IndexEntry:
         else:
             figures.unreferenced_rows += 1
             figures.unreferenced_frames += row.num_frames
+        speaker_languages.setdefault(row.speaker, set()).add(row.language)
         if row.language:
             languages.add(row.language)
     for figures in speakers.values():
         figures.references = sorted(set(figures.references))
+        figures.languages = sorted(speaker_languages[figures.speaker], key=lambda v: (v is not None, v or ""))
     ordered = sorted(speakers.values(), key=lambda s: (s.speaker is not None, s.speaker or ""))
     return IndexEntry(file.name, file.size, file.mtime_ns, len(rows), ordered, sorted(languages))
 

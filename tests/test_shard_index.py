@@ -57,6 +57,9 @@ def test_entries_hold_what_training_needs_and_round_trip(output, tmp_path):
     assert [(s.speaker, s.references, s.rows) for s in entry.speakers] == [
         (None, ["/refs/anon.wav"], 1), ("Alice", ["/refs/Alice.wav"], 1), ("alice", ["/refs/alice.wav"], 1)]
     assert entry.languages == ["chinese", "english"]
+    # each speaker's languages, for the dialect checks; the error row (no language) is not one of them
+    assert [(s.speaker, s.languages) for s in entry.speakers] == [
+        (None, ["english"]), ("Alice", ["english"]), ("alice", ["chinese"])]
     index.save(tmp_path / "index.json")
     assert ShardIndex.load(tmp_path / "index.json") == index
     assert shard_figures(index) == {0: (3, 33), 1: (2, 21)}
@@ -132,3 +135,47 @@ def test_an_unusable_index_file_is_rebuilt(output):
     assert ShardIndex.load(output / schema.INDEX_FILE) == ShardIndex()
     assert current_index(output) == built(output)
     assert read_entry(schema.published_shard_file(output, 1)) == built(output).entry(1)
+
+
+def test_an_index_of_an_older_version_is_rebuilt_once(output, tmp_path):
+    """A version-2 file (no per-speaker languages) counts as no index: read once, then saved as the current version."""
+    document = {"version": 2, "shards": [e.to_json() for e in built(output).entries.values()]}
+    for entry in document["shards"]:
+        for speaker in entry["speakers"]:
+            del speaker["languages"]
+    (output / schema.INDEX_FILE).write_text(json.dumps(document))
+    assert ShardIndex.load(output / schema.INDEX_FILE) == ShardIndex()
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    assert load_corpus_index(output, run_dir) == built(output)
+    assert json.loads((output / schema.INDEX_FILE).read_text())["version"] == INDEX_VERSION == 3
+    assert ShardIndex.load(output / schema.INDEX_FILE) == built(output)
+
+
+def test_trained_speakers_read_only_the_shards_the_index_cannot_answer(tmp_path, monkeypatch):
+    """The export's speakers that trained: eval.shards alone is answered from the index; with eval.fraction a
+    shard is read only while one of its speakers has no row known to have trained, and the answer is what
+    reading every row gives."""
+    from training.data.split import HeldOut
+    from training.export.model_dir import trained_speakers
+
+    out = tmp_path / "out"
+    for shard_id in range(3):
+        write_shard(out, shard_id, shard_rows(shard_id, ["bob"] * 6))
+    write_shard(out, 3, shard_rows(3, ["carol"]))
+    write_shard(out, 4, shard_rows(4, ["dave"]))
+    current_index(out).save(index_location(out))
+
+    def every_row(held_out: HeldOut) -> set:
+        return {row.speaker for shard, path in schema.published_shards(out).items()
+                for row in schema.read_rows(path) if row.trainable and not held_out.contains(shard, row.id, row.speaker)}
+
+    rules = [HeldOut(0.0, frozenset({4})), HeldOut(0.5, frozenset({4}), seed=3), HeldOut(0.99, frozenset(), seed=1)]
+    expected = [every_row(rule) for rule in rules]
+    reads, read_rows = [], schema.read_rows
+    monkeypatch.setattr(schema, "read_rows", lambda path, *a, **k: reads.append(path) or read_rows(path, *a, **k))
+    assert trained_speakers(out, rules[0]) == expected[0] == {"bob", "carol"} and reads == []
+    assert trained_speakers(out, rules[1]) == expected[1]
+    assert 0 < len(reads) < 4  # bob trained in his first shard: his other two are not read
+    reads.clear()
+    assert trained_speakers(out, rules[2]) == expected[2]

@@ -21,16 +21,23 @@ log = logging.getLogger(__name__)
 ShardFigures = dict[int, tuple[int, int]]  # shard id -> (trainable rows, their frames)
 
 
-def load_corpus_index(output: Path, run_dir: Path) -> ShardIndex:
-    """The index of every shard published now (rank 0, before the first step)."""
+def read_corpus_index(output: Path, run_dir: Path) -> tuple[ShardIndex, list[str], int]:
+    """The index of every shard published now, writing nothing (the checks before a run): the output's index,
+    then the run's cached copy, and the shards neither describes read. Also the names of those read, and the
+    count of shards published."""
     files = schema.published_shard_files(output)
-    cache = run_dir / schema.INDEX_FILE
     index = ShardIndex.load(index_location(output))
-    read = index.reconcile(files, ShardIndex.load(cache))
+    read = index.reconcile(files, ShardIndex.load(Path(run_dir) / schema.INDEX_FILE))
+    return index, read, len(files)
+
+
+def load_corpus_index(output: Path, run_dir: Path) -> ShardIndex:
+    """The index of every shard published now (rank 0, before the first step), cached when shards were read."""
+    index, read, published = read_corpus_index(output, run_dir)
     if read:
-        log.info("shard index: read %d of %d shards (not in %s); cached", len(read), len(files),
+        log.info("shard index: read %d of %d shards (not in %s); cached", len(read), published,
                  index_location(output))
-        _save(index, output, cache)
+        _save(index, output, run_dir / schema.INDEX_FILE)
     return index
 
 

@@ -26,6 +26,7 @@ import yaml
 
 from shared import schema
 from shared.qwen import load_tts_model, save_model_dir
+from shared.shard_index import current_index
 from training.checkpoint import object_store as remote
 from training.checkpoint.step_folders import resolve_checkpoint
 from training.speakers.custom_voice import FIRST_SPEAKER_ROW, is_custom_voice, model_config
@@ -67,9 +68,22 @@ def run_held_out(config: dict) -> HeldOut:
 
 def trained_speakers(output: Path, held_out: HeldOut, needs_reference: bool = True) -> set[str | None]:
     """Speaker keys with at least one row the run trained on: good, with frames (and a reference if the run
-    needed one), not held out."""
-    trained = set()
-    for shard, path in schema.published_shards(output).items():
+    needed one), not held out. The shard index says which speakers have such rows outside eval.shards; with
+    eval.fraction a row's fate hangs on its id, so a shard is read only while one of its speakers has no row
+    yet known to have trained (usually a few shards, not all)."""
+    trained: set[str | None] = set()
+    for name, entry in sorted(current_index(output).entries.items()):
+        shard = schema.shard_id_of(name)
+        if shard in held_out.shards:
+            continue
+        keys = {speaker_key(s.speaker) for s in entry.speakers
+                if s.rows or (s.unreferenced_rows and not needs_reference)}
+        if not held_out.fraction:
+            trained |= keys
+            continue
+        if keys <= trained:
+            continue
+        path = schema.published_shard_file(output, shard).path
         for row in schema.read_rows(path, ["id", "speaker", "ref_audio", "num_frames", "error"]):
             if row.trains(needs_reference) and not held_out.contains(shard, row.id, row.speaker):
                 trained.add(speaker_key(row.speaker))

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from shared import schema
+from shared.shard_index import ShardIndex
 from training.speakers.reference import speaker_key
 
 FIRST_SPEAKER_ROW = 3000  # where upstream's custom-voice fine-tunes put their speaker; new rows start here
@@ -115,13 +115,15 @@ class SpeakerLanguages:
         return dialects[0]
 
 
-def scan_languages(output: str | Path) -> SpeakerLanguages:
-    table = SpeakerLanguages()
-    for path in schema.published_shards(output).values():
-        for row in schema.read_rows(path, ["speaker", "language", "error"]):
-            if row.ok:
-                table.add(row.speaker, row.language)
-    return table
+    @classmethod
+    def from_index(cls, index: ShardIndex) -> "SpeakerLanguages":
+        """The languages of each speaker's good rows with frames, from the shard index (no shard is read)."""
+        table = cls()
+        for entry in index.entries.values():
+            for figures in entry.speakers:
+                for language in figures.languages or [None]:
+                    table.add(figures.speaker, language)
+        return table
 
 
 def reserved_rows(talker: dict) -> set[int]:
@@ -193,13 +195,17 @@ def check_speaker_encoder(path: str, base: dict) -> None:
                            f"talker is {hidden} wide (another model size); {fix}")
 
 
-def check_run(config) -> Voices | None:
+def check_run(config, index: ShardIndex | None = None) -> Voices | None:
     """The checks of a training config against its model and shards (nothing loaded, nothing written); the
-    run's Voices on a CustomVoice model.path, else None."""
-    from training.data.stream import resolve_output_dir
-
+    run's Voices on a CustomVoice model.path, else None. `index`: the run's corpus index where the caller
+    holds it; else it is read (training.data.corpus_index: the shards it lacks are read, nothing is written)."""
     base = model_config(config.model.path)
-    languages = scan_languages(resolve_output_dir(config.data.shards))
+    if index is None:
+        from training.data.corpus_index import read_corpus_index
+        from training.data.stream import resolve_output_dir
+
+        index = read_corpus_index(resolve_output_dir(config.data.shards), config.checkpoint.logs())[0]
+    languages = SpeakerLanguages.from_index(index)
     if not is_custom_voice(base):
         for name, value in (("model.speaker_encoder", config.model.speaker_encoder),
                             ("model.retrain_speakers", config.model.retrain_speakers),
@@ -252,14 +258,15 @@ def load_speaker_encoder(config):
     return load(config.model.speaker_encoder)
 
 
-def start(config, model, run_dir: Path, rank: int, store) -> tuple[Voices | None, torch.nn.Module | None]:
-    """At the start of a run (every rank): the run's Voices (rank 0's, shared through the store; a resumed run
-    keeps the rows its checkpoints trained), new trainable rows initialised, and model.speaker_encoder's
-    encoder; (None, None) on a Base model.path."""
+def start(config, model, run_dir: Path, rank: int, store,
+          index: ShardIndex | None) -> tuple[Voices | None, torch.nn.Module | None]:
+    """At the start of a run (every rank): the run's Voices (rank 0's, from its corpus `index`, shared through
+    the store; a resumed run keeps the rows its checkpoints trained), new trainable rows initialised, and
+    model.speaker_encoder's encoder; (None, None) on a Base model.path."""
     if not is_custom_voice(model_config(config.model.path)):
         return None, None
     if rank == 0:
-        voices = Voices.read(run_dir) or check_run(config)
+        voices = Voices.read(run_dir) or check_run(config, index)
         voices.write(run_dir)
         store.set(VOICES_FILE, json.dumps(voices.to_dict()))
     else:

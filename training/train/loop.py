@@ -28,6 +28,7 @@ import torch.distributed as dist
 from shared.device import peak_memory_bytes, select_device
 from shared.qwen import load_tts_model
 from shared.quiet import quiet_fds
+from shared.shard_index import ShardIndex
 from training.checkpoint import step_folders as checkpoint, object_store as remote_checkpoint
 from training.speakers import custom_voice
 from training.model import lora
@@ -107,8 +108,9 @@ def train(config: Config) -> None:
 
     attention = config.for_chip(device)  # fails here on a chip without the config's dtypes
     model = load_tts_model(config.model.path, "cpu", torch.float32, attention)
-    speakers, figures = _corpus(config, SpecialIds.from_config(model.config), rank, store, run_dir)
-    voices, speaker_encoder = custom_voice.start(config, model, run_dir, rank, store)  # CustomVoice model.path
+    speakers, figures, index = _corpus(config, SpecialIds.from_config(model.config), rank, store, run_dir)
+    # CustomVoice model.path: rank 0 plans the speaker rows from the same index
+    voices, speaker_encoder = custom_voice.start(config, model, run_dir, rank, store, index)
     builder = SampleBuilder.for_model(config.model.path, model, device.torch_device, speakers, voices,
                                       speaker_encoder)
     # built before the model moves to the device: rank 0 may load a copy of the base model to synthesise it
@@ -205,22 +207,23 @@ def train(config: Config) -> None:
 
 
 def _corpus(config: Config, ids: SpecialIds, rank: int, store: dist.Store,
-            run_dir: Path) -> tuple[SpeakerTable, ShardFigures]:
+            run_dir: Path) -> tuple[SpeakerTable, ShardFigures, ShardIndex | None]:
     """The shards' speakers and per-shard figures (for the step estimate), from the shard index that rank 0
     loads, on every rank (all must average the same references; exchanged through the store, as the stream's
-    shard listings are), with every manifest language checked against the model before any step runs."""
+    shard listings are), with every manifest language checked against the model before any step runs; and
+    that index on rank 0 (None elsewhere)."""
     if rank == 0:
         index = load_corpus_index(resolve_output_dir(config.data.shards), run_dir)
         needs_reference = custom_voice.needs_reference(config)
         table, figures = SpeakerTable.from_index(index, needs_reference), shard_figures(index, needs_reference)
         store.set("corpus", pickle.dumps((table, figures)))
     else:
-        table, figures = pickle.loads(store.get("corpus"))
+        table, figures, index = *pickle.loads(store.get("corpus")), None
     for language in sorted(table.languages):
         ids.codec_prefix(language)  # raises, naming the language and the model's languages
     log.info("speakers: %s", ", ".join(f"{k or '(unnamed)'}: {len(v)} reference(s)"
                                        for k, v in sorted(table.references.items(), key=lambda kv: kv[0] or "")))
-    return table, figures
+    return table, figures, index
 
 
 def _setup_logging(rank: int) -> None:
