@@ -191,8 +191,9 @@ def encode(directory: Path, codec: Path, device: str) -> None:
     env = {**os.environ, "RAY_ADDRESS": ""}
     result = subprocess.run(command, env=env, capture_output=True, text=True)
     if result.returncode != 0:
+        last = (result.stderr.strip().splitlines() or ["no output"])[-1]
         raise RuntimeError(f"rehearsal: the encode service failed on {directory / schema.MANIFEST_FILE} (exit "
-                           f"{result.returncode}): {result.stderr.strip().splitlines()[-1:]}")
+                           f"{result.returncode}): {last}")
 
 
 @dataclass
